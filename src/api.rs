@@ -1,0 +1,278 @@
+//! Routing and the node's own endpoints (info, models, providers, balance). Everything else under
+//! `/v1/` (and the OpenAI paths without the prefix) goes to the proxy.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ORIGIN, VARY};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::http::{self, Body, REQUEST_ID};
+use crate::ledger::KeyKind;
+use crate::node::Node;
+use crate::payment::{credential, hash_api_key, Credential};
+
+/// Paths proxied even without the `/v1` prefix.
+const BARE_PROXY_PATHS: &[&str] = &["chat/completions", "completions", "embeddings", "responses", "messages"];
+
+/// Body limit for the node's own JSON endpoints.
+const SMALL_BODY_LIMIT: usize = 64 * 1024;
+
+pub fn new_request_id() -> String {
+    let bytes: [u8; 12] = rand::random();
+    format!("req-{}", hex::encode(bytes))
+}
+
+/// Every request enters here; every response leaves with a request id and CORS headers.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    let request_id = new_request_id();
+    let origin = req.headers().get(ORIGIN).cloned();
+    let mut resp = match route(&node, req, &request_id).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            if err.status().is_server_error() {
+                tracing::warn!(request_id, error = ?err, "request failed");
+            } else {
+                tracing::debug!(request_id, error = %err, "request refused");
+            }
+            let mut resp = http::error_response(&err, &request_id);
+            if let Some(msat) = err.payment_request_msat() {
+                // NUT-24: a payment request any Cashu wallet can pay.
+                let sats = msat.div_ceil(1000).max(1);
+                if let Ok(v) = HeaderValue::from_str(&node.wallet().payment_request(sats)) {
+                    resp.headers_mut().insert(crate::payment::X_CASHU, v);
+                }
+            }
+            resp
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    apply_cors(&node, origin, &mut resp);
+    resp
+}
+
+fn apply_cors(node: &Node, origin: Option<HeaderValue>, resp: &mut Response<Body>) {
+    let allowed = &node.settings.cors_origins;
+    let allow = if allowed.iter().any(|o| o == "*") {
+        Some(HeaderValue::from_static("*"))
+    } else {
+        origin.filter(|o| o.to_str().is_ok_and(|o| allowed.iter().any(|a| a == o)))
+    };
+    if let Some(allow) = allow {
+        let h = resp.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+        h.insert(VARY, HeaderValue::from_static("Origin"));
+        h.insert(
+            ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("x-cashu, x-routstr-request-id, x-routstr-cost-msats, x-routstr-input-cost-msats, x-routstr-output-cost-msats, x-routstr-cost-usd"),
+        );
+    }
+}
+
+async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let (versioned, rest) = match path.strip_prefix("/v1") {
+        Some(r) if r.is_empty() || r.starts_with('/') => (true, r.trim_start_matches('/').to_owned()),
+        _ => (false, path.trim_start_matches('/').to_owned()),
+    };
+    let rest = rest.trim_end_matches('/');
+    let method = req.method().clone();
+    if method == Method::OPTIONS {
+        let mut resp = Response::new(http::empty());
+        *resp.status_mut() = StatusCode::NO_CONTENT;
+        let h = resp.headers_mut();
+        h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static("authorization, content-type, x-cashu, refund-lnurl, key-expiry-time"),
+        );
+        return Ok(resp);
+    }
+    match (&method, rest) {
+        (&Method::GET, "" | "info") => Ok(info(node)),
+        (&Method::GET, "health") => Ok(http::json_response(StatusCode::OK, &json!({ "status": "ok" }))),
+        (&Method::GET, "models") => Ok(models(node)),
+        (&Method::GET, "providers") => Ok(http::json_response(StatusCode::OK, &json!({ "providers": [] }))),
+        (_, r) if r.starts_with("balance/") || r.starts_with("wallet/") => {
+            let action = r.split_once('/').map(|(_, a)| a).unwrap_or_default().to_owned();
+            balance(node, req, &action).await
+        }
+        (_, r) if versioned || BARE_PROXY_PATHS.contains(&r) => {
+            let r = r.to_owned();
+            crate::proxy::handle(node.clone(), req, r, request_id.to_owned()).await
+        }
+        _ => Err(ApiError::NotFound(path)),
+    }
+}
+
+fn info(node: &Node) -> Response<Body> {
+    let s = &node.settings;
+    http::json_response(
+        StatusCode::OK,
+        &json!({
+            "name": s.name,
+            "description": s.description,
+            "version": env!("CARGO_PKG_VERSION"),
+            "npub": s.npub.clone().unwrap_or_default(),
+            "mints": node.wallet().trusted_mints(),
+            "http_url": s.http_url.clone().unwrap_or_default(),
+            "onion_url": s.onion_url.clone().unwrap_or_default(),
+            "models": node.catalog().len(),
+            "upstreams": node.upstreams.iter().map(|u| u.health()).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+fn models(node: &Node) -> Response<Body> {
+    let body = node.catalog().to_json(&node.upstreams, &node.policy, node.rates.get());
+    http::json_response(StatusCode::OK, &body)
+}
+
+/// A string field from the query string or the JSON body.
+fn param(query: Option<&str>, body: &Option<Value>, names: &[&str]) -> Option<String> {
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if names.contains(&k) && !v.is_empty() {
+                return Some(percent_decode(v));
+            }
+        }
+    }
+    let body = body.as_ref()?;
+    names.iter().find_map(|n| body.get(*n).and_then(Value::as_str).map(str::to_owned))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = http::read_limited(body, SMALL_BODY_LIMIT).await?;
+    let json: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        Some(serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?)
+    };
+    let query = parts.uri.query();
+    let payments = &node.payments;
+    match (action, &parts.method) {
+        ("create", &Method::GET | &Method::POST) => {
+            let token = param(query, &json, &["initial_balance_token", "cashu_token", "token"])
+                .ok_or_else(|| ApiError::BadRequest("initial_balance_token is required (a cashuA… or cashuB… token)".into()))?;
+            let api_key = payments.api_key_for_token(&token);
+            let key_hash = hash_api_key(&api_key);
+            let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
+            Ok(http::json_response(
+                StatusCode::OK,
+                &json!({ "api_key": api_key, "balance": redeemed.balance_msat }),
+            ))
+        }
+        ("info", &Method::GET) => {
+            let (key_hash, api_key) = key_credential(node, &parts.headers).await?;
+            let info = node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
+            Ok(http::json_response(
+                StatusCode::OK,
+                &json!({
+                    "api_key": api_key,
+                    "balance": info.available_msat(),
+                    "reserved": info.reserved_msat,
+                    "total_balance": info.balance_msat,
+                    "total_spent": info.spent_msat,
+                    "total_requests": info.requests,
+                    "refund_address": info.refund_address,
+                    "expiry_time": info.expiry_time,
+                }),
+            ))
+        }
+        ("topup", &Method::POST) => {
+            let (key_hash, _) = key_credential(node, &parts.headers).await?;
+            node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
+            let token = param(query, &json, &["cashu_token", "token"])
+                .ok_or_else(|| ApiError::BadRequest("cashu_token is required".into()))?;
+            let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
+            if !redeemed.new {
+                return Err(crate::wallet::WalletError::AlreadySpent.into());
+            }
+            Ok(http::json_response(
+                StatusCode::OK,
+                &json!({ "msats": redeemed.credited_msat, "balance": redeemed.balance_msat }),
+            ))
+        }
+        ("refund", &Method::POST) => {
+            let paid = match credential(&parts.headers)? {
+                Some(Credential::XCashu(token)) => payments.recover_change(token).await?,
+                Some(_) => {
+                    let (key_hash, _) = key_credential(node, &parts.headers).await?;
+                    payments.refund_key(&key_hash).await?
+                }
+                None => return Err(ApiError::InvalidKey),
+            };
+            let sats = paid.amount_msat / 1000;
+            Ok(http::json_response(
+                StatusCode::OK,
+                &json!({ "token": paid.token, "sats": sats.to_string(), "msats": paid.amount_msat }),
+            ))
+        }
+        ("create" | "info" | "topup" | "refund", _) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound(format!("/v1/balance/{action}"))),
+    }
+}
+
+/// The key behind `Authorization` (an `sk-` key, or a token used as a key, redeemed on first
+/// use): its hash and the key itself.
+async fn key_credential(node: &Node, headers: &hyper::HeaderMap) -> Result<(String, String), ApiError> {
+    let cred = credential(headers)?.ok_or(ApiError::InvalidKey)?;
+    let (key_hash, api_key) = node.payments.key_of(cred).ok_or(ApiError::InvalidKey)?;
+    if let Credential::BearerToken(token) = cred {
+        if node.ledger().key_info(&key_hash).await?.is_none() {
+            node.payments.redeem(token, &key_hash, KeyKind::Key).await?;
+        }
+    }
+    Ok((key_hash, api_key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_body_params() {
+        assert_eq!(param(Some("a=1&initial_balance_token=cashuA%3D%3D"), &None, &["initial_balance_token"]).as_deref(), Some("cashuA=="));
+        let body = Some(json!({"cashu_token": "cashuBx"}));
+        assert_eq!(param(None, &body, &["cashu_token"]).as_deref(), Some("cashuBx"));
+        assert_eq!(param(Some("x=%zz"), &None, &["x"]).as_deref(), Some("%zz"));
+        assert_eq!(param(Some("x=%4"), &None, &["x"]).as_deref(), Some("%4"));
+    }
+}

@@ -1,0 +1,100 @@
+//! The command line: logging, and the operator's `wallet` commands.
+
+use crate::config::{LogFormat, Settings, WalletCommand};
+use crate::ledger::{open_reader, read_totals};
+use crate::node::NodeError;
+use crate::pricing::msat_to_sats;
+use crate::wallet::{WalletOptions, WalletService};
+
+/// Structured logs to stderr. `LOG_LEVEL` is a level or a full tracing directive.
+pub fn init_logging(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match settings.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+async fn open_wallet(settings: &Settings) -> Result<WalletService, NodeError> {
+    Ok(WalletService::open_with_options(
+        &settings.data_dir.join("wallet.sqlite"),
+        &settings.data_dir.join("wallet.seed"),
+        &settings.cashu_mints,
+        WalletOptions { op_timeout: std::time::Duration::from_secs(settings.mint_timeout_seconds), ..WalletOptions::default() },
+    )
+    .await?)
+}
+
+/// What users' balances claim, read from the ledger (another process may be running the node).
+fn liabilities(settings: &Settings) -> Result<crate::ledger::Totals, NodeError> {
+    let path = settings.ledger_path();
+    if !path.exists() {
+        return Ok(Default::default());
+    }
+    let conn = open_reader(&path)?;
+    Ok(read_totals(&conn)?)
+}
+
+pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Result<(), NodeError> {
+    let wallet = open_wallet(settings).await?;
+    match command {
+        WalletCommand::Balance => {
+            let balances = wallet.balances().await?;
+            let totals = liabilities(settings)?;
+            let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
+            println!("{:<48} {:>6} {:>16} {:>16}", "mint", "unit", "balance (sat)", "pending (sat)");
+            for b in &balances {
+                println!(
+                    "{:<48} {:>6} {:>16} {:>16}",
+                    b.mint_url,
+                    b.unit,
+                    msat_to_sats(b.balance_msat),
+                    msat_to_sats(b.pending_msat)
+                );
+            }
+            println!();
+            println!("wallet total:            {:>16} sat", msat_to_sats(held));
+            println!("users' balances:         {:>16} sat  (of which reserved by running requests: {} sat)", msat_to_sats(totals.balances_msat), msat_to_sats(totals.reserved_msat));
+            println!("operator earnings:       {:>16} sat", msat_to_sats(held.saturating_sub(totals.liabilities_msat())));
+            if held < totals.liabilities_msat() {
+                println!("WARNING: the wallet holds less than users' balances claim");
+            }
+        }
+        WalletCommand::Receive { token } => {
+            let received = wallet.receive(&token).await?;
+            println!(
+                "received {} sat at {} (mint fee {} sat); it counts as operator earnings",
+                msat_to_sats(received.credited_msat),
+                received.mint_url,
+                msat_to_sats(received.fee_msat)
+            );
+        }
+        WalletCommand::Send { amount, mint } => {
+            let amount_msat = amount.saturating_mul(1000);
+            let balances = wallet.balances().await?;
+            let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
+            let totals = liabilities(settings)?;
+            let earnings = held.saturating_sub(totals.liabilities_msat());
+            if amount_msat > earnings {
+                return Err(NodeError::Config(format!(
+                    "refused: {amount} sat is more than the operator's earnings ({} sat); the rest backs users' balances",
+                    msat_to_sats(earnings)
+                )));
+            }
+            let mint = match mint {
+                Some(m) => m,
+                None => balances
+                    .iter()
+                    .max_by_key(|b| b.balance_msat)
+                    .map(|b| b.mint_url.clone())
+                    .ok_or_else(|| NodeError::Config("the wallet is empty".into()))?,
+            };
+            let sent = wallet.send(&mint, amount_msat).await?;
+            eprintln!("sent {} sat from {} (fee {} sat):", amount, sent.mint_url, msat_to_sats(sent.fee_msat));
+            println!("{}", sent.token);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! Settings: command-line flags, each backed by an environment variable. Names follow Routstr
+//! Core where it has one, so an operator's existing `.env` keeps working.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "routstr-node",
+    version,
+    about = "A Nostr-native provider node for paid AI: an OpenAI-compatible proxy paid with Cashu eCash.",
+    long_about = "routstr-node sits in front of an OpenAI-compatible upstream and sells access to it for \
+Bitcoin eCash (Cashu). Clients pay per request (X-Cashu header) or from a prepaid key \
+(Authorization: Bearer sk-… or Bearer cashu…); the node reserves the request's maximum cost, \
+forwards it, meters the usage the upstream reports, charges that and returns the rest.\n\n\
+Run without a subcommand to serve. Every option can also be set by the environment variable \
+shown next to it (names compatible with Routstr Core). `routstr-node demo` runs the whole paid \
+flow offline with an embedded test mint and a stand-in upstream."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the node (the default when no subcommand is given).
+    Serve,
+    /// Run the whole paid flow offline: an embedded Cashu test mint (fake Lightning), a stand-in
+    /// upstream, and the node; pays a request with a freshly minted token and prints each step.
+    #[cfg(feature = "demo")]
+    Demo {
+        /// Keep serving after the walkthrough (Ctrl-C to stop) so you can try it with curl.
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Operate the node's Cashu wallet (safe while the node runs).
+    #[command(subcommand)]
+    Wallet(WalletCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WalletCommand {
+    /// Balance per mint, next to what users' balances and open reservations claim.
+    Balance,
+    /// Receive a Cashu token into the operator's earnings.
+    Receive {
+        /// The token (cashuA… or cashuB…).
+        token: String,
+    },
+    /// Take AMOUNT sats out of the operator's earnings as a Cashu token. Refuses to touch what
+    /// backs users' balances.
+    Send {
+        /// Amount in sats.
+        amount: u64,
+        /// Mint to send from (default: the one with the most earnings).
+        #[arg(long)]
+        mint: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LedgerSync {
+    /// fsync every commit (survives power loss).
+    Full,
+    /// fsync at WAL checkpoints (survives a process crash, not a power loss).
+    Normal,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Directory for all state: ledger, wallet, secrets.
+    #[arg(long, env = "DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// The ledger's SQLite file. Accepts a path or Routstr Core's `sqlite+aiosqlite:///path` form.
+    /// Default: DATA_DIR/ledger.sqlite.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How hard the ledger syncs each commit.
+    #[arg(long, env = "LEDGER_SYNC", value_enum, default_value_t = LedgerSync::Full)]
+    pub ledger_sync: LedgerSync,
+
+    /// Base URL of the OpenAI-compatible upstream, e.g. https://api.openai.com/v1.
+    #[arg(long, env = "UPSTREAM_BASE_URL")]
+    pub upstream_base_url: Option<String>,
+    /// API key sent to that upstream.
+    #[arg(long, env = "UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+    /// TOML file listing several upstreams (see README); the UPSTREAM_* pair adds one more.
+    #[arg(long, env = "UPSTREAMS_PATH")]
+    pub upstreams_path: Option<PathBuf>,
+    /// Markup on the env-configured upstream's prices (Routstr Core's name; 1.05 = +5 %).
+    #[arg(long, env = "UPSTREAM_PROVIDER_FEE", default_value_t = 1.05)]
+    pub upstream_provider_fee: f64,
+    /// Extra markup covering BTC/USD conversion risk, applied on every upstream (1.005 = +0.5 %).
+    #[arg(long, env = "EXCHANGE_FEE", default_value_t = 1.005)]
+    pub exchange_fee: f64,
+
+    /// Trusted Cashu mints, comma separated.
+    #[arg(long, env = "CASHU_MINTS", value_delimiter = ',', default_value = "https://mint.minibits.cash/Bitcoin")]
+    pub cashu_mints: Vec<String>,
+
+    /// Node name shown in /v1/info and announcements.
+    #[arg(long, env = "NAME", default_value = "routstr-node")]
+    pub name: String,
+    /// Node description.
+    #[arg(long, env = "DESCRIPTION", default_value = "A Routstr provider node")]
+    pub description: String,
+    /// Public clearnet URL of this node.
+    #[arg(long, env = "HTTP_URL")]
+    pub http_url: Option<String>,
+    /// Public onion URL of this node.
+    #[arg(long, env = "ONION_URL")]
+    pub onion_url: Option<String>,
+    /// Nostr public key (npub) shown in /v1/info.
+    #[arg(long, env = "NPUB")]
+    pub npub: Option<String>,
+
+    /// Charge fixed prices instead of per-model prices.
+    #[arg(long, env = "FIXED_PRICING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub fixed_pricing: bool,
+    /// Fixed fee per request, in sats.
+    #[arg(long, env = "FIXED_COST_PER_REQUEST", default_value_t = 1.0)]
+    pub fixed_cost_per_request: f64,
+    /// Fixed price per 1,000 input tokens, in sats.
+    #[arg(long, env = "FIXED_PER_1K_INPUT_TOKENS", default_value_t = 0.0)]
+    pub fixed_per_1k_input_tokens: f64,
+    /// Fixed price per 1,000 output tokens, in sats.
+    #[arg(long, env = "FIXED_PER_1K_OUTPUT_TOKENS", default_value_t = 0.0)]
+    pub fixed_per_1k_output_tokens: f64,
+    /// JSON file of models in the OpenRouter schema; overrides the upstream's /v1/models.
+    #[arg(long, env = "MODELS_PATH")]
+    pub models_path: Option<PathBuf>,
+    /// How often to refresh models and prices from the upstreams, in seconds.
+    #[arg(long, env = "MODELS_REFRESH_SECONDS", default_value_t = 3600)]
+    pub models_refresh_seconds: u64,
+    /// Fix the BTC/USD rate (the node then makes no exchange requests and runs offline).
+    #[arg(long, env = "BTC_USD_PRICE")]
+    pub btc_usd_price: Option<f64>,
+    /// How often to refresh BTC/USD from the exchanges, in seconds.
+    #[arg(long, env = "BTC_PRICE_REFRESH_SECONDS", default_value_t = 300)]
+    pub btc_price_refresh_seconds: u64,
+    /// Completion tokens reserved when a request gives no max_tokens and the model no limit.
+    #[arg(long, env = "DEFAULT_MAX_COMPLETION_TOKENS", default_value_t = 4096)]
+    pub default_max_completion_tokens: u64,
+
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Most simultaneous client connections; more wait in the accept queue.
+    #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Upstream connect timeout, in seconds.
+    #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub upstream_connect_timeout_seconds: u64,
+    /// Longest silence from the upstream (before the first byte or between chunks), in seconds.
+    #[arg(long, env = "UPSTREAM_IDLE_TIMEOUT_SECONDS", default_value_t = 120)]
+    pub upstream_idle_timeout_seconds: u64,
+    /// Consecutive failures after which an upstream cools down.
+    #[arg(long, env = "UPSTREAM_FAILURE_THRESHOLD", default_value_t = 3)]
+    pub upstream_failure_threshold: u32,
+    /// How long a failing upstream cools down, in seconds.
+    #[arg(long, env = "UPSTREAM_COOLDOWN_SECONDS", default_value_t = 30)]
+    pub upstream_cooldown_seconds: u64,
+    /// Timeout for each request to a Cashu mint, in seconds.
+    #[arg(long, env = "MINT_TIMEOUT_SECONDS", default_value_t = 20)]
+    pub mint_timeout_seconds: u64,
+
+    /// Allowed CORS origins, comma separated ("*" for any).
+    #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
+    pub cors_origins: Vec<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Settings {
+    /// Parses settings from the environment only (no command line), as tests and embedders do.
+    pub fn from_env() -> Result<Self, clap::Error> {
+        Cli::try_parse_from(["routstr-node"]).map(|cli| cli.settings)
+    }
+
+    pub fn ledger_path(&self) -> PathBuf {
+        match &self.database_url {
+            Some(url) => PathBuf::from(strip_sqlite_scheme(url)),
+            None => self.data_dir.join("ledger.sqlite"),
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_connect_timeout_seconds)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.upstream_idle_timeout_seconds)
+    }
+}
+
+/// `sqlite+aiosqlite:///./keys.db` → `./keys.db`; `sqlite:////abs/x.db` → `/abs/x.db`.
+fn strip_sqlite_scheme(url: &str) -> &str {
+    match url.split_once("://") {
+        Some((scheme, rest)) if scheme.starts_with("sqlite") => rest.strip_prefix('/').unwrap_or(rest),
+        _ => url,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_url_forms() {
+        assert_eq!(strip_sqlite_scheme("sqlite+aiosqlite:///./keys.db"), "./keys.db");
+        assert_eq!(strip_sqlite_scheme("sqlite:////var/lib/x.db"), "/var/lib/x.db");
+        assert_eq!(strip_sqlite_scheme("/plain/path.db"), "/plain/path.db");
+    }
+
+    #[test]
+    fn defaults_parse() {
+        let cli = Cli::try_parse_from(["routstr-node"]).expect("defaults parse");
+        assert_eq!(cli.settings.port, 8000);
+        assert!(cli.command.is_none());
+    }
+}

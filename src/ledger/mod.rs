@@ -1,0 +1,640 @@
+//! The ledger: who holds how many msat, what is reserved, charged and paid out.
+//!
+//! Money only moves through these operations, each one atomic and durable before it returns:
+//! - in: a token redemption is recorded `pending` before the swap, `credited` after it;
+//! - reserve → settle (charge what was used, release the rest) or release, exactly once;
+//! - out: a payout (refund or change) debits the balance before the token is made, and keeps the
+//!   token once made, so it can be handed out again if the first answer was lost.
+//!
+//! Conservation, checked by `totals()`: credited = balances + charged + paid out.
+
+mod schema;
+mod store;
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+pub use store::open_reader;
+use store::Store;
+
+use crate::config::LedgerSync;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("unknown API key")]
+    KeyNotFound,
+    #[error("this API key was revoked")]
+    KeyRevoked,
+    #[error("insufficient balance: {required} msat required, {available} msat available")]
+    Insufficient { required: u64, available: u64 },
+    #[error("ledger storage error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("ledger schema: {0}")]
+    Schema(String),
+    #[error("ledger I/O: {0}")]
+    Io(String),
+    #[error("the ledger is shutting down")]
+    Closed,
+}
+
+pub fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// A prepaid key (`sk-…`, or a Cashu token used as a key).
+    Key,
+    /// The balance of one stateless `X-Cashu` request, paid out as change when it ends.
+    XCashu,
+}
+
+impl KeyKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Key => "key",
+            KeyKind::XCashu => "xcashu",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    pub balance_msat: u64,
+    pub reserved_msat: u64,
+    pub spent_msat: u64,
+    pub requests: u64,
+    pub mint_url: Option<String>,
+    pub refund_address: Option<String>,
+    pub expiry_time: Option<i64>,
+    pub revoked: bool,
+}
+
+impl KeyInfo {
+    pub fn available_msat(&self) -> u64 {
+        self.balance_msat.saturating_sub(self.reserved_msat)
+    }
+}
+
+/// How a request's reservation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub charged_msat: u64,
+    /// Part of the cost that exceeded the reservation and the free balance: not collected.
+    pub uncollected_msat: u64,
+    /// False when the reservation had already ended (settlement is idempotent).
+    pub first_time: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedemptionState {
+    /// Recorded now: the caller must swap the token, then complete or fail it.
+    Started,
+    /// This token was already redeemed into this key.
+    Credited { key_hash: String },
+    /// Another request is redeeming this token right now.
+    InProgress,
+}
+
+#[derive(Debug, Clone)]
+pub struct PendingRedemption {
+    pub token_hash: String,
+    pub key_hash: String,
+    pub mint_url: String,
+    pub proof_ys: Vec<String>,
+    pub kind: KeyKind,
+}
+
+#[derive(Debug, Clone)]
+pub struct Payout {
+    pub id: i64,
+    pub key_hash: String,
+    pub mint_url: String,
+    pub debit_msat: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PayoutLookup {
+    Ready { token: String, amount_msat: u64 },
+    Pending,
+    NotFound,
+}
+
+/// Sums for the conservation check and the operator's view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub credited_msat: u64,
+    pub redemption_fees_msat: u64,
+    pub balances_msat: u64,
+    pub reserved_msat: u64,
+    pub charged_msat: u64,
+    pub paid_out_debit_msat: u64,
+    pub paid_out_msat: u64,
+    pub payout_fees_msat: u64,
+    pub open_reservations: u64,
+    pub pending_redemptions: u64,
+}
+
+impl Totals {
+    /// credited = balances + charged + paid out (debited), to the msat.
+    pub fn conserved(&self) -> bool {
+        self.credited_msat as u128
+            == self.balances_msat as u128 + self.charged_msat as u128 + self.paid_out_debit_msat as u128
+    }
+
+    /// What the wallet must hold for users: every balance, reserved or not.
+    pub fn liabilities_msat(&self) -> u64 {
+        self.balances_msat
+    }
+}
+
+#[derive(Clone)]
+pub struct Ledger {
+    store: Store,
+}
+
+impl Ledger {
+    pub fn open(path: &Path, sync: LedgerSync) -> Result<Ledger, LedgerError> {
+        Ok(Ledger { store: Store::open(path, sync)? })
+    }
+
+    pub async fn key_info(&self, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
+        let key_hash = key_hash.to_owned();
+        self.store.run(move |c| read_key(c, &key_hash)).await
+    }
+
+    /// Reserves `amount_msat` on a key for a request: one conditional update, so concurrent
+    /// requests can never reserve more than the balance.
+    pub async fn reserve(
+        &self,
+        key_hash: &str,
+        request_id: &str,
+        amount_msat: u64,
+        model: &str,
+    ) -> Result<(), LedgerError> {
+        let (key_hash, request_id, model) = (key_hash.to_owned(), request_id.to_owned(), model.to_owned());
+        self.store
+            .run(move |c| {
+                let updated = c.execute(
+                    "UPDATE keys SET reserved_msat = reserved_msat + ?1
+                     WHERE key_hash = ?2 AND revoked = 0 AND balance_msat - reserved_msat >= ?1",
+                    params![to_i64(amount_msat), key_hash],
+                )?;
+                if updated == 0 {
+                    return Err(match read_key(c, &key_hash)? {
+                        None => LedgerError::KeyNotFound,
+                        Some(k) if k.revoked => LedgerError::KeyRevoked,
+                        Some(k) => LedgerError::Insufficient { required: amount_msat, available: k.available_msat() },
+                    });
+                }
+                c.execute(
+                    "INSERT INTO reservations (request_id, key_hash, amount_msat, state, model, created_at)
+                     VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
+                    params![request_id, key_hash, to_i64(amount_msat), model, now_secs()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Ends a reservation by charging `cost_msat`: the reservation is released and the cost taken
+    /// from the balance. A cost above the reservation is taken from the free balance as far as it
+    /// goes; the rest is recorded as uncollected. Runs at most once per reservation.
+    pub async fn settle(&self, request_id: &str, cost_msat: u64, note: &str) -> Result<Settled, LedgerError> {
+        let (request_id, note) = (request_id.to_owned(), note.to_owned());
+        self.store.run(move |c| end_reservation(c, &request_id, Some(cost_msat), &note)).await
+    }
+
+    /// Ends a reservation charging nothing. Idempotent.
+    pub async fn release(&self, request_id: &str, note: &str) -> Result<Settled, LedgerError> {
+        let (request_id, note) = (request_id.to_owned(), note.to_owned());
+        self.store.run(move |c| end_reservation(c, &request_id, None, &note)).await
+    }
+
+    /// Whether a reservation is still open (a request using it is running).
+    pub async fn reservation_open(&self, request_id: &str) -> Result<bool, LedgerError> {
+        let request_id = request_id.to_owned();
+        self.store
+            .run(move |c| {
+                let state: Option<String> = c
+                    .query_row("SELECT state FROM reservations WHERE request_id = ?1", [&request_id], |r| r.get(0))
+                    .optional()?;
+                Ok(state.as_deref() == Some("open"))
+            })
+            .await
+    }
+
+    /// Records a redemption before the token is swapped. The token hash is the primary key, so the
+    /// same token racing in many requests is redeemed once; a failed earlier attempt may retry.
+    pub async fn begin_redemption(
+        &self,
+        token_hash: &str,
+        key_hash: &str,
+        mint_url: &str,
+        value_msat: u64,
+        proof_ys: &[String],
+    ) -> Result<RedemptionState, LedgerError> {
+        let (token_hash, key_hash, mint_url) = (token_hash.to_owned(), key_hash.to_owned(), mint_url.to_owned());
+        let proof_ys = proof_ys.join(",");
+        self.store
+            .run(move |c| {
+                let existing: Option<(String, String)> = c
+                    .query_row(
+                        "SELECT state, key_hash FROM redemptions WHERE token_hash = ?1",
+                        [&token_hash],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                match existing {
+                    Some((state, key)) if state == "credited" => return Ok(RedemptionState::Credited { key_hash: key }),
+                    Some((state, _)) if state == "pending" => return Ok(RedemptionState::InProgress),
+                    _ => {}
+                }
+                let now = now_secs();
+                c.execute(
+                    "INSERT INTO redemptions (token_hash, key_hash, mint_url, value_msat, proof_ys, state, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)
+                     ON CONFLICT (token_hash) DO UPDATE SET state = 'pending', key_hash = ?2, updated_at = ?6",
+                    params![token_hash, key_hash, mint_url, to_i64(value_msat), proof_ys, now],
+                )?;
+                Ok(RedemptionState::Started)
+            })
+            .await
+    }
+
+    /// The swap succeeded: credit the key (creating it if new) in the same transaction that marks
+    /// the redemption credited. Idempotent. Returns the key's balance after.
+    pub async fn complete_redemption(
+        &self,
+        token_hash: &str,
+        kind: KeyKind,
+        credited_msat: u64,
+        fee_msat: u64,
+    ) -> Result<u64, LedgerError> {
+        let token_hash = token_hash.to_owned();
+        self.store
+            .run(move |c| {
+                let row: Option<(String, String, String)> = c
+                    .query_row(
+                        "SELECT state, key_hash, mint_url FROM redemptions WHERE token_hash = ?1",
+                        [&token_hash],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                let Some((state, key_hash, mint_url)) = row else {
+                    return Err(LedgerError::Schema("completing a redemption that was never begun".into()));
+                };
+                if state != "credited" {
+                    c.execute(
+                        "UPDATE redemptions SET state = 'credited', credited_msat = ?2, fee_msat = ?3, updated_at = ?4
+                         WHERE token_hash = ?1",
+                        params![token_hash, to_i64(credited_msat), to_i64(fee_msat), now_secs()],
+                    )?;
+                    c.execute(
+                        "INSERT INTO keys (key_hash, kind, balance_msat, mint_url, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (key_hash) DO UPDATE SET balance_msat = balance_msat + ?3,
+                             mint_url = COALESCE(mint_url, ?4)",
+                        params![key_hash, kind.as_str(), to_i64(credited_msat), mint_url, now_secs()],
+                    )?;
+                }
+                Ok(read_key(c, &key_hash)?.map(|k| k.balance_msat).unwrap_or(0))
+            })
+            .await
+    }
+
+    /// The swap did not happen (the token was refused): nothing was received.
+    pub async fn fail_redemption(&self, token_hash: &str) -> Result<(), LedgerError> {
+        let token_hash = token_hash.to_owned();
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "UPDATE redemptions SET state = 'failed', updated_at = ?2 WHERE token_hash = ?1 AND state = 'pending'",
+                    params![token_hash, now_secs()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    pub async fn pending_redemptions(&self) -> Result<Vec<PendingRedemption>, LedgerError> {
+        self.store
+            .run(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT r.token_hash, r.key_hash, r.mint_url, r.proof_ys, COALESCE(k.kind, 'key')
+                     FROM redemptions r LEFT JOIN keys k ON k.key_hash = r.key_hash WHERE r.state = 'pending'",
+                )?;
+                let rows = stmt.query_map([], |r| {
+                    let ys: String = r.get(3)?;
+                    let kind: String = r.get(4)?;
+                    Ok(PendingRedemption {
+                        token_hash: r.get(0)?,
+                        key_hash: r.get(1)?,
+                        mint_url: r.get(2)?,
+                        proof_ys: ys.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+                        kind: if kind == "xcashu" { KeyKind::XCashu } else { KeyKind::Key },
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// Sets a key's Lightning refund address and expiry (acted on by the Lightning module).
+    pub async fn set_refund_options(
+        &self,
+        key_hash: &str,
+        refund_address: Option<String>,
+        expiry_time: Option<i64>,
+    ) -> Result<(), LedgerError> {
+        let key_hash = key_hash.to_owned();
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "UPDATE keys SET refund_address = COALESCE(?2, refund_address), expiry_time = COALESCE(?3, expiry_time)
+                     WHERE key_hash = ?1",
+                    params![key_hash, refund_address, expiry_time],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Starts paying out a key's whole free balance: debits it now, before any token exists.
+    /// `None` when there is nothing to pay.
+    pub async fn begin_payout(
+        &self,
+        key_hash: &str,
+        source_token_hash: Option<&str>,
+        request_id: Option<&str>,
+    ) -> Result<Option<Payout>, LedgerError> {
+        let key_hash = key_hash.to_owned();
+        let source = source_token_hash.map(str::to_owned);
+        let request_id = request_id.map(str::to_owned);
+        self.store
+            .run(move |c| {
+                let Some(key) = read_key(c, &key_hash)? else {
+                    return Err(LedgerError::KeyNotFound);
+                };
+                let debit = key.available_msat();
+                if debit == 0 {
+                    return Ok(None);
+                }
+                let mint_url = key.mint_url.clone().unwrap_or_default();
+                let updated = c.execute(
+                    "UPDATE keys SET balance_msat = balance_msat - ?2
+                     WHERE key_hash = ?1 AND balance_msat - reserved_msat >= ?2",
+                    params![key_hash, to_i64(debit)],
+                )?;
+                if updated == 0 {
+                    return Ok(None);
+                }
+                let now = now_secs();
+                c.execute(
+                    "INSERT INTO payouts (key_hash, source_token_hash, request_id, mint_url, debit_msat, state, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+                    params![key_hash, source, request_id, mint_url, to_i64(debit), now],
+                )?;
+                Ok(Some(Payout { id: c.last_insert_rowid(), key_hash: key_hash.clone(), mint_url, debit_msat: debit }))
+            })
+            .await
+    }
+
+    /// The payout's token exists: keep it (it is handed out from here, and again on request).
+    /// `debit_msat` may be lowered when less could be paid; the difference returns to the key.
+    pub async fn complete_payout(
+        &self,
+        id: i64,
+        token: &str,
+        debit_msat: u64,
+        amount_msat: u64,
+        fee_msat: u64,
+    ) -> Result<(), LedgerError> {
+        let token = token.to_owned();
+        self.store
+            .run(move |c| {
+                let (key_hash, old_debit): (String, i64) = c.query_row(
+                    "SELECT key_hash, debit_msat FROM payouts WHERE id = ?1 AND state = 'pending'",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                let give_back = to_u64(old_debit).saturating_sub(debit_msat);
+                c.execute(
+                    "UPDATE payouts SET state = 'ready', token = ?2, debit_msat = ?3, amount_msat = ?4, fee_msat = ?5, updated_at = ?6
+                     WHERE id = ?1",
+                    params![id, token, to_i64(debit_msat), to_i64(amount_msat), to_i64(fee_msat), now_secs()],
+                )?;
+                if give_back > 0 {
+                    c.execute(
+                        "UPDATE keys SET balance_msat = balance_msat + ?2 WHERE key_hash = ?1",
+                        params![key_hash, to_i64(give_back)],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// The token could not be made: the debit returns to the key. Idempotent.
+    pub async fn fail_payout(&self, id: i64) -> Result<(), LedgerError> {
+        self.store
+            .run(move |c| {
+                let row: Option<(String, i64)> = c
+                    .query_row(
+                        "SELECT key_hash, debit_msat FROM payouts WHERE id = ?1 AND state = 'pending'",
+                        [id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                if let Some((key_hash, debit)) = row {
+                    c.execute("UPDATE payouts SET state = 'failed', updated_at = ?2 WHERE id = ?1", params![id, now_secs()])?;
+                    c.execute(
+                        "UPDATE keys SET balance_msat = balance_msat + ?2 WHERE key_hash = ?1",
+                        params![key_hash, debit],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// Payouts left `pending` by a crash: their tokens were never handed out.
+    pub async fn pending_payouts(&self) -> Result<Vec<Payout>, LedgerError> {
+        self.store
+            .run(|c| {
+                let mut stmt =
+                    c.prepare("SELECT id, key_hash, mint_url, debit_msat FROM payouts WHERE state = 'pending'")?;
+                let rows = stmt.query_map([], |r| {
+                    Ok(Payout { id: r.get(0)?, key_hash: r.get(1)?, mint_url: r.get(2)?, debit_msat: to_u64(r.get(3)?) })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// The newest payout made for a key, or for an `X-Cashu` token (by the token's hash).
+    pub async fn latest_payout(&self, key_hash: Option<&str>, source_token_hash: Option<&str>) -> Result<PayoutLookup, LedgerError> {
+        let key_hash = key_hash.map(str::to_owned);
+        let source = source_token_hash.map(str::to_owned);
+        self.store
+            .run(move |c| {
+                let row: Option<(String, Option<String>, i64)> = c
+                    .query_row(
+                        "SELECT state, token, amount_msat FROM payouts
+                         WHERE (?1 IS NOT NULL AND key_hash = ?1) OR (?2 IS NOT NULL AND source_token_hash = ?2)
+                         ORDER BY CASE state WHEN 'failed' THEN 1 ELSE 0 END, id DESC LIMIT 1",
+                        params![key_hash, source],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional()?;
+                Ok(match row {
+                    Some((state, Some(token), amount)) if state == "ready" => {
+                        PayoutLookup::Ready { token, amount_msat: to_u64(amount) }
+                    }
+                    Some((state, _, _)) if state == "pending" => PayoutLookup::Pending,
+                    _ => PayoutLookup::NotFound,
+                })
+            })
+            .await
+    }
+
+    /// At start, before serving: reservations left open by a previous process are released (the
+    /// request died with the process; what it used is unknowable, so the user is not charged).
+    pub async fn release_interrupted_reservations(&self) -> Result<u64, LedgerError> {
+        self.store
+            .run(|c| {
+                let ids: Vec<String> = {
+                    let mut stmt = c.prepare("SELECT request_id FROM reservations WHERE state = 'open'")?;
+                    let rows = stmt.query_map([], |r| r.get(0))?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                for id in &ids {
+                    end_reservation(c, id, None, "interrupted by restart")?;
+                }
+                Ok(ids.len() as u64)
+            })
+            .await
+    }
+
+    /// X-Cashu balances left behind (change that could not be paid, or a crash): their keys.
+    pub async fn unpaid_xcashu_keys(&self) -> Result<Vec<String>, LedgerError> {
+        self.store
+            .run(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT key_hash FROM keys WHERE kind = 'xcashu' AND balance_msat > 0 AND reserved_msat = 0",
+                )?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+            })
+            .await
+    }
+
+    pub async fn totals(&self) -> Result<Totals, LedgerError> {
+        self.store.run(|c| read_totals(c)).await
+    }
+}
+
+/// The conservation sums, from any connection (the node's writer, or a reader in another process).
+pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
+    let sum = |sql: &str| -> Result<u64, LedgerError> { Ok(to_u64(c.query_row(sql, [], |r| r.get::<_, i64>(0))?)) };
+    Ok(Totals {
+        credited_msat: sum("SELECT COALESCE(SUM(credited_msat), 0) FROM redemptions WHERE state = 'credited'")?,
+        redemption_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM redemptions WHERE state = 'credited'")?,
+        balances_msat: sum("SELECT COALESCE(SUM(balance_msat), 0) FROM keys")?,
+        reserved_msat: sum("SELECT COALESCE(SUM(reserved_msat), 0) FROM keys")?,
+        charged_msat: sum("SELECT COALESCE(SUM(charged_msat), 0) FROM reservations WHERE state = 'charged'")?,
+        paid_out_debit_msat: sum("SELECT COALESCE(SUM(debit_msat), 0) FROM payouts WHERE state IN ('pending', 'ready')")?,
+        paid_out_msat: sum("SELECT COALESCE(SUM(amount_msat), 0) FROM payouts WHERE state = 'ready'")?,
+        payout_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM payouts WHERE state = 'ready'")?,
+        open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?,
+        pending_redemptions: sum("SELECT COUNT(*) FROM redemptions WHERE state = 'pending'")?,
+    })
+}
+
+fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
+    Ok(c.query_row(
+        "SELECT balance_msat, reserved_msat, spent_msat, requests, mint_url, refund_address, expiry_time, revoked
+         FROM keys WHERE key_hash = ?1",
+        [key_hash],
+        |r| {
+            Ok(KeyInfo {
+                balance_msat: to_u64(r.get(0)?),
+                reserved_msat: to_u64(r.get(1)?),
+                spent_msat: to_u64(r.get(2)?),
+                requests: to_u64(r.get(3)?),
+                mint_url: r.get(4)?,
+                refund_address: r.get(5)?,
+                expiry_time: r.get(6)?,
+                revoked: r.get::<_, i64>(7)? != 0,
+            })
+        },
+    )
+    .optional()?)
+}
+
+/// Ends an open reservation exactly once: `Some(cost)` charges, `None` releases.
+fn end_reservation(c: &Connection, request_id: &str, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
+    let row: Option<(String, i64, String)> = c
+        .query_row(
+            "SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1",
+            [request_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    let Some((key_hash, amount, state)) = row else {
+        return Err(LedgerError::Schema(format!("no reservation for request {request_id}")));
+    };
+    if state != "open" {
+        let charged: i64 = c.query_row(
+            "SELECT charged_msat FROM reservations WHERE request_id = ?1",
+            [request_id],
+            |r| r.get(0),
+        )?;
+        return Ok(Settled { charged_msat: to_u64(charged), uncollected_msat: 0, first_time: false });
+    }
+    let amount = to_u64(amount);
+    let key = read_key(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?;
+    let wanted = cost.unwrap_or(0);
+    // The reservation itself plus whatever else is free on the key.
+    let collectable = amount.saturating_add(key.available_msat());
+    let charged = wanted.min(collectable);
+    let uncollected = wanted - charged;
+    let updated = c.execute(
+        "UPDATE reservations SET state = ?2, charged_msat = ?3, uncollected_msat = ?4, note = ?5, ended_at = ?6
+         WHERE request_id = ?1 AND state = 'open'",
+        params![
+            request_id,
+            if cost.is_some() { "charged" } else { "released" },
+            to_i64(charged),
+            to_i64(uncollected),
+            note,
+            now_secs()
+        ],
+    )?;
+    if updated != 1 {
+        return Err(LedgerError::Schema(format!("reservation {request_id} changed underneath")));
+    }
+    c.execute(
+        "UPDATE keys SET reserved_msat = reserved_msat - ?2, balance_msat = balance_msat - ?3,
+             spent_msat = spent_msat + ?3, requests = requests + ?4
+         WHERE key_hash = ?1",
+        params![key_hash, to_i64(amount), to_i64(charged), i64::from(cost.is_some())],
+    )?;
+    if uncollected > 0 {
+        tracing::warn!(request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
+    }
+    Ok(Settled { charged_msat: charged, uncollected_msat: uncollected, first_time: true })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,93 @@
+//! Ledger schema and migrations. Migrations only ever add; they run at start inside one
+//! transaction, so an upgrade never loses data and a failed one changes nothing.
+
+use rusqlite::Connection;
+
+use super::LedgerError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: keys, redemptions (money in), reservations (charges), payouts (money out).
+    r#"
+    CREATE TABLE keys (
+        key_hash        TEXT PRIMARY KEY,
+        kind            TEXT NOT NULL DEFAULT 'key',           -- key | xcashu
+        balance_msat    INTEGER NOT NULL DEFAULT 0 CHECK (balance_msat >= 0),
+        reserved_msat   INTEGER NOT NULL DEFAULT 0 CHECK (reserved_msat >= 0 AND reserved_msat <= balance_msat),
+        spent_msat      INTEGER NOT NULL DEFAULT 0,
+        requests        INTEGER NOT NULL DEFAULT 0,
+        mint_url        TEXT,
+        refund_address  TEXT,
+        expiry_time     INTEGER,
+        revoked         INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL
+    );
+    CREATE TABLE redemptions (
+        token_hash      TEXT PRIMARY KEY,
+        key_hash        TEXT NOT NULL,
+        mint_url        TEXT NOT NULL,
+        value_msat      INTEGER NOT NULL,
+        fee_msat        INTEGER NOT NULL DEFAULT 0,
+        credited_msat   INTEGER NOT NULL DEFAULT 0,
+        proof_ys        TEXT NOT NULL,
+        state           TEXT NOT NULL,                          -- pending | credited | failed
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE TABLE reservations (
+        request_id      TEXT PRIMARY KEY,
+        key_hash        TEXT NOT NULL REFERENCES keys(key_hash),
+        amount_msat     INTEGER NOT NULL CHECK (amount_msat >= 0),
+        state           TEXT NOT NULL,                          -- open | charged | released
+        charged_msat    INTEGER NOT NULL DEFAULT 0,
+        uncollected_msat INTEGER NOT NULL DEFAULT 0,
+        model           TEXT,
+        note            TEXT,
+        created_at      INTEGER NOT NULL,
+        ended_at        INTEGER
+    );
+    CREATE INDEX reservations_open ON reservations(state) WHERE state = 'open';
+    CREATE TABLE payouts (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_hash        TEXT NOT NULL REFERENCES keys(key_hash),
+        source_token_hash TEXT,
+        request_id      TEXT,
+        mint_url        TEXT NOT NULL,
+        debit_msat      INTEGER NOT NULL CHECK (debit_msat > 0),
+        amount_msat     INTEGER NOT NULL DEFAULT 0,
+        fee_msat        INTEGER NOT NULL DEFAULT 0,
+        token           TEXT,
+        state           TEXT NOT NULL,                          -- pending | ready | failed
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX payouts_source ON payouts(source_token_hash);
+    CREATE INDEX payouts_key ON payouts(key_hash);
+    "#,
+];
+
+pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let current: i64 =
+        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    if current as usize > MIGRATIONS.len() {
+        return Err(LedgerError::Schema(format!(
+            "the ledger is at schema version {current}, newer than this binary knows ({}); refusing to run an older binary on it",
+            MIGRATIONS.len()
+        )));
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = index + 1;
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        let applied = conn
+            .execute_batch(sql)
+            .and_then(|_| conn.execute("INSERT INTO schema_version (version) VALUES (?1)", [version as i64]));
+        match applied {
+            Ok(_) => conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(LedgerError::Schema(format!("migration {version} failed: {e}")));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,142 @@
+use super::*;
+
+fn temp_path(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("routstr-ledger-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("ledger.sqlite")
+}
+
+async fn funded(ledger: &Ledger, token: &str, key: &str, msat: u64) {
+    let started = ledger.begin_redemption(token, key, "http://mint", msat, &["02ab".into()]).await.unwrap();
+    assert_eq!(started, RedemptionState::Started);
+    ledger.complete_redemption(token, KeyKind::Key, msat, 0).await.unwrap();
+}
+
+#[tokio::test]
+async fn reserve_settle_release_conserve() {
+    let ledger = Ledger::open(&temp_path("basic"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 10_000).await;
+
+    ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat, info.available_msat()), (10_000, 4_000, 6_000));
+
+    let s = ledger.settle("r1", 1_234, "ok").await.unwrap();
+    assert_eq!(s, Settled { charged_msat: 1_234, uncollected_msat: 0, first_time: true });
+    // Settlement is idempotent: a second end changes nothing.
+    let again = ledger.settle("r1", 9_999, "dup").await.unwrap();
+    assert!(!again.first_time);
+    assert!(!ledger.release("r1", "dup").await.unwrap().first_time);
+
+    ledger.reserve("k1", "r2", 5_000, "m").await.unwrap();
+    ledger.release("r2", "upstream failed").await.unwrap();
+
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat, info.spent_msat, info.requests), (8_766, 0, 1_234, 1));
+    let t = ledger.totals().await.unwrap();
+    assert!(t.conserved(), "{t:?}");
+    assert_eq!(t.charged_msat, 1_234);
+}
+
+#[tokio::test]
+async fn reservation_is_conditional() {
+    let ledger = Ledger::open(&temp_path("cond"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 1_000).await;
+    let err = ledger.reserve("k1", "r1", 1_001, "m").await.unwrap_err();
+    assert!(matches!(err, LedgerError::Insufficient { required: 1_001, available: 1_000 }));
+    assert!(matches!(ledger.reserve("nope", "r2", 1, "m").await.unwrap_err(), LedgerError::KeyNotFound));
+}
+
+#[tokio::test]
+async fn parallel_reservations_never_exceed_balance() {
+    let ledger = Ledger::open(&temp_path("parallel"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 10_000).await;
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move { ledger.reserve("k1", &format!("r{i}"), 300, "m").await.is_ok() }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 33);
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!(info.reserved_msat, 9_900);
+}
+
+#[tokio::test]
+async fn overrun_takes_free_balance_then_records_uncollected() {
+    let ledger = Ledger::open(&temp_path("overrun"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 1_000).await;
+    ledger.reserve("k1", "r1", 600, "m").await.unwrap();
+    let s = ledger.settle("r1", 1_500, "overrun").await.unwrap();
+    assert_eq!((s.charged_msat, s.uncollected_msat), (1_000, 500));
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
+#[tokio::test]
+async fn redemption_is_once_per_token() {
+    let ledger = Ledger::open(&temp_path("redeem"), LedgerSync::Normal).unwrap();
+    let ys = vec!["02aa".to_string()];
+    assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::Started);
+    assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::InProgress);
+    assert_eq!(ledger.pending_redemptions().await.unwrap().len(), 1);
+    ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
+    // Completing twice credits once.
+    ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
+    assert_eq!(
+        ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(),
+        RedemptionState::Credited { key_hash: "k".into() }
+    );
+    assert_eq!(ledger.key_info("k").await.unwrap().unwrap().balance_msat, 4_900);
+    // A failed attempt may be retried.
+    ledger.begin_redemption("t2", "k", "m", 1_000, &ys).await.unwrap();
+    ledger.fail_redemption("t2").await.unwrap();
+    assert_eq!(ledger.begin_redemption("t2", "k", "m", 1_000, &ys).await.unwrap(), RedemptionState::Started);
+    let t = ledger.totals().await.unwrap();
+    assert_eq!((t.credited_msat, t.redemption_fees_msat), (4_900, 100));
+    assert!(t.conserved());
+}
+
+#[tokio::test]
+async fn payouts_debit_first_and_can_be_replayed() {
+    let ledger = Ledger::open(&temp_path("payout"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 2_500).await;
+    let p = ledger.begin_payout("k1", Some("src"), None).await.unwrap().unwrap();
+    assert_eq!(p.debit_msat, 2_500);
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 0);
+    assert_eq!(ledger.latest_payout(None, Some("src")).await.unwrap(), PayoutLookup::Pending);
+    assert!(ledger.totals().await.unwrap().conserved());
+    // Only 2 whole sats could be paid: 500 msat return to the key, visibly.
+    ledger.complete_payout(p.id, "cashuBxyz", 2_000, 2_000, 0).await.unwrap();
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 500);
+    assert_eq!(
+        ledger.latest_payout(Some("k1"), None).await.unwrap(),
+        PayoutLookup::Ready { token: "cashuBxyz".into(), amount_msat: 2_000 }
+    );
+    let p2 = ledger.begin_payout("k1", None, None).await.unwrap().unwrap();
+    ledger.fail_payout(p2.id).await.unwrap();
+    ledger.fail_payout(p2.id).await.unwrap();
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 500);
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
+#[tokio::test]
+async fn open_reservations_survive_restart_and_are_released_once() {
+    let path = temp_path("restart");
+    {
+        let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+        funded(&ledger, "t1", "k1", 3_000).await;
+        ledger.reserve("k1", "r1", 2_000, "m").await.unwrap();
+    }
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().reserved_msat, 2_000);
+    assert_eq!(ledger.release_interrupted_reservations().await.unwrap(), 1);
+    assert_eq!(ledger.release_interrupted_reservations().await.unwrap(), 0);
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat), (3_000, 0));
+    assert!(ledger.totals().await.unwrap().conserved());
+}

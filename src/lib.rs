@@ -1,0 +1,29 @@
+//! routstr-node: a Nostr-native provider node for paid AI. An OpenAI-compatible proxy paid with
+//! Cashu eCash: clients pay per request or from a prepaid key, the node meters the tokens used,
+//! charges them and returns the rest.
+//!
+//! Modules by domain: `config` (settings), `pricing` (pure money arithmetic), `rates` (BTC/USD),
+//! `catalog` (models and prices), `upstream` (where requests go), `ledger` (SQLite balances,
+//! reservations, payouts), `wallet` (the embedded cdk wallet), `payment` (credentials, redeeming,
+//! change), `proxy` (the metered request path), `api` (routing and the node's own endpoints),
+//! `server` (the listener), `node` (wiring), `cli` (operator commands).
+
+pub mod api;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod error;
+mod fsutil;
+pub mod http;
+pub mod ledger;
+pub mod node;
+pub mod payment;
+pub mod pricing;
+pub mod proxy;
+pub mod rates;
+pub mod server;
+pub mod upstream;
+pub mod wallet;
+
+#[cfg(feature = "demo")]
+pub mod demo;

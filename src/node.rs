@@ -1,0 +1,271 @@
+//! The node: its parts wired together, started, and stopped.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::catalog::{self, Catalog, PricePolicy};
+use crate::config::Settings;
+use crate::ledger::{Ledger, LedgerError};
+use crate::payment::Payments;
+use crate::pricing::{BtcRate, Markup, MsatPrices};
+use crate::rates::RateFeed;
+use crate::upstream::{self, Upstream, UpstreamConfigError, UpstreamSpec};
+use crate::wallet::{WalletError, WalletOptions, WalletService};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamConfigError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error(transparent)]
+    Wallet(#[from] WalletError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a request handler needs.
+pub struct Node {
+    pub settings: Settings,
+    pub payments: Payments,
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub policy: PricePolicy,
+    pub rates: RateFeed,
+    pub client: reqwest::Client,
+    catalog: RwLock<Arc<Catalog>>,
+}
+
+impl Node {
+    pub fn ledger(&self) -> &Ledger {
+        &self.payments.ledger
+    }
+
+    pub fn wallet(&self) -> &WalletService {
+        &self.payments.wallet
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Opens the ledger and wallet, loads upstreams and models. Does not listen yet.
+    pub async fn build(settings: Settings) -> Result<Arc<Node>, NodeError> {
+        std::fs::create_dir_all(&settings.data_dir)?;
+        let ledger = Ledger::open(&settings.ledger_path(), settings.ledger_sync)?;
+        let released = ledger.release_interrupted_reservations().await?;
+        if released > 0 {
+            tracing::warn!(released, "released reservations left open by the previous run");
+        }
+        let wallet = WalletService::open_with_options(
+            &settings.data_dir.join("wallet.sqlite"),
+            &settings.data_dir.join("wallet.seed"),
+            &settings.cashu_mints,
+            WalletOptions { op_timeout: Duration::from_secs(settings.mint_timeout_seconds), ..WalletOptions::default() },
+        )
+        .await?;
+        let secret = Payments::load_or_create_secret(&settings.data_dir.join("key-secret"))?;
+        let payments = Payments::new(ledger, wallet, secret);
+
+        let upstreams = load_upstreams(&settings)?;
+        if upstreams.is_empty() {
+            tracing::warn!("no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail");
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(settings.connect_timeout())
+            .read_timeout(settings.idle_timeout())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| NodeError::Config(format!("HTTP client: {e}")))?;
+
+        let rates = match settings.btc_usd_price {
+            Some(usd) => RateFeed::fixed(
+                BtcRate::from_usd(usd).ok_or_else(|| NodeError::Config(format!("BTC_USD_PRICE {usd} is not a price")))?,
+            ),
+            None => RateFeed::default(),
+        };
+        let policy = PricePolicy {
+            fixed_only: settings.fixed_pricing,
+            fixed: MsatPrices::fixed(
+                settings.fixed_cost_per_request,
+                settings.fixed_per_1k_input_tokens,
+                settings.fixed_per_1k_output_tokens,
+            ),
+            default_max_completion_tokens: settings.default_max_completion_tokens,
+        };
+        let node = Arc::new(Node {
+            settings,
+            payments,
+            upstreams,
+            policy,
+            rates,
+            client,
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+        });
+        node.refresh_catalog().await?;
+        Ok(node)
+    }
+
+    /// Reloads models and prices from the models file and every upstream.
+    pub async fn refresh_catalog(&self) -> Result<(), NodeError> {
+        let file_models = match &self.settings.models_path {
+            Some(path) => catalog::load_models_file(path).map_err(NodeError::Config)?,
+            None => Vec::new(),
+        };
+        let listings = futures_util::future::join_all(
+            self.upstreams.iter().map(|u| catalog::fetch_listing(&self.client, u)),
+        )
+        .await;
+        let built = Catalog::build(&self.upstreams, &listings, &file_models);
+        tracing::info!(models = built.len(), "model catalog loaded");
+        if let Ok(mut c) = self.catalog.write() {
+            *c = Arc::new(built);
+        }
+        Ok(())
+    }
+
+    /// Background duties: BTC/USD, model refresh, settling what a crash or a silent mint left.
+    fn spawn_background(self: &Arc<Self>) {
+        if self.settings.btc_usd_price.is_none() {
+            self.rates.spawn_refresh(
+                self.client.clone(),
+                Duration::from_secs(self.settings.btc_price_refresh_seconds.max(10)),
+            );
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(node.settings.models_refresh_seconds.max(10));
+            loop {
+                // Retry soon while the catalog is empty (an upstream that was down at start).
+                let wait = if node.catalog().is_empty() { Duration::from_secs(30).min(every) } else { every };
+                tokio::time::sleep(wait).await;
+                if let Err(e) = node.refresh_catalog().await {
+                    tracing::warn!(error = %e, "model refresh failed");
+                }
+            }
+        });
+        let node = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = node.wallet().recover().await {
+                tracing::warn!(error = %e, "wallet recovery at start failed");
+            }
+            loop {
+                if let Err(e) = node.payments.reconcile_pending().await {
+                    tracing::warn!(error = %e, "reconciliation failed");
+                }
+                node.pay_stranded_change().await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+    }
+
+    /// Change of `X-Cashu` requests that could not be paid when they ended (a mint was down):
+    /// made now, kept for the client to collect with `/v1/balance/refund`.
+    async fn pay_stranded_change(&self) {
+        let keys = match self.ledger().unpaid_xcashu_keys().await {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list unpaid change");
+                return;
+            }
+        };
+        for key in keys {
+            if let Err(e) = self.payments.pay_out(&key, None, None).await {
+                tracing::debug!(error = %e, "stranded change still cannot be paid");
+            }
+        }
+    }
+}
+
+fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> {
+    let exchange = Markup::from_factor(settings.exchange_fee)
+        .ok_or_else(|| NodeError::Config("EXCHANGE_FEE must be between 1.0 and 100".into()))?;
+    let mut specs = match &settings.upstreams_path {
+        Some(path) => upstream::load_file(path)?,
+        None => Vec::new(),
+    };
+    if let Some(base_url) = &settings.upstream_base_url {
+        specs.push(UpstreamSpec {
+            name: "default".into(),
+            base_url: base_url.clone(),
+            api_key: settings.upstream_api_key.clone().filter(|k| !k.is_empty()),
+            api_key_env: None,
+            models: Vec::new(),
+            aliases: Default::default(),
+            markup: settings.upstream_provider_fee,
+        });
+    }
+    specs
+        .into_iter()
+        .map(|spec| Upstream::from_spec(spec, exchange).map(Arc::new).map_err(NodeError::from))
+        .collect()
+}
+
+/// A node listening, as tests and the demo use it.
+pub struct RunningNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl RunningNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `grace`), then returns.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.server).await;
+    }
+}
+
+/// Builds the node and serves it on `settings.host:settings.port` (port 0 picks one).
+pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
+    let listener = TcpListener::bind((settings.host, settings.port)).await?;
+    let addr = listener.local_addr()?;
+    let node = Node::build(settings).await?;
+    node.spawn_background();
+    let (shutdown, rx) = watch::channel(false);
+    let server = tokio::spawn(crate::server::serve(listener, node.clone(), rx));
+    tracing::info!(%addr, "routstr-node listening");
+    Ok(RunningNode { addr, node, shutdown, server })
+}
+
+/// Serves until Ctrl-C or SIGTERM.
+pub async fn run(settings: Settings) -> Result<(), NodeError> {
+    let running = start(settings).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,447 @@
+//! Payment: who pays for a request, and how money enters and leaves.
+//!
+//! Credentials (PROTOCOL.md §1): `Authorization: Bearer sk-…` (a prepaid key), `Bearer cashu…`
+//! (a token used as a key: redeemed on first use into a balance that later uses of the same token
+//! reach), and `X-Cashu: cashu…` (stateless: redeemed into a one-request balance whose rest comes
+//! back as change).
+//!
+//! Keys are stored as SHA-256 hashes only. The key behind a token is an HMAC of the token under
+//! the node's secret, so it is stable for the token's holder but cannot be derived by anyone who
+//! merely saw the token.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use hyper::header::{HeaderMap, AUTHORIZATION};
+use sha2::{Digest, Sha256};
+
+use crate::error::ApiError;
+use crate::ledger::{KeyKind, Ledger, PayoutLookup, RedemptionState};
+use crate::wallet::{WalletError, WalletService};
+
+pub const X_CASHU: &str = "x-cashu";
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// The stored form of an API key.
+pub fn hash_api_key(api_key: &str) -> String {
+    sha256_hex(api_key.as_bytes())
+}
+
+/// The ledger's handle on a token (not a credential: knowing it gives nothing).
+pub fn token_hash(token: &str) -> String {
+    sha256_hex(format!("routstr-token:{token}").as_bytes())
+}
+
+fn xcashu_key_hash(token: &str) -> String {
+    sha256_hex(format!("routstr-xcashu:{token}").as_bytes())
+}
+
+fn looks_like_token(s: &str) -> bool {
+    s.starts_with("cashuA") || s.starts_with("cashuB")
+}
+
+/// A credential as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential<'a> {
+    ApiKey(&'a str),
+    /// A token in `Authorization: Bearer` (a key).
+    BearerToken(&'a str),
+    /// A token in `X-Cashu` (one request).
+    XCashu(&'a str),
+}
+
+/// Reads the credential; `X-Cashu` wins over `Authorization` when both are present.
+pub fn credential(headers: &HeaderMap) -> Result<Option<Credential<'_>>, ApiError> {
+    if let Some(v) = headers.get(X_CASHU) {
+        let token = v.to_str().map_err(|_| ApiError::BadRequest("X-Cashu header is not text".into()))?.trim();
+        if !looks_like_token(token) {
+            return Err(WalletError::InvalidToken("X-Cashu must hold a cashuA… or cashuB… token".into()).into());
+        }
+        return Ok(Some(Credential::XCashu(token)));
+    }
+    let Some(v) = headers.get(AUTHORIZATION) else { return Ok(None) };
+    let v = v.to_str().map_err(|_| ApiError::InvalidKey)?.trim();
+    let bearer = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::InvalidKey)?;
+    if looks_like_token(bearer) {
+        Ok(Some(Credential::BearerToken(bearer)))
+    } else if bearer.starts_with("sk-") && bearer.len() <= 256 {
+        Ok(Some(Credential::ApiKey(bearer)))
+    } else {
+        Err(ApiError::InvalidKey)
+    }
+}
+
+/// Who pays a request, once its reservation is made.
+#[derive(Debug, Clone)]
+pub struct Payer {
+    pub key_hash: String,
+    /// Set for a stateless `X-Cashu` payment.
+    pub xcashu: Option<StatelessPayment>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatelessPayment {
+    /// The token's hash, to find its change again.
+    pub token_hash: String,
+    /// What the token credited (after the mint's fee).
+    pub funded_msat: u64,
+}
+
+impl StatelessPayment {
+    /// Change is paid in whole sats: the sub-sat rest left after `charge_msat`.
+    pub fn rounding_after(&self, charge_msat: u64) -> u64 {
+        self.funded_msat.saturating_sub(charge_msat) % 1000
+    }
+}
+
+/// Result of redeeming a token into a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redeemed {
+    pub credited_msat: u64,
+    pub balance_msat: u64,
+    /// False when this token had already been redeemed into the same key earlier.
+    pub new: bool,
+}
+
+/// A payout made: the token and what it is worth.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PaidOut {
+    pub token: String,
+    pub amount_msat: u64,
+}
+
+impl std::fmt::Debug for PaidOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PaidOut").field("amount_msat", &self.amount_msat).finish_non_exhaustive()
+    }
+}
+
+pub struct Payments {
+    pub ledger: Ledger,
+    pub wallet: WalletService,
+    key_secret: Vec<u8>,
+    /// One redemption at a time per token, in this process (the ledger enforces it across).
+    redeeming: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Payments {
+    pub fn new(ledger: Ledger, wallet: WalletService, key_secret: Vec<u8>) -> Payments {
+        Payments { ledger, wallet, key_secret, redeeming: Mutex::new(HashMap::new()) }
+    }
+
+    /// Loads the node's key-derivation secret, creating it (owner-only) on first start.
+    pub fn load_or_create_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => hex::decode(text.trim()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let secret: [u8; 32] = rand::random();
+                crate::fsutil::write_private(path, hex::encode(secret).as_bytes())?;
+                Ok(secret.to_vec())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The API key a token-funded balance answers to.
+    pub fn api_key_for_token(&self, token: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key_secret).expect("HMAC takes any key length");
+        mac.update(b"routstr-token-key:");
+        mac.update(token.as_bytes());
+        format!("sk-{}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// The key hash and the key itself (as the client may be shown it) for a key credential.
+    pub fn key_of(&self, credential: Credential<'_>) -> Option<(String, String)> {
+        match credential {
+            Credential::ApiKey(k) => Some((hash_api_key(k), k.to_owned())),
+            Credential::BearerToken(t) => {
+                let key = self.api_key_for_token(t);
+                Some((hash_api_key(&key), key))
+            }
+            Credential::XCashu(_) => None,
+        }
+    }
+
+    /// Reserves `cost_msat` for a request from whoever pays it, redeeming a token first if needed.
+    pub async fn authorize(
+        &self,
+        headers: &HeaderMap,
+        cost_msat: u64,
+        request_id: &str,
+        model: &str,
+    ) -> Result<Payer, ApiError> {
+        let Some(cred) = credential(headers)? else {
+            return Err(ApiError::PaymentMissing { required_msat: cost_msat });
+        };
+        match cred {
+            Credential::ApiKey(_) => {
+                let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
+                self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                Ok(Payer { key_hash, xcashu: None })
+            }
+            Credential::BearerToken(token) => {
+                let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
+                match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
+                    Err(crate::ledger::LedgerError::KeyNotFound) => {
+                        self.redeem(token, &key_hash, KeyKind::Key).await?;
+                        self.apply_refund_headers(&key_hash, headers).await?;
+                        self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                    }
+                    other => other?,
+                }
+                Ok(Payer { key_hash, xcashu: None })
+            }
+            Credential::XCashu(token) => {
+                let parsed = self.wallet.parse_token(token)?;
+                if parsed.value_msat < cost_msat {
+                    return Err(ApiError::InsufficientBalance { required_msat: cost_msat, available_msat: parsed.value_msat });
+                }
+                let key_hash = xcashu_key_hash(token);
+                let redeemed = self.redeem(token, &key_hash, KeyKind::XCashu).await?;
+                if !redeemed.new {
+                    return Err(ApiError::Wallet(WalletError::AlreadySpent));
+                }
+                let token_hash = token_hash(token);
+                if let Err(e) = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
+                    // The mint's fee left too little: everything goes back as change.
+                    let change = self.pay_out(&key_hash, Some(&token_hash), Some(request_id)).await;
+                    return Err(match (ApiError::from(e), change) {
+                        (err, Ok(Some(paid))) => ApiError::ChangeReturned { inner: Box::new(err), change: paid },
+                        (err, _) => err,
+                    });
+                }
+                Ok(Payer { key_hash, xcashu: Some(StatelessPayment { token_hash, funded_msat: redeemed.credited_msat }) })
+            }
+        }
+    }
+
+    async fn apply_refund_headers(&self, key_hash: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+        let refund = headers.get("refund-lnurl").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned());
+        let expiry = headers
+            .get("key-expiry-time")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::BadRequest("Key-Expiry-Time must be a unix timestamp".into())))
+            .transpose()?;
+        if refund.is_some() || expiry.is_some() {
+            self.ledger.set_refund_options(key_hash, refund, expiry).await?;
+        }
+        Ok(())
+    }
+
+    async fn token_lock(&self, token_hash: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.redeeming.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, m| Arc::strong_count(m) > 1);
+        map.entry(token_hash.to_owned()).or_default().clone()
+    }
+
+    /// Redeems a token into `key_hash` (creating the key), exactly once per token: the same token
+    /// in many parallel requests is swapped once and credited once.
+    pub async fn redeem(&self, token: &str, key_hash: &str, kind: KeyKind) -> Result<Redeemed, ApiError> {
+        let parsed = self.wallet.parse_token(token)?;
+        let token_hash = token_hash(token);
+        let lock = self.token_lock(&token_hash).await;
+        let _guard = lock.lock().await;
+        for attempt in 0..2 {
+            match self
+                .ledger
+                .begin_redemption(&token_hash, key_hash, &parsed.mint_url, parsed.value_msat, &parsed.proof_ys)
+                .await?
+            {
+                RedemptionState::Started => break,
+                RedemptionState::Credited { key_hash: owner } => {
+                    if owner != key_hash {
+                        return Err(WalletError::AlreadySpent.into());
+                    }
+                    let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
+                    return Ok(Redeemed { credited_msat: 0, balance_msat: balance, new: false });
+                }
+                RedemptionState::InProgress if attempt == 0 => {
+                    // Left pending by a crash or a mint that went silent: settle it first.
+                    self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await?;
+                }
+                RedemptionState::InProgress => {
+                    return Err(ApiError::Conflict("this token is still being redeemed; retry shortly".into()))
+                }
+            }
+        }
+        match self.wallet.receive(token).await {
+            Ok(received) => {
+                let balance = self
+                    .ledger
+                    .complete_redemption(&token_hash, kind, received.credited_msat, received.fee_msat)
+                    .await?;
+                tracing::info!(mint = %received.mint_url, credited_msat = received.credited_msat, fee_msat = received.fee_msat, "token redeemed");
+                Ok(Redeemed { credited_msat: received.credited_msat, balance_msat: balance, new: true })
+            }
+            Err(e @ (WalletError::MintUnavailable(_) | WalletError::Other(_))) => {
+                // The swap may or may not have happened: ask before deciding.
+                tracing::warn!(error = %e, "redemption outcome unknown; reconciling");
+                match self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await {
+                    Ok(Some(credited)) => {
+                        let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
+                        Ok(Redeemed { credited_msat: credited, balance_msat: balance, new: true })
+                    }
+                    _ => Err(e.into()),
+                }
+            }
+            Err(e) => {
+                self.ledger.fail_redemption(&token_hash).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Settles a pending redemption by asking the wallet whether the swap happened.
+    /// `Ok(Some(credited))` credited now, `Ok(None)` nothing was received (marked failed).
+    async fn reconcile_redemption(
+        &self,
+        token_hash: &str,
+        mint_url: &str,
+        proof_ys: &[String],
+        kind: KeyKind,
+    ) -> Result<Option<u64>, ApiError> {
+        match self.wallet.received_by_us(mint_url, proof_ys).await {
+            Ok(Some(credited)) => {
+                self.ledger.complete_redemption(token_hash, kind, credited, 0).await?;
+                Ok(Some(credited))
+            }
+            Ok(None) => {
+                self.ledger.fail_redemption(token_hash).await?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Settles every pending redemption it can (at start and periodically).
+    pub async fn reconcile_pending(&self) -> Result<usize, ApiError> {
+        let pending = self.ledger.pending_redemptions().await?;
+        let mut settled = 0;
+        for p in pending {
+            let lock = self.token_lock(&p.token_hash).await;
+            let _guard = lock.lock().await;
+            match self.reconcile_redemption(&p.token_hash, &p.mint_url, &p.proof_ys, p.kind).await {
+                Ok(outcome) => {
+                    settled += 1;
+                    tracing::info!(credited = outcome.is_some(), "pending redemption reconciled");
+                }
+                Err(e) => tracing::warn!(error = %e, "pending redemption still unresolved"),
+            }
+        }
+        for payout in self.ledger.pending_payouts().await? {
+            // Its token was never handed out: the balance returns to the key.
+            self.ledger.fail_payout(payout.id).await?;
+        }
+        Ok(settled)
+    }
+
+    /// Pays out a key's whole free balance as a token: debited first, token kept once made.
+    /// Rounds up to whole sats (in the client's favour) when the wallet can cover it; otherwise
+    /// pays the whole sats and leaves the sub-sat rest visibly on the key.
+    pub async fn pay_out(
+        &self,
+        key_hash: &str,
+        source_token_hash: Option<&str>,
+        request_id: Option<&str>,
+    ) -> Result<Option<PaidOut>, ApiError> {
+        let Some(payout) = self.ledger.begin_payout(key_hash, source_token_hash, request_id).await? else {
+            return Ok(None);
+        };
+        let mint = if payout.mint_url.is_empty() {
+            self.wallet.trusted_mints().into_iter().next().unwrap_or_default()
+        } else {
+            payout.mint_url.clone()
+        };
+        let up = payout.debit_msat.div_ceil(1000) * 1000;
+        let down = payout.debit_msat / 1000 * 1000;
+        let mut attempt = self.wallet.send(&mint, up).await.map(|s| (s, payout.debit_msat));
+        if matches!(attempt, Err(WalletError::InsufficientFunds)) && down > 0 && down < up {
+            attempt = self.wallet.send(&mint, down).await.map(|s| (s, down));
+        }
+        match attempt {
+            Ok((sent, debit)) => {
+                self.ledger.complete_payout(payout.id, &sent.token, debit, sent.amount_msat, sent.fee_msat).await?;
+                Ok(Some(PaidOut { token: sent.token, amount_msat: sent.amount_msat }))
+            }
+            Err(e) => {
+                self.ledger.fail_payout(payout.id).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `/v1/balance/refund` with a key: pays out the free balance, or hands out the last payout
+    /// again when there is nothing left (the first answer may have been lost).
+    pub async fn refund_key(&self, key_hash: &str) -> Result<PaidOut, ApiError> {
+        if let Some(paid) = self.pay_out(key_hash, None, None).await? {
+            return Ok(paid);
+        }
+        match self.ledger.latest_payout(Some(key_hash), None).await? {
+            PayoutLookup::Ready { token, amount_msat } => Ok(PaidOut { token, amount_msat }),
+            PayoutLookup::Pending => Err(ApiError::Conflict("a refund of this key is in progress".into())),
+            PayoutLookup::NotFound => Err(ApiError::BadRequest("nothing to refund: the balance is empty".into())),
+        }
+    }
+
+    /// `/v1/balance/refund` with `X-Cashu: <original token>`: the change of that request.
+    pub async fn recover_change(&self, token: &str) -> Result<PaidOut, ApiError> {
+        let key_hash = xcashu_key_hash(token);
+        let token_hash = token_hash(token);
+        let Some(info) = self.ledger.key_info(&key_hash).await? else {
+            return Err(ApiError::NotFoundResource("no request was paid with this token here".into()));
+        };
+        if info.reserved_msat > 0 {
+            return Err(ApiError::Conflict("the request paid with this token is still running".into()));
+        }
+        if info.balance_msat > 0 {
+            if let Some(paid) = self.pay_out(&key_hash, Some(&token_hash), None).await? {
+                return Ok(paid);
+            }
+        }
+        match self.ledger.latest_payout(None, Some(&token_hash)).await? {
+            PayoutLookup::Ready { token, amount_msat } => Ok(PaidOut { token, amount_msat }),
+            PayoutLookup::Pending => Err(ApiError::Conflict("the change of this request is being made".into())),
+            PayoutLookup::NotFound => Err(ApiError::NotFoundResource("this request left no change".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    #[test]
+    fn reads_credentials() {
+        let mut h = HeaderMap::new();
+        assert_eq!(credential(&h).unwrap(), None);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer sk-abc"));
+        assert_eq!(credential(&h).unwrap(), Some(Credential::ApiKey("sk-abc")));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer cashuBxyz"));
+        assert_eq!(credential(&h).unwrap(), Some(Credential::BearerToken("cashuBxyz")));
+        h.insert(X_CASHU, HeaderValue::from_static("cashuAq"));
+        assert_eq!(credential(&h).unwrap(), Some(Credential::XCashu("cashuAq")));
+        h.insert(X_CASHU, HeaderValue::from_static("garbage"));
+        assert!(credential(&h).is_err());
+        let mut h = HeaderMap::new();
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic xyz"));
+        assert!(matches!(credential(&h), Err(ApiError::InvalidKey)));
+    }
+
+    #[test]
+    fn hashes_are_domain_separated() {
+        let t = "cashuBabc";
+        assert_ne!(token_hash(t), xcashu_key_hash(t));
+        assert_ne!(token_hash(t), hash_api_key(t));
+        assert_eq!(hash_api_key("sk-1").len(), 64);
+    }
+}

@@ -1,0 +1,557 @@
+//! The metered proxy, in phases: read and check the request → price it → reserve its maximum
+//! cost → forward (failing over between upstreams before any byte reached the client) → meter
+//! the answer → settle (charge what was used, release the rest) → return change.
+//!
+//! Once the reservation is made, the rest runs in its own task, so a client that disconnects
+//! cannot leave a reservation open: the task always settles or releases.
+
+pub mod usage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::catalog::ModelRoute;
+use crate::error::ApiError;
+use crate::http::{self, Body, ChannelBody};
+use crate::node::Node;
+use crate::payment::{PaidOut, Payer};
+use crate::pricing::{Cost, MsatPrices, Usage};
+use crate::upstream::Upstream;
+
+/// Largest upstream answer read whole (non-streaming JSON); larger ones are refused.
+const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+/// Chunks buffered between the upstream reader and a slow client.
+const STREAM_DEPTH: usize = 64;
+
+/// Request headers never forwarded: credentials, hop-by-hop, and anything naming the client.
+const STRIPPED_REQUEST_HEADERS: &[&str] = &[
+    "authorization", "x-cashu", "refund-lnurl", "key-expiry-time", "x-api-key", "host", "content-length",
+    "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding",
+    "upgrade", "accept-encoding", "cookie", "forwarded", "x-forwarded-for", "x-forwarded-host",
+    "x-forwarded-proto", "x-real-ip", "via", "origin", "referer",
+];
+
+/// Upstream response headers not passed on.
+const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
+    "content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding", "set-cookie",
+    "trailer", "upgrade", "proxy-authenticate", "alt-svc",
+];
+
+/// One way to serve the request, priced.
+struct PricedRoute {
+    route: ModelRoute,
+    upstream: Arc<Upstream>,
+    prices: MsatPrices,
+}
+
+/// What the settling task needs to know about the request.
+struct Metering {
+    node: Arc<Node>,
+    payer: Payer,
+    request_id: String,
+    request_len: usize,
+}
+
+impl Metering {
+    /// Charges `usage` (or releases everything when `None`), then pays `X-Cashu` change.
+    async fn settle(&self, prices: &MsatPrices, usage: Option<Usage>, note: &str) -> (Option<Cost>, Option<PaidOut>) {
+        let ledger = self.node.ledger();
+        let cost = usage.map(|u| {
+            let cost = prices.cost(&u);
+            match &self.payer.xcashu {
+                Some(x) => cost.with_rounding(x.rounding_after(cost.total_msats)),
+                None => cost,
+            }
+        });
+        let result = match cost {
+            Some(c) => ledger.settle(&self.request_id, c.total_msats, note).await,
+            None => ledger.release(&self.request_id, note).await,
+        };
+        let cost = match result {
+            Ok(settled) => cost.map(|c| {
+                if settled.charged_msat < c.total_msats {
+                    // Only part could be collected: report what was charged.
+                    Cost::new(c.base_msats.min(settled.charged_msat), 0, settled.charged_msat.saturating_sub(c.base_msats))
+                } else {
+                    c
+                }
+            }),
+            Err(e) => {
+                tracing::error!(request_id = %self.request_id, error = %e, "settlement failed; the reservation stays open until restart");
+                cost
+            }
+        };
+        let change = self.pay_change().await;
+        (cost, change)
+    }
+
+    async fn pay_change(&self) -> Option<PaidOut> {
+        let token_hash = &self.payer.xcashu.as_ref()?.token_hash;
+        match self.node.payments.pay_out(&self.payer.key_hash, Some(token_hash), Some(&self.request_id)).await {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::warn!(request_id = %self.request_id, error = %e, "change could not be made now; it stays recoverable");
+                None
+            }
+        }
+    }
+
+    fn usd(&self, cost: &Cost) -> Option<f64> {
+        self.node.rates.get().map(|r| r.msat_to_usd(cost.total_msats))
+    }
+}
+
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: String, request_id: String) -> Result<Response<Body>, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = http::read_limited(body, node.settings.max_body_bytes).await?;
+    let json: Option<Value> = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v @ Value::Object(_)) => Some(v),
+            Ok(_) => return Err(ApiError::BadRequest("the request body must be a JSON object".into())),
+            Err(e) if is_json(&parts.headers) || parts.method == Method::POST => {
+                return Err(ApiError::BadRequest(format!("invalid JSON body: {e}")))
+            }
+            Err(_) => None,
+        }
+    };
+    let model = json.as_ref().and_then(|j| j.get("model")).and_then(Value::as_str).unwrap_or_default().to_owned();
+    if parts.method == Method::POST && model.is_empty() && BODY_NEEDS_MODEL.contains(&path.as_str()) {
+        return Err(ApiError::BadRequest("the request has no \"model\"".into()));
+    }
+    let routes = price_routes(&node, &model)?;
+
+    let stream = json.as_ref().and_then(|j| j.get("stream")).and_then(Value::as_bool).unwrap_or(false);
+    let max_completion = if path == "embeddings" { 0 } else { max_completion_tokens(json.as_ref(), &routes[0].route, &node) };
+    let prompt_estimate = (body.len() as u64).div_ceil(3);
+    let max_cost = routes
+        .iter()
+        .map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats)
+        .max()
+        .unwrap_or(0);
+
+    let payer = node.payments.authorize(&parts.headers, max_cost, &request_id, &model).await?;
+    let metering = Metering { node: node.clone(), payer, request_id: request_id.clone(), request_len: body.len() };
+    let forward = Forward {
+        method: parts.method,
+        path,
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers,
+        json,
+        raw: body,
+        stream,
+    };
+    let (respond, response) = oneshot::channel();
+    tokio::spawn(run_request(metering, forward, routes, respond));
+    response.await.map_err(|_| ApiError::Internal("the request task ended without an answer".into()))
+}
+
+/// Endpoints whose POST body must name a model.
+const BODY_NEEDS_MODEL: &[&str] = &["chat/completions", "completions", "embeddings", "responses", "messages"];
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"))
+}
+
+fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> {
+    let catalog = node.catalog();
+    let routes = if model.is_empty() {
+        // No model (other upstream paths): any upstream, at the fixed prices.
+        (0..node.upstreams.len())
+            .map(|i| ModelRoute {
+                id: String::new(),
+                upstream_model: String::new(),
+                upstream: i,
+                usd: None,
+                context_length: None,
+                max_completion_tokens: None,
+                raw: Value::Null,
+            })
+            .collect()
+    } else {
+        catalog.routes(model)
+    };
+    if routes.is_empty() {
+        return Err(if node.upstreams.is_empty() {
+            ApiError::Unavailable("this node has no upstream configured".into())
+        } else {
+            ApiError::UnknownModel(model.to_owned())
+        });
+    }
+    let rate = node.rates.get();
+    let mut priced = Vec::with_capacity(routes.len());
+    let mut last_err = None;
+    for route in routes {
+        let Some(upstream) = node.upstreams.get(route.upstream).cloned() else { continue };
+        match node.policy.msat_prices(&route, upstream.markup, rate) {
+            Ok(prices) => priced.push(PricedRoute { route, upstream, prices }),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    if priced.is_empty() {
+        return Err(last_err.unwrap_or_else(|| ApiError::UnknownModel(model.to_owned())));
+    }
+    // Healthy upstreams first; cooling ones stay as a last resort.
+    priced.sort_by_key(|r| r.upstream.is_cooling_down());
+    Ok(priced)
+}
+
+fn max_completion_tokens(json: Option<&Value>, route: &ModelRoute, node: &Node) -> u64 {
+    let asked = json.and_then(|j| {
+        ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| j.get(*k).and_then(Value::as_u64))
+    });
+    asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens)
+}
+
+/// The request as it will be forwarded.
+struct Forward {
+    method: Method,
+    path: String,
+    query: Option<String>,
+    headers: HeaderMap,
+    json: Option<Value>,
+    raw: Bytes,
+    stream: bool,
+}
+
+impl Forward {
+    /// The body for one route: its upstream model name, and usage asked for on streams.
+    fn body_for(&self, route: &ModelRoute) -> Bytes {
+        let Some(json) = &self.json else { return self.raw.clone() };
+        let rename = !route.upstream_model.is_empty() && json.get("model").and_then(Value::as_str) != Some(&route.upstream_model);
+        let wants_usage = self.stream
+            && matches!(self.path.as_str(), "chat/completions" | "completions")
+            && json.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true);
+        if !rename && !wants_usage {
+            return self.raw.clone();
+        }
+        let mut json = json.clone();
+        if rename {
+            json["model"] = json!(route.upstream_model);
+        }
+        if wants_usage {
+            match json.get_mut("stream_options").and_then(Value::as_object_mut) {
+                Some(options) => {
+                    options.insert("include_usage".into(), json!(true));
+                }
+                None => json["stream_options"] = json!({ "include_usage": true }),
+            }
+        }
+        serde_json::to_vec(&json).map(Bytes::from).unwrap_or_else(|_| self.raw.clone())
+    }
+
+    fn request(&self, client: &reqwest::Client, upstream: &Upstream, body: Bytes) -> reqwest::RequestBuilder {
+        let mut headers = reqwest::header::HeaderMap::with_capacity(self.headers.len() + 2);
+        for (name, value) in &self.headers {
+            if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some(key) = &upstream.api_key {
+            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+                headers.insert(hyper::header::AUTHORIZATION, v);
+            }
+            if self.path == "messages" {
+                if let Ok(v) = HeaderValue::from_str(key) {
+                    headers.insert(HeaderName::from_static("x-api-key"), v);
+                }
+            }
+        }
+        let mut req = client.request(self.method.clone(), upstream.url_for(&self.path, self.query.as_deref())).headers(headers);
+        if !body.is_empty() || self.method == Method::POST {
+            req = req.body(body);
+        }
+        req
+    }
+}
+
+/// Why a route was given up on before any byte reached the client.
+enum Failure {
+    /// Connect error or timeout.
+    Transport(ApiError),
+    /// 5xx or 429: its status and body, passed on if no other route answers.
+    Status(StatusCode, HeaderMap, Bytes),
+}
+
+async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRoute>, respond: oneshot::Sender<Response<Body>>) {
+    let node = metering.node.clone();
+    let threshold = node.settings.upstream_failure_threshold;
+    let cooldown = Duration::from_secs(node.settings.upstream_cooldown_seconds);
+    let mut last_failure = None;
+    for priced in &routes {
+        let body = forward.body_for(&priced.route);
+        let sent = forward.request(&node.client, &priced.upstream, body).send().await;
+        let failure = match sent {
+            Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let body = read_bounded(resp, 1024 * 1024).await.unwrap_or_default();
+                Failure::Status(status, headers, body)
+            }
+            Ok(resp) => {
+                priced.upstream.record_success();
+                deliver(metering, priced, resp, respond).await;
+                return;
+            }
+            Err(e) if e.is_timeout() => Failure::Transport(ApiError::UpstreamTimeout),
+            Err(e) => Failure::Transport(ApiError::Upstream(describe(&e))),
+        };
+        priced.upstream.record_failure(threshold, cooldown);
+        tracing::warn!(request_id = %metering.request_id, upstream = %priced.upstream.name, "upstream failed; trying the next one if any");
+        last_failure = Some(failure);
+    }
+    // Nothing was served: release everything, and X-Cashu gets its whole token back as change.
+    let (_, change) = metering.settle(&routes[0].prices, None, "upstream failed").await;
+    let mut resp = match last_failure {
+        Some(Failure::Status(status, headers, body)) => passthrough_error(status, &headers, body, &metering.request_id),
+        Some(Failure::Transport(err)) => http::error_response(&err, &metering.request_id),
+        None => http::error_response(&ApiError::Unavailable("no upstream".into()), &metering.request_id),
+    };
+    add_change_header(&mut resp, change.as_ref());
+    let _ = respond.send(resp);
+}
+
+/// An upstream error body, passed on in the OpenAI envelope (wrapped when it is not one).
+fn passthrough_error(status: StatusCode, headers: &HeaderMap, body: Bytes, request_id: &str) -> Response<Body> {
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let mut value = match parsed {
+        Some(v) if v.get("error").is_some() => v,
+        _ => {
+            let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+            json!({ "error": { "message": format!("upstream answered {status}: {text}"), "type": "upstream_error", "code": "upstream_error" } })
+        }
+    };
+    value["request_id"] = json!(request_id);
+    let mut resp = http::json_response(status, &value);
+    if let Some(retry) = headers.get(hyper::header::RETRY_AFTER) {
+        resp.headers_mut().insert(hyper::header::RETRY_AFTER, retry.clone());
+    }
+    resp
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_connect() {
+        "could not connect to the upstream".into()
+    } else {
+        "the upstream connection failed".into()
+    }
+}
+
+async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) if e.is_timeout() => return Err(ApiError::UpstreamTimeout),
+            Err(e) => return Err(ApiError::Upstream(describe(&e))),
+        }
+    }
+}
+
+fn response_head(status: StatusCode, upstream: &reqwest::header::HeaderMap) -> hyper::http::response::Builder {
+    let mut builder = Response::builder().status(status);
+    for (name, value) in upstream {
+        if !STRIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
+            builder = builder.header(name, value);
+        }
+    }
+    builder
+}
+
+fn add_cost_headers(headers: &mut HeaderMap, cost: &Cost, usd: Option<f64>) {
+    let mut put = |name: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    put("x-routstr-cost-msats", cost.total_msats.to_string());
+    put("x-routstr-input-cost-msats", cost.input_msats.to_string());
+    put("x-routstr-output-cost-msats", cost.output_msats.to_string());
+    if let Some(usd) = usd {
+        put("x-routstr-cost-usd", format!("{usd:.8}"));
+    }
+}
+
+fn add_change_header(resp: &mut Response<Body>, change: Option<&PaidOut>) {
+    if let Some(change) = change {
+        if let Ok(v) = HeaderValue::from_str(&change.token) {
+            resp.headers_mut().insert(crate::payment::X_CASHU, v);
+        }
+    }
+}
+
+/// An upstream answered (not 5xx/429): meter its answer and pass it on.
+async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+    let status = resp.status();
+    let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    if !status.is_success() {
+        // A client error (bad request, unknown model upstream…): nothing is charged.
+        let headers = resp.headers().clone();
+        let body = read_bounded(resp, 1024 * 1024).await.unwrap_or_default();
+        let (_, change) = metering.settle(&priced.prices, None, "upstream refused the request").await;
+        let mut out = passthrough_error(status, &headers, body, &metering.request_id);
+        add_change_header(&mut out, change.as_ref());
+        let _ = respond.send(out);
+        return;
+    }
+    if content_type.starts_with("text/event-stream") {
+        stream_answer(metering, priced, resp, respond).await;
+    } else {
+        whole_answer(metering, priced, resp, respond).await;
+    }
+}
+
+/// A non-streaming answer: read it whole, charge its usage, add the cost, send it.
+async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+    let status = resp.status();
+    let head = response_head(status, resp.headers());
+    let body = match read_bounded(resp, MAX_UPSTREAM_BODY).await {
+        Ok(body) => body,
+        Err(err) => {
+            let (_, change) = metering.settle(&priced.prices, None, "upstream answer unreadable").await;
+            let mut out = http::error_response(&err, &metering.request_id);
+            add_change_header(&mut out, change.as_ref());
+            let _ = respond.send(out);
+            return;
+        }
+    };
+    let mut parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let usage = match &parsed {
+        Some(v) => usage::find_usage(v).or_else(|| Some(usage::estimate(metering.request_len, usage::json_output_estimate(v)))),
+        None if body.is_empty() => None,
+        None => Some(usage::estimate(metering.request_len, (body.len() as u64).div_ceil(4))),
+    };
+    let note = if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
+    let (cost, change) = metering.settle(&priced.prices, usage, note).await;
+    let body = match (&mut parsed, &cost) {
+        (Some(v), Some(cost)) => {
+            usage::insert_cost(v, usage::cost_json(cost, metering.usd(cost)));
+            serde_json::to_vec(v).map(Bytes::from).unwrap_or(body)
+        }
+        _ => body,
+    };
+    let mut out = head.body(http::full(body)).unwrap_or_else(|_| Response::new(http::empty()));
+    if let Some(cost) = &cost {
+        add_cost_headers(out.headers_mut(), cost, metering.usd(cost));
+    }
+    add_change_header(&mut out, change.as_ref());
+    let _ = respond.send(out);
+}
+
+/// A streaming answer: every event goes out as it arrives. The event carrying usage is held
+/// until the stream's end so the cost can be added to it; `X-Cashu` change follows as a
+/// `cashu-change` event; then the terminal event.
+async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+    let (tx, body) = ChannelBody::new(STREAM_DEPTH);
+    let head = response_head(resp.status(), resp.headers());
+    let out = head.body(body.boxed()).unwrap_or_else(|_| Response::new(http::empty()));
+    if respond.send(out).is_err() {
+        // The client left before the answer began.
+        drop(resp);
+        metering.settle(&priced.prices, None, "client left before the stream began").await;
+        return;
+    }
+    let mut splitter = usage::SseSplitter::default();
+    let mut events = Vec::with_capacity(8);
+    let mut held: Option<Bytes> = None;
+    let mut terminal: Option<Bytes> = None;
+    let mut seen_usage: Option<Usage> = None;
+    let mut output_events: u64 = 0;
+    let mut client_gone = false;
+    'read: loop {
+        let chunk = tokio::select! {
+            _ = tx.closed() => { client_gone = true; break 'read; }
+            chunk = resp.chunk() => chunk,
+        };
+        match chunk {
+            Ok(Some(bytes)) => {
+                splitter.push(bytes, &mut events);
+                for event in events.drain(..) {
+                    let info = usage::inspect_event(&event);
+                    if let Some(u) = info.usage {
+                        seen_usage = Some(seen_usage.map_or(u, |s| usage::merge(s, u)));
+                    }
+                    if info.terminal {
+                        terminal = Some(event);
+                        break 'read;
+                    }
+                    if let Some(previous) = held.take() {
+                        if tx.send(previous).await.is_err() {
+                            client_gone = true;
+                            break 'read;
+                        }
+                    }
+                    if info.usage.is_some() {
+                        held = Some(event);
+                    } else {
+                        output_events += 1;
+                        if tx.send(event).await.is_err() {
+                            client_gone = true;
+                            break 'read;
+                        }
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(request_id = %metering.request_id, error = %e, "upstream stream broke off");
+                break;
+            }
+        }
+    }
+    drop(resp);
+    let leftover = splitter.finish();
+    let flowed = output_events > 0 || held.is_some();
+    let charged_usage = seen_usage.or_else(|| flowed.then(|| usage::estimate(metering.request_len, output_events)));
+    let note = match (seen_usage.is_some(), client_gone) {
+        (true, _) => "usage",
+        (false, true) => "estimated: client left mid-stream",
+        (false, false) => "estimated: no usage reported",
+    };
+    let (cost, change) = metering.settle(&priced.prices, charged_usage, note).await;
+    if client_gone {
+        return;
+    }
+    let mut tail: Vec<Bytes> = Vec::with_capacity(4);
+    if let Some(rest) = leftover {
+        tail.push(rest);
+    }
+    let cost_value = cost.as_ref().map(|c| usage::cost_json(c, metering.usd(c)));
+    match (held, &cost_value) {
+        (Some(event), Some(cv)) => tail.push(usage::event_with_cost(&event, cv.clone()).unwrap_or(event)),
+        (Some(event), None) => tail.push(event),
+        (None, Some(cv)) if terminal.as_deref().is_some_and(|t| usage::inspect_event(t).usage.is_none() && t.starts_with(b"data:")) => {
+            tail.push(Bytes::from(format!("data: {}\n\n", json!({ "object": "chat.completion.chunk", "choices": [], "usage": { "cost": cv } }))));
+        }
+        _ => {}
+    }
+    if let Some(change) = change {
+        let event = json!({ "token": change.token, "msats": change.amount_msat });
+        tail.push(Bytes::from(format!("event: cashu-change\ndata: {event}\n\n")));
+    }
+    if let Some(t) = terminal {
+        tail.push(t);
+    }
+    for bytes in tail {
+        if tx.send(bytes).await.is_err() {
+            break;
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Reading usage from upstream answers: JSON bodies and Server-Sent Event streams, in the OpenAI
+//! (chat, completions, embeddings, Responses) and Anthropic shapes. Pure, no I/O.
+//!
+//! When an answer carries no usage it is still not free: `estimate` charges the prompt at one
+//! token per 4 request bytes and the completion at one token per streamed event (or per 4
+//! characters of JSON content), and only when output actually reached the client.
+
+use bytes::{Bytes, BytesMut};
+use serde_json::{json, Value};
+
+use crate::pricing::{Cost, Usage};
+
+fn field(u: &Value, name: &str) -> u64 {
+    u.get(name).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Normalises a usage object; `None` when it holds no token counts.
+pub fn from_usage_object(u: &Value) -> Option<Usage> {
+    let obj = u.as_object()?;
+    if obj.contains_key("prompt_tokens") || obj.contains_key("completion_tokens") {
+        // OpenAI chat/completions/embeddings: prompt_tokens includes cached tokens.
+        let prompt = field(u, "prompt_tokens");
+        let cached = u.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(prompt);
+        return Some(Usage {
+            input_tokens: prompt - cached,
+            output_tokens: field(u, "completion_tokens"),
+            cache_read_tokens: cached,
+            cache_write_tokens: 0,
+        });
+    }
+    if obj.contains_key("input_tokens") || obj.contains_key("output_tokens") {
+        if obj.contains_key("total_tokens") || obj.contains_key("input_tokens_details") {
+            // OpenAI Responses: input_tokens includes cached tokens.
+            let input = field(u, "input_tokens");
+            let cached = u.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(input);
+            return Some(Usage {
+                input_tokens: input - cached,
+                output_tokens: field(u, "output_tokens"),
+                cache_read_tokens: cached,
+                cache_write_tokens: 0,
+            });
+        }
+        // Anthropic: input_tokens excludes cache reads and writes.
+        return Some(Usage {
+            input_tokens: field(u, "input_tokens"),
+            output_tokens: field(u, "output_tokens"),
+            cache_read_tokens: field(u, "cache_read_input_tokens"),
+            cache_write_tokens: field(u, "cache_creation_input_tokens"),
+        });
+    }
+    None
+}
+
+const USAGE_PATHS: [&str; 3] = ["/usage", "/message/usage", "/response/usage"];
+
+/// The usage object of an answer or event, wherever its shape keeps it.
+pub fn find_usage(v: &Value) -> Option<Usage> {
+    USAGE_PATHS.iter().filter_map(|p| v.pointer(p)).find_map(from_usage_object)
+}
+
+fn find_usage_mut(v: &mut Value) -> Option<&mut Value> {
+    let path = USAGE_PATHS.iter().find(|p| v.pointer(p).is_some_and(|u| from_usage_object(u).is_some()))?;
+    v.pointer_mut(path)
+}
+
+/// Counts reported in parts (Anthropic's input in `message_start`, output in `message_delta`;
+/// cumulative repeats elsewhere): the largest of each.
+pub fn merge(a: Usage, b: Usage) -> Usage {
+    Usage {
+        input_tokens: a.input_tokens.max(b.input_tokens),
+        output_tokens: a.output_tokens.max(b.output_tokens),
+        cache_read_tokens: a.cache_read_tokens.max(b.cache_read_tokens),
+        cache_write_tokens: a.cache_write_tokens.max(b.cache_write_tokens),
+    }
+}
+
+/// The usage-less estimate (see the module docs).
+pub fn estimate(request_body_len: usize, output_tokens: u64) -> Usage {
+    Usage { input_tokens: (request_body_len as u64).div_ceil(4), output_tokens, ..Usage::default() }
+}
+
+/// The `usage.cost` object clients see.
+pub fn cost_json(cost: &Cost, usd: Option<f64>) -> Value {
+    let mut v = serde_json::to_value(cost).unwrap_or_else(|_| json!({ "total_msats": cost.total_msats }));
+    if let Some(usd) = usd {
+        v["total_usd"] = json!(usd);
+    }
+    v
+}
+
+/// Adds `cost` into an answer's usage object (creating `usage` when there is none).
+pub fn insert_cost(v: &mut Value, cost: Value) {
+    if let Some(usage) = find_usage_mut(v) {
+        usage["cost"] = cost;
+    } else if let Some(obj) = v.as_object_mut() {
+        obj.insert("usage".into(), json!({ "cost": cost }));
+    }
+}
+
+/// Rough output tokens of a JSON answer without usage: its generated text / 4.
+pub fn json_output_estimate(v: &Value) -> u64 {
+    fn text_len(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            Value::Array(a) => a.iter().map(text_len).sum(),
+            Value::Object(o) => ["content", "text", "message", "output", "arguments"]
+                .iter()
+                .filter_map(|k| o.get(*k))
+                .map(text_len)
+                .sum(),
+            _ => 0,
+        }
+    }
+    let len: usize = ["choices", "content", "output", "data"].iter().filter_map(|k| v.get(*k)).map(text_len).sum();
+    (len as u64).div_ceil(4)
+}
+
+/// Splits a byte stream into whole SSE events (each with its blank-line terminator).
+#[derive(Default)]
+pub struct SseSplitter {
+    partial: BytesMut,
+}
+
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                return Some(i + 2);
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl SseSplitter {
+    /// Whole events completed by this chunk. Without a partial event pending, they are slices of
+    /// the chunk itself (no copy).
+    pub fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
+        if self.partial.is_empty() {
+            let mut rest = chunk;
+            while let Some(end) = event_end(&rest) {
+                out.push(rest.split_to(end));
+            }
+            if !rest.is_empty() {
+                self.partial.extend_from_slice(&rest);
+            }
+            return;
+        }
+        self.partial.extend_from_slice(&chunk);
+        while let Some(end) = event_end(&self.partial) {
+            out.push(self.partial.split_to(end).freeze());
+        }
+    }
+
+    /// Whatever is left when the stream ends (an unterminated last event).
+    pub fn finish(&mut self) -> Option<Bytes> {
+        if self.partial.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.partial).freeze())
+        }
+    }
+}
+
+/// What one SSE event means for metering.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EventInfo {
+    /// `data: [DONE]` (OpenAI) or an Anthropic `message_stop`: the stream's last event.
+    pub terminal: bool,
+    pub usage: Option<Usage>,
+}
+
+fn data_payload(event: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data: Option<String> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("data:") {
+            let rest = rest.strip_prefix(' ').unwrap_or(rest);
+            match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(rest);
+                }
+                None => data = Some(rest.to_owned()),
+            }
+        }
+    }
+    data
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Inspects an event, parsing JSON only when it may hold usage or a stop.
+pub fn inspect_event(event: &[u8]) -> EventInfo {
+    let may_have_usage = contains(event, b"usage");
+    let may_stop = contains(event, b"[DONE]") || contains(event, b"message_stop");
+    if !may_have_usage && !may_stop {
+        return EventInfo::default();
+    }
+    let Some(data) = data_payload(event) else { return EventInfo::default() };
+    if data.trim() == "[DONE]" {
+        return EventInfo { terminal: true, usage: None };
+    }
+    let Ok(v) = serde_json::from_str::<Value>(&data) else { return EventInfo::default() };
+    EventInfo {
+        terminal: v.get("type").and_then(Value::as_str) == Some("message_stop"),
+        usage: find_usage(&v),
+    }
+}
+
+/// The event with `cost` added to its usage; the `event:` line is kept.
+pub fn event_with_cost(event: &[u8], cost: Value) -> Option<Bytes> {
+    let data = data_payload(event)?;
+    let mut v: Value = serde_json::from_str(&data).ok()?;
+    insert_cost(&mut v, cost);
+    let text = std::str::from_utf8(event).ok()?;
+    let mut out = String::with_capacity(data.len() + 128);
+    for line in text.lines().filter(|l| l.starts_with("event:")) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str("data: ");
+    out.push_str(&serde_json::to_string(&v).ok()?);
+    out.push_str("\n\n");
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_usage_with_cache() {
+        let v = json!({"usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120,
+                                  "prompt_tokens_details": {"cached_tokens": 30}}});
+        assert_eq!(
+            find_usage(&v),
+            Some(Usage { input_tokens: 70, output_tokens: 20, cache_read_tokens: 30, cache_write_tokens: 0 })
+        );
+    }
+
+    #[test]
+    fn anthropic_and_responses_usage() {
+        let a = json!({"type": "message", "usage": {"input_tokens": 10, "output_tokens": 5,
+                        "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}});
+        assert_eq!(find_usage(&a), Some(Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 3, cache_write_tokens: 2 }));
+        let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}});
+        let delta = json!({"type": "message_delta", "usage": {"output_tokens": 15}});
+        let merged = merge(find_usage(&start).unwrap(), find_usage(&delta).unwrap());
+        assert_eq!((merged.input_tokens, merged.output_tokens), (25, 15));
+        let r = json!({"type": "response.completed", "response": {"usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
+                        "input_tokens_details": {"cached_tokens": 4}}}});
+        assert_eq!(find_usage(&r), Some(Usage { input_tokens: 5, output_tokens: 4, cache_read_tokens: 4, cache_write_tokens: 0 }));
+        assert_eq!(find_usage(&json!({"usage": null})), None);
+    }
+
+    #[test]
+    fn splits_events_across_chunks() {
+        let mut s = SseSplitter::default();
+        let mut out = Vec::new();
+        s.push(Bytes::from_static(b"data: a\n\ndata: b"), &mut out);
+        assert_eq!(out, vec![Bytes::from_static(b"data: a\n\n")]);
+        s.push(Bytes::from_static(b"\n\nevent: x\r\ndata: c\r\n\r\n"), &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1], Bytes::from_static(b"data: b\n\n"));
+        assert_eq!(s.finish(), None);
+        s.push(Bytes::from_static(b"data: tail"), &mut out);
+        assert_eq!(s.finish(), Some(Bytes::from_static(b"data: tail")));
+    }
+
+    #[test]
+    fn inspects_and_rewrites_events() {
+        assert!(inspect_event(b"data: [DONE]\n\n").terminal);
+        assert_eq!(inspect_event(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"), EventInfo::default());
+        assert_eq!(inspect_event(b"data: {\"usage\":null,\"choices\":[]}\n\n").usage, None);
+        let ev = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}\n\n";
+        assert_eq!(inspect_event(ev).usage.map(|u| u.output_tokens), Some(2));
+        let stop = b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(inspect_event(stop).terminal);
+
+        let with = event_with_cost(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\n", json!({"total_msats": 7})).unwrap();
+        let text = std::str::from_utf8(&with).unwrap();
+        assert!(text.starts_with("event: message_delta\ndata: "));
+        assert!(text.contains("\"cost\":{\"total_msats\":7}"));
+    }
+
+    #[test]
+    fn estimates_without_usage() {
+        assert_eq!(estimate(401, 7), Usage { input_tokens: 101, output_tokens: 7, ..Usage::default() });
+        let v = json!({"choices": [{"message": {"role": "assistant", "content": "12345678"}}]});
+        assert_eq!(json_output_estimate(&v), 2);
+        let mut v2 = json!({"id": "x"});
+        insert_cost(&mut v2, json!({"total_msats": 1}));
+        assert_eq!(v2["usage"]["cost"]["total_msats"], 1);
+    }
+}

@@ -1,0 +1,75 @@
+//! The clearnet listener: accepts connections (bounded), serves HTTP/1.1 and HTTP/2 with hyper,
+//! and drains gracefully on shutdown.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+use crate::node::Node;
+
+/// Longest wait for a client's request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head (request line and headers) accepted.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// How long in-flight requests may take to finish once shutdown starts.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(128);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    builder
+}
+
+pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
+    let builder = Arc::new(http_builder());
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(node.settings.max_connections.max(1)));
+    loop {
+        // Take a slot first: beyond the limit, connections wait in the kernel's accept queue.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let service = service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("some connections were still open at the drain deadline");
+    }
+}

@@ -1,0 +1,206 @@
+//! Upstreams: where requests go, with their keys, models, aliases and markup, and their health.
+//!
+//! An upstreams file (TOML) can list several; the `UPSTREAM_BASE_URL`/`UPSTREAM_API_KEY` pair
+//! adds one more. An upstream that keeps failing cools down for a while and is skipped.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::pricing::Markup;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamConfigError {
+    #[error("cannot read upstreams file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("invalid upstreams file {path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("upstream '{name}': {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+/// One `[[upstream]]` entry of the upstreams file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSpec {
+    pub name: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// Read the key from this environment variable instead of the file.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Only these models (upstream ids); empty means every model the upstream lists.
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Public name → upstream model id.
+    #[serde(default)]
+    pub aliases: HashMap<String, String>,
+    /// Price multiplier, e.g. 1.1 for +10 %.
+    #[serde(default = "one")]
+    pub markup: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamsFile {
+    #[serde(default, rename = "upstream")]
+    upstreams: Vec<UpstreamSpec>,
+}
+
+pub fn load_file(path: &Path) -> Result<Vec<UpstreamSpec>, UpstreamConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UpstreamConfigError::Read { path: shown.clone(), reason: e.to_string() })?;
+    let file: UpstreamsFile =
+        toml::from_str(&text).map_err(|e| UpstreamConfigError::Parse { path: shown, reason: e.to_string() })?;
+    Ok(file.upstreams)
+}
+
+/// A configured upstream and its health.
+#[derive(Debug)]
+pub struct Upstream {
+    pub name: String,
+    /// Base URL without a trailing slash, usually ending in `/v1`.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub models: Vec<String>,
+    pub aliases: HashMap<String, String>,
+    pub markup: Markup,
+    consecutive_failures: AtomicU32,
+    cooldown_until_ms: AtomicU64,
+}
+
+impl Upstream {
+    /// `extra_markup` (EXCHANGE_FEE) is applied on top of the upstream's own markup.
+    pub fn from_spec(spec: UpstreamSpec, extra_markup: Markup) -> Result<Upstream, UpstreamConfigError> {
+        let invalid = |reason: &str| UpstreamConfigError::Invalid { name: spec.name.clone(), reason: reason.to_owned() };
+        let url = reqwest::Url::parse(&spec.base_url).map_err(|e| invalid(&format!("base_url: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("base_url must be http(s)"));
+        }
+        let markup = Markup::from_factor(spec.markup).ok_or_else(|| invalid("markup must be between 1.0 and 100"))?;
+        let api_key = match (&spec.api_key, &spec.api_key_env) {
+            (Some(k), _) => Some(k.clone()),
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| invalid(&format!("environment variable {var} is not set")))?),
+            (None, None) => None,
+        };
+        Ok(Upstream {
+            base_url: spec.base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            models: spec.models,
+            aliases: spec.aliases,
+            markup: markup.then(extra_markup),
+            name: spec.name,
+            consecutive_failures: AtomicU32::new(0),
+            cooldown_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// `{base}/{path}` where `path` is what follows `/v1/` in the client's request.
+    pub fn url_for(&self, path: &str, query: Option<&str>) -> String {
+        let mut url = format!("{}/{}", self.base_url, path.trim_start_matches('/'));
+        if let Some(q) = query {
+            url.push('?');
+            url.push_str(q);
+        }
+        url
+    }
+
+    pub fn is_cooling_down(&self) -> bool {
+        self.cooldown_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+
+    pub fn record_success(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a failure; after `threshold` in a row the upstream cools down for `cooldown`.
+    pub fn record_failure(&self, threshold: u32, cooldown: Duration) {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= threshold.max(1) {
+            self.cooldown_until_ms.store(now_ms() + cooldown.as_millis() as u64, Ordering::Relaxed);
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            tracing::warn!(upstream = %self.name, cooldown_secs = cooldown.as_secs(), "upstream keeps failing; cooling down");
+        }
+    }
+
+    pub fn health(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "cooling_down": self.is_cooling_down(),
+            "consecutive_failures": self.consecutive_failures.load(Ordering::Relaxed),
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(markup: f64) -> UpstreamSpec {
+        UpstreamSpec {
+            name: "u".into(),
+            base_url: "http://127.0.0.1:9/v1/".into(),
+            api_key: None,
+            api_key_env: None,
+            models: vec![],
+            aliases: HashMap::new(),
+            markup,
+        }
+    }
+
+    #[test]
+    fn parses_file_format() {
+        let text = r#"
+            [[upstream]]
+            name = "a"
+            base_url = "https://api.example.com/v1"
+            api_key = "k"
+            markup = 1.2
+            models = ["m1"]
+            [upstream.aliases]
+            fast = "m1"
+
+            [[upstream]]
+            name = "b"
+            base_url = "http://127.0.0.1:1234/v1"
+        "#;
+        let file: UpstreamsFile = toml::from_str(text).unwrap();
+        assert_eq!(file.upstreams.len(), 2);
+        assert_eq!(file.upstreams[0].aliases["fast"], "m1");
+        assert_eq!(file.upstreams[1].markup, 1.0);
+        assert!(toml::from_str::<UpstreamsFile>("[[upstream]]\nname='x'\nbase_url='http://a'\nbogus=1").is_err());
+    }
+
+    #[test]
+    fn urls_and_markup() {
+        let u = Upstream::from_spec(spec(1.1), Markup::NONE).unwrap();
+        assert_eq!(u.url_for("/chat/completions", None), "http://127.0.0.1:9/v1/chat/completions");
+        assert_eq!(u.url_for("models", Some("a=b")), "http://127.0.0.1:9/v1/models?a=b");
+        assert_eq!(u.markup, Markup(11_000));
+        assert!(Upstream::from_spec(spec(0.9), Markup::NONE).is_err());
+    }
+
+    #[test]
+    fn cools_down_after_threshold() {
+        let u = Upstream::from_spec(spec(1.0), Markup::NONE).unwrap();
+        u.record_failure(2, Duration::from_secs(60));
+        assert!(!u.is_cooling_down());
+        u.record_failure(2, Duration::from_secs(60));
+        assert!(u.is_cooling_down());
+    }
+}
