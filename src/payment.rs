@@ -264,6 +264,7 @@ impl Payments {
                     let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
                     return Ok(Redeemed { credited_msat: 0, balance_msat: balance, new: false });
                 }
+                RedemptionState::ProofsUsed => return Err(WalletError::AlreadySpent.into()),
                 RedemptionState::InProgress if attempt == 0 => {
                     // Left pending by a crash or a mint that went silent: settle it first.
                     self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await?;

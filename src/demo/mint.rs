@@ -121,7 +121,10 @@ pub async fn start_test_mint(cfg: TestMintConfig) -> Result<TestMint, BoxError> 
             let mut seed_path = path.clone().into_os_string();
             seed_path.push(".seed");
             let seed = load_or_create_mint_seed(std::path::Path::new(&seed_path))?;
-            (cdk_sqlite::MintSqliteDatabase::new(path.clone()).await?, seed)
+            (
+                cdk_sqlite::MintSqliteDatabase::new(path.clone()).await?,
+                seed,
+            )
         }
     };
     let db = Arc::new(db);
@@ -275,7 +278,12 @@ async fn throwaway_wallet(mint_url: &str) -> Result<Wallet, BoxError> {
 pub async fn mint_token(mint_url: &str, amount_sat: u64, v3: bool) -> Result<String, BoxError> {
     let wallet = throwaway_wallet(mint_url).await?;
     let quote = wallet
-        .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount_sat)), None, None)
+        .mint_quote(
+            PaymentMethod::BOLT11,
+            Some(Amount::from(amount_sat)),
+            None,
+            None,
+        )
         .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -305,6 +313,8 @@ pub async fn mint_token(mint_url: &str, amount_sat: u64, v3: bool) -> Result<Str
 /// mint's input fee). Proves that a token we handed out is real and unspent.
 pub async fn redeem_token(mint_url: &str, token: &str) -> Result<u64, BoxError> {
     let wallet = throwaway_wallet(mint_url).await?;
-    let amount = wallet.receive(token.trim(), ReceiveOptions::default()).await?;
+    let amount = wallet
+        .receive(token.trim(), ReceiveOptions::default())
+        .await?;
     Ok(u64::from(amount))
 }

@@ -105,6 +105,8 @@ pub enum RedemptionState {
     Credited { key_hash: String },
     /// Another request is redeeming this token right now.
     InProgress,
+    /// Its proofs were already redeemed here as part of another token.
+    ProofsUsed,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +263,23 @@ impl Ledger {
                     Some((state, _)) if state == "pending" => return Ok(RedemptionState::InProgress),
                     _ => {}
                 }
+                // The same proofs under another encoding: whatever that redemption's state, these
+                // proofs are not ours to redeem again.
+                for y in proof_ys.split(',').filter(|y| !y.is_empty()) {
+                    let other: Option<String> = c
+                        .query_row(
+                            "SELECT r.state FROM redemption_proofs p JOIN redemptions r ON r.token_hash = p.token_hash
+                             WHERE p.y = ?1 AND p.token_hash != ?2",
+                            params![y, token_hash],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    match other.as_deref() {
+                        Some("credited") => return Ok(RedemptionState::ProofsUsed),
+                        Some("pending") => return Ok(RedemptionState::InProgress),
+                        _ => {}
+                    }
+                }
                 let now = now_secs();
                 c.execute(
                     "INSERT INTO redemptions (token_hash, key_hash, mint_url, value_msat, proof_ys, state, created_at, updated_at)
@@ -268,6 +287,13 @@ impl Ledger {
                      ON CONFLICT (token_hash) DO UPDATE SET state = 'pending', key_hash = ?2, updated_at = ?6",
                     params![token_hash, key_hash, mint_url, to_i64(value_msat), proof_ys, now],
                 )?;
+                for y in proof_ys.split(',').filter(|y| !y.is_empty()) {
+                    c.execute(
+                        "INSERT INTO redemption_proofs (y, token_hash) VALUES (?1, ?2)
+                         ON CONFLICT (y) DO UPDATE SET token_hash = ?2",
+                        params![y, token_hash],
+                    )?;
+                }
                 Ok(RedemptionState::Started)
             })
             .await

@@ -33,6 +33,12 @@ const MIGRATIONS: &[&str] = &[
         created_at      INTEGER NOT NULL,
         updated_at      INTEGER NOT NULL
     );
+    -- Each proof (by its Y) belongs to one redemption: a token re-encoded differently is the
+    -- same money and is not credited twice.
+    CREATE TABLE redemption_proofs (
+        y               TEXT PRIMARY KEY,
+        token_hash      TEXT NOT NULL REFERENCES redemptions(token_hash)
+    );
     CREATE TABLE reservations (
         request_id      TEXT PRIMARY KEY,
         key_hash        TEXT NOT NULL REFERENCES keys(key_hash),

@@ -93,9 +93,10 @@ async fn redemption_is_once_per_token() {
     );
     assert_eq!(ledger.key_info("k").await.unwrap().unwrap().balance_msat, 4_900);
     // A failed attempt may be retried.
-    ledger.begin_redemption("t2", "k", "m", 1_000, &ys).await.unwrap();
+    let ys2 = vec!["02dd".to_string()];
+    ledger.begin_redemption("t2", "k", "m", 1_000, &ys2).await.unwrap();
     ledger.fail_redemption("t2").await.unwrap();
-    assert_eq!(ledger.begin_redemption("t2", "k", "m", 1_000, &ys).await.unwrap(), RedemptionState::Started);
+    assert_eq!(ledger.begin_redemption("t2", "k", "m", 1_000, &ys2).await.unwrap(), RedemptionState::Started);
     let t = ledger.totals().await.unwrap();
     assert_eq!((t.credited_msat, t.redemption_fees_msat), (4_900, 100));
     assert!(t.conserved());
@@ -139,4 +140,18 @@ async fn open_reservations_survive_restart_and_are_released_once() {
     let info = ledger.key_info("k1").await.unwrap().unwrap();
     assert_eq!((info.balance_msat, info.reserved_msat), (3_000, 0));
     assert!(ledger.totals().await.unwrap().conserved());
+}
+
+#[tokio::test]
+async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
+    let ledger = Ledger::open(&temp_path("ys"), LedgerSync::Normal).unwrap();
+    let ys = vec!["02aa".to_string(), "02bb".to_string()];
+    ledger.begin_redemption("cashuA-form", "k", "m", 2_000, &ys).await.unwrap();
+    assert_eq!(ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys).await.unwrap(), RedemptionState::InProgress);
+    ledger.complete_redemption("cashuA-form", KeyKind::Key, 2_000, 0).await.unwrap();
+    assert_eq!(ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys[1..]).await.unwrap(), RedemptionState::ProofsUsed);
+    // A failed redemption frees its proofs.
+    ledger.begin_redemption("t3", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap();
+    ledger.fail_redemption("t3").await.unwrap();
+    assert_eq!(ledger.begin_redemption("t4", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap(), RedemptionState::Started);
 }

@@ -199,7 +199,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 /// Inspects an event, parsing JSON only when it may hold usage or a stop.
 pub fn inspect_event(event: &[u8]) -> EventInfo {
-    let may_have_usage = contains(event, b"usage");
+    // Chat chunks carry `"usage":null` on every event: only an object is worth parsing.
+    let may_have_usage = contains(event, b"\"usage\":{") || contains(event, b"\"usage\": {");
     let may_stop = contains(event, b"[DONE]") || contains(event, b"message_stop");
     if !may_have_usage && !may_stop {
         return EventInfo::default();

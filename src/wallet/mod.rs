@@ -35,8 +35,7 @@ use cdk::nuts::nut02::ShortKeysetId;
 use cdk::nuts::nut18::PaymentRequest;
 use cdk::nuts::{CurrencyUnit, Proofs, PublicKey, State, Token, TokenV3};
 use cdk::wallet::types::{
-    ReceiveSagaState, TransactionDirection, TransactionId, TransactionStatus,
-    WalletSagaState,
+    ReceiveSagaState, TransactionDirection, TransactionId, TransactionStatus, WalletSagaState,
 };
 use cdk::wallet::{ReceiveOptions, SendOptions, Wallet, WalletBuilder};
 use cdk::Amount;
@@ -258,7 +257,9 @@ fn map_cdk(err: cdk::Error) -> WalletError {
         }
         E::InsufficientFunds => WalletError::InsufficientFunds,
         E::Timeout | E::CouldNotGetMintInfo => WalletError::MintUnavailable(err.to_string()),
-        E::HttpError(None, ref msg) => WalletError::MintUnavailable(format!("network error: {msg}")),
+        E::HttpError(None, ref msg) => {
+            WalletError::MintUnavailable(format!("network error: {msg}"))
+        }
         E::HttpError(Some(status), ref msg) if status >= 500 || status == 429 => {
             WalletError::MintUnavailable(format!("HTTP {status}: {msg}"))
         }
@@ -297,7 +298,9 @@ pub fn encode_token_v3(
     memo: Option<String>,
 ) -> Result<String, WalletError> {
     if proofs.is_empty() {
-        return Err(WalletError::Other("cannot encode a token without proofs".into()));
+        return Err(WalletError::Other(
+            "cannot encode a token without proofs".into(),
+        ));
     }
     let mut v3_proofs = Vec::with_capacity(proofs.len());
     for p in proofs {
@@ -348,7 +351,10 @@ impl WalletService {
             }
         }
         let db_str = db_path.to_str().ok_or_else(|| {
-            WalletError::Other(format!("wallet DB path is not UTF-8: {}", db_path.display()))
+            WalletError::Other(format!(
+                "wallet DB path is not UTF-8: {}",
+                db_path.display()
+            ))
         })?;
         let db = WalletSqliteDatabase::new(db_str)
             .await
@@ -432,10 +438,7 @@ impl WalletService {
         Ok(parsed)
     }
 
-    fn parse_inner(
-        &self,
-        token: &str,
-    ) -> Result<(ParsedToken, Token, CurrencyUnit), WalletError> {
+    fn parse_inner(&self, token: &str) -> Result<(ParsedToken, Token, CurrencyUnit), WalletError> {
         let decoded = decode_token(token)?;
         if let Token::TokenV3(v3) = &decoded {
             if v3.is_multi_mint() {
@@ -774,7 +777,9 @@ impl WalletService {
                 .await
                 .map_err(|e| WalletError::Other(format!("wallet DB: {e}")))?
                 .unwrap_or_default();
-            let proofs = token.proofs(&infos).map_err(|e| WalletError::Other(e.to_string()))?;
+            let proofs = token
+                .proofs(&infos)
+                .map_err(|e| WalletError::Other(e.to_string()))?;
             encode_token_v3(&entry.url, proofs, unit.clone(), None)?
         } else {
             token.to_string()
@@ -856,15 +861,23 @@ impl WalletService {
                     "wallet saga recovery"
                 ),
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "wallet saga recovery failed"),
-                Err(_) => tracing::warn!(mint = %entry.url, unit = %w.unit, "wallet saga recovery timed out"),
+                Ok(Err(e)) => {
+                    tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "wallet saga recovery failed")
+                }
+                Err(_) => {
+                    tracing::warn!(mint = %entry.url, unit = %w.unit, "wallet saga recovery timed out")
+                }
             }
             match tokio::time::timeout(self.inner.opts.op_timeout, w.check_all_pending_proofs())
                 .await
             {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "pending proof check failed"),
-                Err(_) => tracing::warn!(mint = %entry.url, unit = %w.unit, "pending proof check timed out"),
+                Ok(Err(e)) => {
+                    tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "pending proof check failed")
+                }
+                Err(_) => {
+                    tracing::warn!(mint = %entry.url, unit = %w.unit, "pending proof check timed out")
+                }
             }
         }
     }
@@ -983,8 +996,9 @@ fn load_or_create_seed(path: &Path) -> Result<[u8; 64], WalletError> {
     let io = |e: std::io::Error| WalletError::Other(format!("seed file {}: {e}", path.display()));
     match std::fs::read_to_string(path) {
         Ok(s) => {
-            let bytes = hex::decode(s.trim())
-                .map_err(|_| WalletError::Other(format!("seed file {} is not hex", path.display())))?;
+            let bytes = hex::decode(s.trim()).map_err(|_| {
+                WalletError::Other(format!("seed file {} is not hex", path.display()))
+            })?;
             bytes.try_into().map_err(|_| {
                 WalletError::Other(format!("seed file {} must hold 64 bytes", path.display()))
             })

@@ -1,0 +1,227 @@
+//! Bad input, failing upstreams, a silent mint, disconnects and crashes: clear errors, and the
+//! books still balance.
+
+use std::time::Duration;
+
+use routstr_node::demo::mint::{start_test_mint, TestMintConfig};
+use routstr_node::demo::upstream::{Behavior, StandInConfig, StandInUpstream};
+use serde_json::json;
+
+use crate::harness::{chat, temp_dir, Harness, Options};
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_costs_nothing() {
+    let mut h = Harness::start_with("errors", Options { env: vec![("MAX_BODY_BYTES", "4000".into())], ..Default::default() }).await;
+    let key = h.key(50).await;
+
+    let garbage = h.post_with("/v1/chat/completions", &[("x-cashu", "cashuBnot-a-token")], &chat(false)).await;
+    assert_eq!((garbage.status, garbage.error_code()), (400, "invalid_token"));
+    assert!(garbage.json["request_id"].as_str().unwrap().starts_with("req-"));
+
+    let resp = h.http.post(h.url("/v1/chat/completions")).bearer_auth(&key).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("JSON"));
+
+    let unknown = h.post("/v1/chat/completions", Some(&key), &json!({ "model": "no-such-model", "messages": [] })).await;
+    assert_eq!((unknown.status, unknown.error_code()), (404, "model_not_found"));
+    let no_model = h.post("/v1/chat/completions", Some(&key), &json!({ "messages": [] })).await;
+    assert_eq!(no_model.status, 400);
+
+    let bad_key = h.post("/v1/chat/completions", Some("sk-0000"), &chat(false)).await;
+    assert_eq!((bad_key.status, bad_key.error_code()), (401, "invalid_api_key"));
+
+    let big = json!({ "model": "gpt-test", "messages": [{ "role": "user", "content": "x".repeat(5000) }] });
+    let too_big = h.post("/v1/chat/completions", Some(&key), &big).await;
+    assert_eq!((too_big.status, too_big.error_code()), (413, "body_too_large"));
+
+    // Asking for more than the balance can cover: 402 with the amount, before anything is forwarded.
+    let huge = json!({ "model": "gpt-test", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1_000_000 });
+    let short = h.post("/v1/chat/completions", Some(&key), &huge).await;
+    assert_eq!((short.status, short.error_code()), (402, "insufficient_balance"));
+    assert!(short.header("x-cashu").unwrap().starts_with("creqA"));
+
+    // A token from a mint this node does not trust: refused, naming the accepted mint.
+    let other = start_test_mint(TestMintConfig::default()).await.unwrap();
+    let foreign = routstr_node::demo::mint::mint_token(&other.url, 10, false).await.unwrap();
+    let refused = h.post_with("/v1/chat/completions", &[("x-cashu", &foreign)], &chat(false)).await;
+    assert_eq!((refused.status, refused.error_code()), (400, "untrusted_mint"));
+    assert!(refused.json["error"]["message"].as_str().unwrap().contains(&h.mint.url));
+
+    // A token already spent at the mint.
+    let spent = h.token(10, false).await;
+    h.redeem(&spent).await;
+    let double = h.post_with("/v1/chat/completions", &[("x-cashu", &spent)], &chat(false)).await;
+    assert_eq!((double.status, double.error_code()), (400, "token_already_spent"));
+
+    assert_eq!(h.get("/v1/balance/topup", Some(&key)).await.status, 405);
+    assert_eq!(h.get("/nope", None).await.status, 404);
+    assert_eq!(h.upstream.requests(), 0, "no bad request reached the upstream");
+    assert_eq!(h.balance(&key).await, (50_000, 0));
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn failing_upstream_charges_nothing_and_returns_xcashu_in_full() {
+    let mut h = Harness::start_with("upstream-errors", Options { env: vec![("UPSTREAM_IDLE_TIMEOUT_SECONDS", "1".into())], ..Default::default() }).await;
+    let key = h.key(100).await;
+
+    let failed = h.post_with("/v1/chat/completions", &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "500")], &chat(false)).await;
+    assert_eq!(failed.status, 500, "{}", failed.text);
+    assert!(failed.json["error"].is_object());
+    assert_eq!(h.balance(&key).await, (100_000, 0));
+
+    let stalled = h.post_with("/v1/chat/completions", &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "stall")], &chat(false)).await;
+    assert_eq!((stalled.status, stalled.error_code()), (504, "upstream_timeout"));
+    assert_eq!(h.balance(&key).await, (100_000, 0));
+
+    let token = h.token(40, false).await;
+    let failed = h.post_with("/v1/chat/completions", &[("x-cashu", &token), ("x-stand-in-behavior", "429")], &chat(false)).await;
+    assert_eq!(failed.status, 429);
+    h.paid_in_msat += 40_000;
+    assert_eq!(h.redeem(failed.header("x-cashu").expect("the whole token back as change")).await, 40);
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn missing_usage_is_not_free() {
+    let mut h = Harness::start("no-usage").await;
+    let key = h.key(100).await;
+    let auth = format!("Bearer {key}");
+    let json_answer = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")], &chat(false)).await;
+    assert_eq!(json_answer.status, 200);
+    let charged = json_answer.header("x-routstr-cost-msats").unwrap().parse::<u64>().unwrap();
+    assert!(charged > 0, "an estimate is charged");
+
+    let streamed = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")], &chat(true)).await;
+    assert_eq!(streamed.status, 200);
+    let cost = streamed.sse_data().last().unwrap()["usage"]["cost"]["total_msats"].as_u64().unwrap();
+    assert!(cost > 0);
+
+    // The upstream breaks off mid-stream: what flowed is charged, the stream ends cleanly.
+    let broken = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "disconnect")], &chat(true)).await;
+    assert_eq!(broken.status, 200);
+    h.wait_until_settled().await;
+    let (balance, reserved) = h.balance(&key).await;
+    assert_eq!(reserved, 0);
+    assert!(balance < 100_000 - charged - cost, "the broken stream was charged too");
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_settles() {
+    let mut h = Harness::start("client-gone").await;
+    let key = h.key(100).await;
+    let mut resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-stand-in-chunks", "200")
+        .header("x-stand-in-delay-ms", "50")
+        .json(&json!({ "model": "gpt-test", "stream": true, "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1000 }))
+        .send()
+        .await
+        .unwrap();
+    // Streaming is real: the first chunks arrive long before the 10 s the whole answer takes.
+    let first = tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await.expect("first chunk in time").unwrap();
+    assert!(first.is_some());
+    let (_, reserved) = h.balance(&key).await;
+    assert!(reserved > 0, "the stream holds its reservation");
+    drop(resp);
+    h.wait_until_settled().await;
+    let (balance, reserved) = h.balance(&key).await;
+    assert_eq!(reserved, 0);
+    assert!(balance < 100_000, "output flowed, so the estimate is charged");
+    assert!(balance > 100_000 - 2_100, "but not the whole reservation");
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn fails_over_to_the_next_upstream_and_cools_down() {
+    let broken = StandInUpstream::start(StandInConfig::default()).await.unwrap();
+    broken.set_behavior(Behavior::Status(503));
+    let healthy = StandInUpstream::start(StandInConfig::default()).await.unwrap();
+    let dir = temp_dir("failover-config");
+    let file = dir.join("upstreams.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[upstream]]\nname = \"broken\"\nbase_url = \"{}\"\n\n[[upstream]]\nname = \"healthy\"\nbase_url = \"{}\"\n[upstream.aliases]\nfast = \"gpt-test\"\n",
+            broken.base_url, healthy.base_url
+        ),
+    )
+    .unwrap();
+    let mut h = Harness::start_with(
+        "failover",
+        Options {
+            env: vec![
+                ("UPSTREAMS_PATH", file.display().to_string()),
+                ("UPSTREAM_FAILURE_THRESHOLD", "2".into()),
+                ("UPSTREAM_COOLDOWN_SECONDS", "600".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let key = h.key(100).await;
+    for _ in 0..3 {
+        let answer = h.post("/v1/chat/completions", Some(&key), &chat(false)).await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    assert_eq!(broken.requests(), 2, "after two failures the broken upstream cools down");
+    assert_eq!(healthy.requests(), 3);
+    // An alias maps to the upstream's model name.
+    let aliased = h.post("/v1/chat/completions", Some(&key), &json!({ "model": "fast", "messages": [{ "role": "user", "content": "a" }] })).await;
+    assert_eq!(aliased.status, 200, "{}", aliased.text);
+    assert_eq!(healthy.last_request().unwrap().body["model"], "gpt-test");
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn unreachable_mint_is_a_clear_error_and_nothing_is_lost() {
+    let mut h = Harness::start_with("mint-down", Options { env: vec![("MINT_TIMEOUT_SECONDS", "3".into())], ..Default::default() }).await;
+    let token = h.token(30, false).await;
+    h.mint.stop().await;
+    let down = h.post_with("/v1/chat/completions", &[("x-cashu", &token)], &chat(false)).await;
+    assert_eq!((down.status, down.error_code()), (503, "mint_unavailable"), "{}", down.text);
+    assert_eq!(h.upstream.requests(), 0);
+    h.mint.restart().await.unwrap();
+    let ok = h.post_with("/v1/chat/completions", &[("x-cashu", &token)], &chat(false)).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+    h.paid_in_msat += 30_000;
+    assert_eq!(h.redeem(ok.header("x-cashu").unwrap()).await, 29);
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn a_killed_node_releases_its_reservations_on_restart() {
+    let mut h = Harness::start("crash").await;
+    let key = h.key(100).await;
+    let mut resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-stand-in-chunks", "200")
+        .header("x-stand-in-delay-ms", "50")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    resp.chunk().await.unwrap();
+    assert_eq!(h.totals().open_reservations, 1);
+    h.node.restart().await;
+    let (balance, reserved) = h.balance(&key).await;
+    assert_eq!((balance, reserved), (100_000, 0));
+    // And the node still serves.
+    assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_with_the_books_closed() {
+    let mut h = Harness::start("sigterm").await;
+    let key = h.key(20).await;
+    assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(true)).await.status, 200);
+    h.node.stop().await;
+    h.assert_conserved().await;
+}

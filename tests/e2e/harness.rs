@@ -1,0 +1,284 @@
+//! The end-to-end harness: a real cdk mint (fake Lightning) and a stand-in upstream in this
+//! process, and the built `routstr-node` binary as a child process driven over HTTP.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use routstr_node::demo::mint::{mint_token, redeem_token, start_test_mint, TestMint, TestMintConfig};
+use routstr_node::demo::upstream::{StandInConfig, StandInUpstream};
+use routstr_node::ledger::{open_reader, read_totals, Totals};
+use routstr_node::wallet::WalletService;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+pub struct Node {
+    child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    env: Vec<(String, String)>,
+}
+
+pub struct Harness {
+    pub mint: TestMint,
+    pub upstream: StandInUpstream,
+    pub node: Node,
+    pub http: reqwest::Client,
+    pub data_dir: PathBuf,
+    /// Token value this test handed the node that the node should have credited (msat).
+    pub paid_in_msat: u64,
+}
+
+pub struct Options {
+    pub stand_in: StandInConfig,
+    pub env: Vec<(&'static str, String)>,
+    pub mint_fee_ppk: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { stand_in: StandInConfig::default(), env: Vec::new(), mint_fee_ppk: 0 }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("routstr-e2e-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+impl Node {
+    pub async fn start(env: Vec<(String, String)>) -> Node {
+        let port = free_port();
+        let mut node = Node { child: None, url: format!("http://127.0.0.1:{port}"), port, env };
+        node.spawn().await;
+        node
+    }
+
+    async fn spawn(&mut self) {
+        let log_dir = self.env.iter().find(|(k, _)| k == "DATA_DIR").map(|(_, v)| PathBuf::from(v)).expect("DATA_DIR");
+        std::fs::create_dir_all(&log_dir).expect("data dir");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join("node.log")).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_routstr-node"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOST", "127.0.0.1")
+            .env("PORT", self.port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn().expect("spawn routstr-node"));
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = http.get(format!("{}/health", self.url)).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("routstr-node exited at start: {status}; see {}", log_dir.join("node.log").display());
+                }
+            }
+            assert!(Instant::now() < deadline, "routstr-node did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the process dies wherever it is.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+            let status = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
+            assert!(matches!(status, Ok(Ok(s)) if s.success()), "node did not exit cleanly: {status:?}");
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+impl Harness {
+    pub async fn start(name: &str) -> Harness {
+        Harness::start_with(name, Options::default()).await
+    }
+
+    pub async fn start_with(name: &str, options: Options) -> Harness {
+        let mint = start_test_mint(TestMintConfig { input_fee_ppk: options.mint_fee_ppk, ..TestMintConfig::default() })
+            .await
+            .expect("test mint");
+        let upstream = StandInUpstream::start(options.stand_in).await.expect("stand-in upstream");
+        let data_dir = temp_dir(name);
+        let mut env: Vec<(String, String)> = vec![
+            ("DATA_DIR".into(), data_dir.display().to_string()),
+            ("CASHU_MINTS".into(), mint.url.clone()),
+            ("UPSTREAM_BASE_URL".into(), upstream.base_url.clone()),
+            ("UPSTREAM_API_KEY".into(), "upstream-secret".into()),
+            ("BTC_USD_PRICE".into(), "100000".into()),
+            ("UPSTREAM_PROVIDER_FEE".into(), "1.0".into()),
+            ("EXCHANGE_FEE".into(), "1.0".into()),
+            ("LOG_LEVEL".into(), "info".into()),
+            ("LEDGER_SYNC".into(), "normal".into()),
+        ];
+        for (k, v) in options.env {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_owned(), v));
+        }
+        let node = Node::start(env).await;
+        Harness { mint, upstream, node, http: reqwest::Client::new(), data_dir, paid_in_msat: 0 }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.node.url, path)
+    }
+
+    /// A fresh token from the test mint (cashuB unless `v3`).
+    pub async fn token(&self, sats: u64, v3: bool) -> String {
+        mint_token(&self.mint.url, sats, v3).await.expect("mint a token")
+    }
+
+    pub async fn redeem(&self, token: &str) -> u64 {
+        redeem_token(&self.mint.url, token).await.expect("the token the node gave out is real and unspent")
+    }
+
+    /// Buys a key with a new token of `sats`.
+    pub async fn key(&mut self, sats: u64) -> String {
+        let token = self.token(sats, false).await;
+        let resp = self.post("/v1/balance/create", None, &json!({ "initial_balance_token": token })).await;
+        assert_eq!(resp.status, 200, "{}", resp.json);
+        self.paid_in_msat += sats * 1000;
+        assert_eq!(resp.json["balance"], sats * 1000);
+        resp.json["api_key"].as_str().expect("api_key").to_owned()
+    }
+
+    pub async fn post(&self, path: &str, key: Option<&str>, body: &Value) -> Answer {
+        let mut req = self.http.post(self.url(path)).json(body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        Answer::from(req.send().await.expect("request")).await
+    }
+
+    pub async fn post_with(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Answer {
+        let mut req = self.http.post(self.url(path)).json(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Answer::from(req.send().await.expect("request")).await
+    }
+
+    pub async fn get(&self, path: &str, key: Option<&str>) -> Answer {
+        let mut req = self.http.get(self.url(path));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        Answer::from(req.send().await.expect("request")).await
+    }
+
+    pub async fn balance(&self, key: &str) -> (u64, u64) {
+        let info = self.get("/v1/balance/info", Some(key)).await;
+        assert_eq!(info.status, 200, "{}", info.json);
+        (info.json["balance"].as_u64().unwrap(), info.json["reserved"].as_u64().unwrap())
+    }
+
+    pub fn totals(&self) -> Totals {
+        let conn = open_reader(&self.data_dir.join("ledger.sqlite")).expect("ledger");
+        read_totals(&conn).expect("totals")
+    }
+
+    /// The conservation check: every msat paid in is a balance, a charge or a payout, the
+    /// wallet's proofs match, nothing is left reserved, and no secret reached the logs.
+    pub async fn assert_conserved(&self) -> Totals {
+        let t = self.totals();
+        assert!(t.conserved(), "ledger not conserved: {t:?}");
+        assert_eq!(t.open_reservations, 0, "reservations left open: {t:?}");
+        assert_eq!(t.reserved_msat, 0, "msat left reserved: {t:?}");
+        assert_eq!(t.pending_redemptions, 0, "redemptions left pending: {t:?}");
+        assert_eq!(t.credited_msat + t.redemption_fees_msat, self.paid_in_msat, "credited + mint fees = tokens paid in: {t:?}");
+        let wallet = WalletService::open(&self.data_dir.join("wallet.sqlite"), &self.data_dir.join("wallet.seed"), &[self.mint.url.clone()])
+            .await
+            .expect("open the node's wallet");
+        let held: u64 = wallet.balances().await.expect("balances").iter().map(|b| b.balance_msat).sum();
+        assert_eq!(
+            held,
+            t.credited_msat - t.paid_out_msat - t.payout_fees_msat,
+            "wallet proofs = credited - paid out - payout fees: {t:?}"
+        );
+        assert!(held >= t.liabilities_msat(), "the wallet must cover users' balances: {held} < {t:?}");
+        self.assert_no_secrets_in_logs();
+        t
+    }
+
+    pub fn assert_no_secrets_in_logs(&self) {
+        let log = std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default();
+        for needle in ["cashuA", "cashuB", "sk-", "upstream-secret"] {
+            assert!(!log.contains(needle), "the node logged a secret ({needle})");
+        }
+    }
+
+    pub async fn wait_until_settled(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.totals().open_reservations > 0 {
+            assert!(Instant::now() < deadline, "reservations stayed open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Answer {
+    async fn from(resp: reqwest::Response) -> Answer {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer { status, headers, text, json }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The JSON of every SSE `data:` line (skipping `[DONE]`).
+    pub fn sse_data(&self) -> Vec<Value> {
+        self.text.lines().filter_map(|l| l.strip_prefix("data: ")).filter_map(|d| serde_json::from_str(d).ok()).collect()
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub fn chat(stream: bool) -> Value {
+    json!({
+        "model": "gpt-test",
+        "messages": [{ "role": "user", "content": "hello there world" }],
+        "max_tokens": 100,
+        "stream": stream,
+    })
+}

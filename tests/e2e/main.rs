@@ -1,0 +1,8 @@
+//! End-to-end tests: the built binary, a real mint, a stand-in upstream, all on loopback.
+//! Every test ends with the conservation check.
+#![cfg(feature = "demo")]
+
+mod harness;
+mod failures;
+mod paying;
+mod concurrency;
