@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN, ACCESS_CONTROL_EXPOSE_HEADERS, ORIGIN, VARY};
+use hyper::header::{
+    HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
+    ACCESS_CONTROL_EXPOSE_HEADERS, ORIGIN, VARY,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
@@ -189,15 +192,13 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
     let payments = &node.payments;
     match (action, &parts.method) {
         ("create", &Method::GET | &Method::POST) => {
-            let token = param(query, &json, &["initial_balance_token", "cashu_token", "token"])
-                .ok_or_else(|| ApiError::BadRequest("initial_balance_token is required (a cashuA… or cashuB… token)".into()))?;
+            let token = param(query, &json, &["initial_balance_token", "cashu_token", "token"]).ok_or_else(|| {
+                ApiError::BadRequest("initial_balance_token is required (a cashuA… or cashuB… token)".into())
+            })?;
             let api_key = payments.api_key_for_token(&token);
             let key_hash = hash_api_key(&api_key);
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
-            Ok(http::json_response(
-                StatusCode::OK,
-                &json!({ "api_key": api_key, "balance": redeemed.balance_msat }),
-            ))
+            Ok(http::json_response(StatusCode::OK, &json!({ "api_key": api_key, "balance": redeemed.balance_msat })))
         }
         ("info", &Method::GET) => {
             let (key_hash, api_key) = key_credential(node, &parts.headers).await?;
@@ -269,7 +270,10 @@ mod tests {
 
     #[test]
     fn query_and_body_params() {
-        assert_eq!(param(Some("a=1&initial_balance_token=cashuA%3D%3D"), &None, &["initial_balance_token"]).as_deref(), Some("cashuA=="));
+        assert_eq!(
+            param(Some("a=1&initial_balance_token=cashuA%3D%3D"), &None, &["initial_balance_token"]).as_deref(),
+            Some("cashuA==")
+        );
         let body = Some(json!({"cashu_token": "cashuBx"}));
         assert_eq!(param(None, &body, &["cashu_token"]).as_deref(), Some("cashuBx"));
         assert_eq!(param(Some("x=%zz"), &None, &["x"]).as_deref(), Some("%zz"));

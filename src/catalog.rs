@@ -41,7 +41,12 @@ pub struct PricePolicy {
 
 impl PricePolicy {
     /// The msat prices of a route: fixed, or its USD prices with the upstream's markup at `rate`.
-    pub fn msat_prices(&self, route: &ModelRoute, markup: Markup, rate: Option<BtcRate>) -> Result<MsatPrices, ApiError> {
+    pub fn msat_prices(
+        &self,
+        route: &ModelRoute,
+        markup: Markup,
+        rate: Option<BtcRate>,
+    ) -> Result<MsatPrices, ApiError> {
         match (&route.usd, self.fixed_only) {
             (Some(usd), false) => {
                 let rate = rate.ok_or(ApiError::PriceUnavailable)?;
@@ -117,8 +122,13 @@ impl Catalog {
                 }
                 continue;
             }
-            let named = v.get("upstream").and_then(Value::as_str).and_then(|n| upstreams.iter().position(|u| u.name == n));
-            let upstream = named.or_else(|| catalog.open_upstreams.first().copied()).or(if upstreams.is_empty() { None } else { Some(0) });
+            let named =
+                v.get("upstream").and_then(Value::as_str).and_then(|n| upstreams.iter().position(|u| u.name == n));
+            let upstream = named.or_else(|| catalog.open_upstreams.first().copied()).or(if upstreams.is_empty() {
+                None
+            } else {
+                Some(0)
+            });
             if let Some(upstream) = upstream {
                 catalog.add(route_from(id, id, upstream, v));
             }
@@ -282,7 +292,9 @@ mod tests {
     #[test]
     fn routes_failover_order_aliases_and_file_overrides() {
         let ups = vec![upstream("a", &[], &[("fast", "m1")]), upstream("b", &[], &[])];
-        let listing_a = vec![json!({"id": "m1", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 1000})];
+        let listing_a = vec![
+            json!({"id": "m1", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 1000}),
+        ];
         let listing_b = vec![json!({"id": "m1"}), json!({"id": "m2"})];
         let file = vec![json!({"id": "m2", "pricing": {"prompt": "0.00001", "completion": "0.00002"}})];
         let c = Catalog::build(&ups, &[Some(listing_a), Some(listing_b)], &file);
@@ -308,7 +320,10 @@ mod tests {
     #[test]
     fn priced_model_needs_a_rate_and_shows_markup() {
         let ups = vec![upstream("a", &["m1"], &[])];
-        let listing = vec![json!({"id": "m1", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 1000, "top_provider": {"max_completion_tokens": 100}}), json!({"id": "other"})];
+        let listing = vec![
+            json!({"id": "m1", "pricing": {"prompt": "0.000001", "completion": "0.000002"}, "context_length": 1000, "top_provider": {"max_completion_tokens": 100}}),
+            json!({"id": "other"}),
+        ];
         let c = Catalog::build(&ups, &[Some(listing)], &[]);
         assert_eq!(c.len(), 1, "the allowlist filters");
         let route = &c.routes("m1")[0];

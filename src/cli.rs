@@ -22,7 +22,10 @@ async fn open_wallet(settings: &Settings) -> Result<WalletService, NodeError> {
         &settings.data_dir.join("wallet.sqlite"),
         &settings.data_dir.join("wallet.seed"),
         &settings.cashu_mints,
-        WalletOptions { op_timeout: std::time::Duration::from_secs(settings.mint_timeout_seconds), ..WalletOptions::default() },
+        WalletOptions {
+            op_timeout: std::time::Duration::from_secs(settings.mint_timeout_seconds),
+            ..WalletOptions::default()
+        },
     )
     .await?)
 }
@@ -56,8 +59,15 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
             }
             println!();
             println!("wallet total:            {:>16} sat", msat_to_sats(held));
-            println!("users' balances:         {:>16} sat  (of which reserved by running requests: {} sat)", msat_to_sats(totals.balances_msat), msat_to_sats(totals.reserved_msat));
-            println!("operator earnings:       {:>16} sat", msat_to_sats(held.saturating_sub(totals.liabilities_msat())));
+            println!(
+                "users' balances:         {:>16} sat  (of which reserved by running requests: {} sat)",
+                msat_to_sats(totals.balances_msat),
+                msat_to_sats(totals.reserved_msat)
+            );
+            println!(
+                "operator earnings:       {:>16} sat",
+                msat_to_sats(held.saturating_sub(totals.liabilities_msat()))
+            );
             if held < totals.liabilities_msat() {
                 println!("WARNING: the wallet holds less than users' balances claim");
             }

@@ -197,7 +197,10 @@ mod tests {
     fn wallet_errors_map() {
         assert_eq!(ApiError::from(WalletError::AlreadySpent).status(), StatusCode::BAD_REQUEST);
         assert_eq!(ApiError::from(WalletError::MintUnavailable("x".into())).status(), StatusCode::SERVICE_UNAVAILABLE);
-        let e = ApiError::from(WalletError::UntrustedMint { mint: "http://evil".into(), accepted: vec!["http://good".into()] });
+        let e = ApiError::from(WalletError::UntrustedMint {
+            mint: "http://evil".into(),
+            accepted: vec!["http://good".into()],
+        });
         assert_eq!(e.body("r")["error"]["accepted_mints"][0], "http://good");
     }
 }

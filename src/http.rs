@@ -61,7 +61,9 @@ where
     let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::BodyTooLarge { limit }),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::BodyTooLarge { limit })
+        }
         Err(e) => Err(ApiError::BadRequest(format!("could not read the request body: {e}"))),
     }
 }

@@ -66,7 +66,10 @@ impl Node {
             &settings.data_dir.join("wallet.sqlite"),
             &settings.data_dir.join("wallet.seed"),
             &settings.cashu_mints,
-            WalletOptions { op_timeout: Duration::from_secs(settings.mint_timeout_seconds), ..WalletOptions::default() },
+            WalletOptions {
+                op_timeout: Duration::from_secs(settings.mint_timeout_seconds),
+                ..WalletOptions::default()
+            },
         )
         .await?;
         let secret = Payments::load_or_create_secret(&settings.data_dir.join("key-secret"))?;
@@ -74,7 +77,9 @@ impl Node {
 
         let upstreams = load_upstreams(&settings)?;
         if upstreams.is_empty() {
-            tracing::warn!("no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail");
+            tracing::warn!(
+                "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail"
+            );
         }
         let client = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout())
@@ -87,7 +92,8 @@ impl Node {
 
         let rates = match settings.btc_usd_price {
             Some(usd) => RateFeed::fixed(
-                BtcRate::from_usd(usd).ok_or_else(|| NodeError::Config(format!("BTC_USD_PRICE {usd} is not a price")))?,
+                BtcRate::from_usd(usd)
+                    .ok_or_else(|| NodeError::Config(format!("BTC_USD_PRICE {usd} is not a price")))?,
             ),
             None => RateFeed::default(),
         };
@@ -119,10 +125,9 @@ impl Node {
             Some(path) => catalog::load_models_file(path).map_err(NodeError::Config)?,
             None => Vec::new(),
         };
-        let listings = futures_util::future::join_all(
-            self.upstreams.iter().map(|u| catalog::fetch_listing(&self.client, u)),
-        )
-        .await;
+        let listings =
+            futures_util::future::join_all(self.upstreams.iter().map(|u| catalog::fetch_listing(&self.client, u)))
+                .await;
         let built = Catalog::build(&self.upstreams, &listings, &file_models);
         tracing::info!(models = built.len(), "model catalog loaded");
         if let Ok(mut c) = self.catalog.write() {
@@ -202,10 +207,7 @@ fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> 
             markup: settings.upstream_provider_fee,
         });
     }
-    specs
-        .into_iter()
-        .map(|spec| Upstream::from_spec(spec, exchange).map(Arc::new).map_err(NodeError::from))
-        .collect()
+    specs.into_iter().map(|spec| Upstream::from_spec(spec, exchange).map(Arc::new).map_err(NodeError::from)).collect()
 }
 
 /// A node listening, as tests and the demo use it.

@@ -66,11 +66,8 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<Credential<'_>>, ApiErro
     }
     let Some(v) = headers.get(AUTHORIZATION) else { return Ok(None) };
     let v = v.to_str().map_err(|_| ApiError::InvalidKey)?.trim();
-    let bearer = v
-        .strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::InvalidKey)?;
+    let bearer =
+        v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim).ok_or(ApiError::InvalidKey)?;
     if looks_like_token(bearer) {
         Ok(Some(Credential::BearerToken(bearer)))
     } else if bearer.starts_with("sk-") && bearer.len() <= 256 {
@@ -203,7 +200,10 @@ impl Payments {
             Credential::XCashu(token) => {
                 let parsed = self.wallet.parse_token(token)?;
                 if parsed.value_msat < cost_msat {
-                    return Err(ApiError::InsufficientBalance { required_msat: cost_msat, available_msat: parsed.value_msat });
+                    return Err(ApiError::InsufficientBalance {
+                        required_msat: cost_msat,
+                        available_msat: parsed.value_msat,
+                    });
                 }
                 let key_hash = xcashu_key_hash(token);
                 let redeemed = self.redeem(token, &key_hash, KeyKind::XCashu).await?;
@@ -219,7 +219,10 @@ impl Payments {
                         (err, _) => err,
                     });
                 }
-                Ok(Payer { key_hash, xcashu: Some(StatelessPayment { token_hash, funded_msat: redeemed.credited_msat }) })
+                Ok(Payer {
+                    key_hash,
+                    xcashu: Some(StatelessPayment { token_hash, funded_msat: redeemed.credited_msat }),
+                })
             }
         }
     }
@@ -229,7 +232,11 @@ impl Payments {
         let expiry = headers
             .get("key-expiry-time")
             .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim().parse::<i64>().map_err(|_| ApiError::BadRequest("Key-Expiry-Time must be a unix timestamp".into())))
+            .map(|s| {
+                s.trim()
+                    .parse::<i64>()
+                    .map_err(|_| ApiError::BadRequest("Key-Expiry-Time must be a unix timestamp".into()))
+            })
             .transpose()?;
         if refund.is_some() || expiry.is_some() {
             self.ledger.set_refund_options(key_hash, refund, expiry).await?;

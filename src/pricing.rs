@@ -175,7 +175,7 @@ pub struct BtcRate {
 
 impl BtcRate {
     pub fn from_usd(usd_per_btc: f64) -> Option<BtcRate> {
-        if !usd_per_btc.is_finite() || usd_per_btc < 1.0 || usd_per_btc > 1e12 {
+        if !usd_per_btc.is_finite() || !(1.0..=1e12).contains(&usd_per_btc) {
             return None;
         }
         Some(BtcRate { cents_per_btc: (usd_per_btc * 100.0).round() as u64 })
@@ -257,11 +257,7 @@ impl MsatPrices {
 
     /// The most a request may cost: what is reserved before it is forwarded.
     pub fn max_cost(&self, prompt_tokens: u64, max_completion_tokens: u64) -> Cost {
-        self.cost(&Usage {
-            input_tokens: prompt_tokens,
-            output_tokens: max_completion_tokens,
-            ..Usage::default()
-        })
+        self.cost(&Usage { input_tokens: prompt_tokens, output_tokens: max_completion_tokens, ..Usage::default() })
     }
 
     /// Per-token price in sats, for display.
@@ -369,7 +365,8 @@ mod tests {
 
     #[test]
     fn costs_round_up_per_part() {
-        let p = MsatPrices { prompt_per_mtok: 2_500_000, completion_per_mtok: 1, request_msat: 7, ..Default::default() };
+        let p =
+            MsatPrices { prompt_per_mtok: 2_500_000, completion_per_mtok: 1, request_msat: 7, ..Default::default() };
         let c = p.cost(&Usage { input_tokens: 3, output_tokens: 1, ..Default::default() });
         assert_eq!(c.input_msats, 8); // 7.5 → 8
         assert_eq!(c.output_msats, 1); // 0.000001 → 1
@@ -409,7 +406,12 @@ mod tests {
 
     #[test]
     fn max_cost_covers_every_outcome_within_limits() {
-        let p = MsatPrices { prompt_per_mtok: 333_333, completion_per_mtok: 777_777, request_msat: 3, ..Default::default() };
+        let p = MsatPrices {
+            prompt_per_mtok: 333_333,
+            completion_per_mtok: 777_777,
+            request_msat: 3,
+            ..Default::default()
+        };
         let max = p.max_cost(100, 50);
         for input in [0, 1, 99, 100] {
             for output in [0, 1, 49, 50] {

@@ -50,10 +50,7 @@ pub const SOURCES: &[RateSource] = &[
 
 /// The lowest valid rate among the answers.
 pub fn lowest(rates: impl IntoIterator<Item = f64>) -> Option<BtcRate> {
-    rates
-        .into_iter()
-        .filter_map(BtcRate::from_usd)
-        .min_by_key(|r| r.cents_per_btc)
+    rates.into_iter().filter_map(BtcRate::from_usd).min_by_key(|r| r.cents_per_btc)
 }
 
 /// The current rate, shared by every request.

@@ -81,7 +81,8 @@ pub struct Upstream {
 impl Upstream {
     /// `extra_markup` (EXCHANGE_FEE) is applied on top of the upstream's own markup.
     pub fn from_spec(spec: UpstreamSpec, extra_markup: Markup) -> Result<Upstream, UpstreamConfigError> {
-        let invalid = |reason: &str| UpstreamConfigError::Invalid { name: spec.name.clone(), reason: reason.to_owned() };
+        let invalid =
+            |reason: &str| UpstreamConfigError::Invalid { name: spec.name.clone(), reason: reason.to_owned() };
         let url = reqwest::Url::parse(&spec.base_url).map_err(|e| invalid(&format!("base_url: {e}")))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(invalid("base_url must be http(s)"));
@@ -89,7 +90,9 @@ impl Upstream {
         let markup = Markup::from_factor(spec.markup).ok_or_else(|| invalid("markup must be between 1.0 and 100"))?;
         let api_key = match (&spec.api_key, &spec.api_key_env) {
             (Some(k), _) => Some(k.clone()),
-            (None, Some(var)) => Some(std::env::var(var).map_err(|_| invalid(&format!("environment variable {var} is not set")))?),
+            (None, Some(var)) => {
+                Some(std::env::var(var).map_err(|_| invalid(&format!("environment variable {var} is not set")))?)
+            }
             (None, None) => None,
         };
         Ok(Upstream {

@@ -8,16 +8,11 @@ use routstr_node::demo::upstream::{Behavior, StandInConfig, StandInModel, StandI
 use serde_json::{json, Value};
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("reqwest client")
+    reqwest::Client::builder().no_proxy().build().expect("reqwest client")
 }
 
 async fn start() -> StandInUpstream {
-    StandInUpstream::start(StandInConfig::default())
-        .await
-        .expect("start stand-in")
+    StandInUpstream::start(StandInConfig::default()).await.expect("start stand-in")
 }
 
 fn chat_body(stream: bool, include_usage: bool) -> Value {
@@ -46,11 +41,7 @@ const CHAT_PROMPT_WORDS: u64 = 8;
 fn sse_data(text: &str) -> Vec<String> {
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
-        .filter_map(|e| {
-            e.lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .map(str::to_owned)
-        })
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_owned))
         .collect()
 }
 
@@ -59,30 +50,15 @@ fn sse_events(text: &str) -> Vec<(String, Value)> {
     text.split("\n\n")
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
-            let name = e
-                .lines()
-                .find_map(|l| l.strip_prefix("event: "))
-                .unwrap_or("")
-                .to_owned();
-            let data = e
-                .lines()
-                .find_map(|l| l.strip_prefix("data: "))
-                .unwrap_or("null");
-            (
-                name,
-                serde_json::from_str(data).expect("event data is JSON"),
-            )
+            let name = e.lines().find_map(|l| l.strip_prefix("event: ")).unwrap_or("").to_owned();
+            let data = e.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or("null");
+            (name, serde_json::from_str(data).expect("event data is JSON"))
         })
         .collect()
 }
 
 async fn post(up: &StandInUpstream, path: &str, body: &Value) -> reqwest::Response {
-    client()
-        .post(format!("{}{}", up.base_url, path))
-        .json(body)
-        .send()
-        .await
-        .expect("request")
+    client().post(format!("{}{}", up.base_url, path)).json(body).send().await.expect("request")
 }
 
 /// Reads a streamed body until it ends, errors or stalls for `idle`.
@@ -105,9 +81,7 @@ fn content_chunks(data: &[String]) -> Vec<String> {
         .filter(|d| d.as_str() != "[DONE]")
         .filter_map(|d| {
             let v: Value = serde_json::from_str(d).ok()?;
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_owned)
+            v["choices"][0]["delta"]["content"].as_str().map(str::to_owned)
         })
         .collect()
 }
@@ -117,30 +91,17 @@ async fn models_follow_openrouter_schema() {
     let up = start().await;
     assert!(up.base_url.starts_with("http://127.0.0.1:"));
     assert!(up.base_url.ends_with("/v1"));
-    for url in [
-        format!("{}/models", up.base_url),
-        format!("http://{}/models", up.addr),
-    ] {
+    for url in [format!("{}/models", up.base_url), format!("http://{}/models", up.addr)] {
         let resp = client().get(url).send().await.expect("models");
         assert_eq!(resp.status(), 200);
         let v: Value = resp.json().await.expect("json");
         assert_eq!(v["object"], "list");
         let data = v["data"].as_array().expect("data");
-        let gpt = data
-            .iter()
-            .find(|m| m["id"] == "gpt-test")
-            .expect("gpt-test");
+        let gpt = data.iter().find(|m| m["id"] == "gpt-test").expect("gpt-test");
         assert!(data.iter().any(|m| m["id"] == "embed-test"));
         assert_eq!(gpt["pricing"]["prompt"], "0.000001");
         assert_eq!(gpt["pricing"]["completion"], "0.000002");
-        for k in [
-            "request",
-            "image",
-            "web_search",
-            "internal_reasoning",
-            "input_cache_read",
-            "input_cache_write",
-        ] {
+        for k in ["request", "image", "web_search", "internal_reasoning", "input_cache_read", "input_cache_write"] {
             assert!(gpt["pricing"][k].is_string(), "pricing.{k} is a string");
         }
         assert!(gpt["context_length"].as_u64().expect("context_length") > 0);
@@ -170,14 +131,8 @@ async fn models_follow_openrouter_schema() {
     })
     .await
     .expect("start");
-    let v: Value = client()
-        .get(format!("{}/models", bare.base_url))
-        .send()
-        .await
-        .expect("models")
-        .json()
-        .await
-        .expect("json");
+    let v: Value =
+        client().get(format!("{}/models", bare.base_url)).send().await.expect("models").json().await.expect("json");
     assert_eq!(v["data"].as_array().map(Vec::len), Some(1));
     assert_eq!(v["data"][0]["id"], "only-model");
     assert!(v["data"][0].get("pricing").is_none());
@@ -188,18 +143,13 @@ async fn chat_json_usage_is_deterministic() {
     let up = start().await;
     let resp = post(&up, "/chat/completions", &chat_body(false, false)).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .expect("ct")
-        .starts_with("application/json"));
+    assert!(resp.headers()["content-type"].to_str().expect("ct").starts_with("application/json"));
     let v: Value = resp.json().await.expect("json");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["model"], "gpt-test");
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    let content = v["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content");
+    let content = v["choices"][0]["message"]["content"].as_str().expect("content");
     assert!(!content.is_empty());
     assert_eq!(v["usage"]["prompt_tokens"], CHAT_PROMPT_WORDS);
     assert_eq!(v["usage"]["completion_tokens"], 8);
@@ -209,11 +159,7 @@ async fn chat_json_usage_is_deterministic() {
     for key in ["max_tokens", "max_completion_tokens"] {
         let mut body = chat_body(false, false);
         body[key] = json!(3);
-        let v: Value = post(&up, "/chat/completions", &body)
-            .await
-            .json()
-            .await
-            .expect("json");
+        let v: Value = post(&up, "/chat/completions", &body).await.json().await.expect("json");
         assert_eq!(v["usage"]["completion_tokens"], 3, "{key}");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
     }
@@ -235,24 +181,16 @@ async fn chat_stream_without_include_usage_has_no_usage_chunk() {
     let up = start().await;
     let resp = post(&up, "/chat/completions", &chat_body(true, false)).await;
     assert_eq!(resp.status(), 200);
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .expect("ct")
-        .starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"].to_str().expect("ct").starts_with("text/event-stream"));
     let text = resp.text().await.expect("body");
     let data = sse_data(&text);
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1]
-        .iter()
-        .map(|d| serde_json::from_str(d).expect("chunk json"))
-        .collect();
+    let chunks: Vec<Value> =
+        data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).expect("chunk json")).collect();
     assert_eq!(chunks.len(), 8 + 1, "8 content chunks + the finish chunk");
     for c in &chunks {
         assert_eq!(c["object"], "chat.completion.chunk");
-        assert!(
-            c.get("usage").is_none(),
-            "no usage without include_usage: {c}"
-        );
+        assert!(c.get("usage").is_none(), "no usage without include_usage: {c}");
         assert_eq!(c["choices"].as_array().map(Vec::len), Some(1));
     }
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
@@ -279,23 +217,13 @@ async fn chat_stream_with_include_usage_ends_with_usage_chunk() {
     }
     // The streamed content equals the non-streamed content.
     let streamed: String = content_chunks(&data).concat();
-    let v: Value = post(&up, "/chat/completions", &chat_body(false, false))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = post(&up, "/chat/completions", &chat_body(false, false)).await.json().await.expect("json");
     assert_eq!(v["choices"][0]["message"]["content"], streamed.as_str());
 
     // max_tokens caps the stream too.
     let mut body = chat_body(true, true);
     body["max_tokens"] = json!(2);
-    let data = sse_data(
-        &post(&up, "/chat/completions", &body)
-            .await
-            .text()
-            .await
-            .expect("body"),
-    );
+    let data = sse_data(&post(&up, "/chat/completions", &body).await.text().await.expect("body"));
     assert_eq!(content_chunks(&data).len(), 2);
     let usage_chunk: Value = serde_json::from_str(&data[data.len() - 2]).expect("usage chunk");
     assert_eq!(usage_chunk["usage"]["completion_tokens"], 2);
@@ -326,10 +254,7 @@ async fn chunks_are_flushed_one_by_one_with_delay() {
     }
     let total = started.elapsed();
     let first = first_content_at.expect("content arrived");
-    assert!(
-        total >= Duration::from_millis(400),
-        "4 delays of 100ms: {total:?}"
-    );
+    assert!(total >= Duration::from_millis(400), "4 delays of 100ms: {total:?}");
     assert!(
         first + Duration::from_millis(250) < total,
         "first chunk at {first:?} must arrive long before the end at {total:?}"
@@ -409,11 +334,9 @@ async fn status_behaviors_return_openai_errors() {
 async fn stall_never_answers() {
     let up = start().await;
     up.set_behavior(Behavior::Stall);
-    let sent = tokio::time::timeout(
-        Duration::from_millis(400),
-        post(&up, "/chat/completions", &chat_body(false, false)),
-    )
-    .await;
+    let sent =
+        tokio::time::timeout(Duration::from_millis(400), post(&up, "/chat/completions", &chat_body(false, false)))
+            .await;
     assert!(sent.is_err(), "a stalled upstream must not answer");
     assert_eq!(up.requests(), 1);
 
@@ -434,21 +357,11 @@ async fn stall_never_answers() {
 async fn no_usage_omits_usage_everywhere() {
     let up = start().await;
     up.set_behavior(Behavior::NoUsage);
-    let v: Value = post(&up, "/chat/completions", &chat_body(false, false))
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = post(&up, "/chat/completions", &chat_body(false, false)).await.json().await.expect("json");
     assert!(v.get("usage").is_none());
     assert!(v["choices"][0]["message"]["content"].is_string());
 
-    let data = sse_data(
-        &post(&up, "/chat/completions", &chat_body(true, true))
-            .await
-            .text()
-            .await
-            .expect("body"),
-    );
+    let data = sse_data(&post(&up, "/chat/completions", &chat_body(true, true)).await.text().await.expect("body"));
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
     assert_eq!(content_chunks(&data).len(), 8);
     for d in &data[..data.len() - 1] {
@@ -461,10 +374,8 @@ async fn no_usage_omits_usage_everywhere() {
     let events = sse_events(
         &client()
             .post(format!("{}/messages", up.base_url))
-            .json(
-                &json!({"model": "gpt-test", "max_tokens": 100, "stream": true,
-                "messages": [{"role": "user", "content": "hi"}]}),
-            )
+            .json(&json!({"model": "gpt-test", "max_tokens": 100, "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}))
             .send()
             .await
             .expect("request")
@@ -472,9 +383,7 @@ async fn no_usage_omits_usage_everywhere() {
             .await
             .expect("body"),
     );
-    assert!(events
-        .iter()
-        .all(|(_, d)| d.get("usage").is_none() && d["message"].get("usage").is_none()));
+    assert!(events.iter().all(|(_, d)| d.get("usage").is_none() && d["message"].get("usage").is_none()));
 
     // Per-request override.
     up.set_behavior(Behavior::Normal);
@@ -540,10 +449,8 @@ async fn stall_mid_stream_sends_some_then_hangs() {
     let resp = client()
         .post(format!("{}/messages", up.base_url))
         .header("x-stand-in-behavior", "stall-mid-stream")
-        .json(
-            &json!({"model": "gpt-test", "max_tokens": 100, "stream": true,
-            "messages": [{"role": "user", "content": "hi"}]}),
-        )
+        .json(&json!({"model": "gpt-test", "max_tokens": 100, "stream": true,
+            "messages": [{"role": "user", "content": "hi"}]}))
         .send()
         .await
         .expect("request");
@@ -551,13 +458,7 @@ async fn stall_mid_stream_sends_some_then_hangs() {
     assert!(stalled);
     let events = sse_events(&text);
     assert_eq!(events[0].0, "message_start");
-    assert_eq!(
-        events
-            .iter()
-            .filter(|(n, _)| n == "content_block_delta")
-            .count(),
-        4
-    );
+    assert_eq!(events.iter().filter(|(n, _)| n == "content_block_delta").count(), 4);
     assert!(!events.iter().any(|(n, _)| n == "message_stop"));
 }
 
@@ -565,11 +466,7 @@ async fn stall_mid_stream_sends_some_then_hangs() {
 async fn connect_refused_drops_connections() {
     let up = start().await;
     up.set_behavior(Behavior::ConnectRefused);
-    let err = client()
-        .post(format!("{}/chat/completions", up.base_url))
-        .json(&chat_body(false, false))
-        .send()
-        .await;
+    let err = client().post(format!("{}/chat/completions", up.base_url)).json(&chat_body(false, false)).send().await;
     assert!(err.is_err(), "no response at all");
 
     up.set_behavior(Behavior::Normal);
@@ -609,11 +506,7 @@ async fn anthropic_messages_usage_json_and_stream() {
         "system": "be brief please",
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi there"}]}]
     });
-    let v: Value = post(&up, "/messages", &body)
-        .await
-        .json()
-        .await
-        .expect("json");
+    let v: Value = post(&up, "/messages", &body).await.json().await.expect("json");
     assert_eq!(v["type"], "message");
     assert_eq!(v["role"], "assistant");
     assert_eq!(v["content"][0]["type"], "text");
@@ -625,10 +518,7 @@ async fn anthropic_messages_usage_json_and_stream() {
     streaming["stream"] = json!(true);
     streaming["max_tokens"] = json!(6);
     let resp = post(&up, "/messages", &streaming).await;
-    assert!(resp.headers()["content-type"]
-        .to_str()
-        .expect("ct")
-        .starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"].to_str().expect("ct").starts_with("text/event-stream"));
     let events = sse_events(&resp.text().await.expect("body"));
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names.first(), Some(&"message_start"));
@@ -638,18 +528,10 @@ async fn anthropic_messages_usage_json_and_stream() {
     }
     let start = &events[0].1;
     assert_eq!(start["message"]["usage"]["input_tokens"], 5);
-    let deltas: Vec<&Value> = events
-        .iter()
-        .filter(|(n, _)| n == "content_block_delta")
-        .map(|(_, d)| d)
-        .collect();
+    let deltas: Vec<&Value> = events.iter().filter(|(n, _)| n == "content_block_delta").map(|(_, d)| d).collect();
     assert_eq!(deltas.len(), 6);
     assert!(deltas.iter().all(|d| d["delta"]["type"] == "text_delta"));
-    let message_delta = &events
-        .iter()
-        .find(|(n, _)| n == "message_delta")
-        .expect("message_delta")
-        .1;
+    let message_delta = &events.iter().find(|(n, _)| n == "message_delta").expect("message_delta").1;
     assert_eq!(message_delta["usage"]["output_tokens"], 6);
     assert_eq!(message_delta["delta"]["stop_reason"], "max_tokens");
     let pos = |name: &str| names.iter().position(|n| *n == name).expect(name);
@@ -675,15 +557,12 @@ async fn anthropic_messages_usage_json_and_stream() {
 async fn legacy_completions_embeddings_and_responses() {
     let up = start().await;
 
-    let v: Value = post(
-        &up,
-        "/completions",
-        &json!({"model": "gpt-test", "prompt": "once upon a time", "max_tokens": 5}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let v: Value =
+        post(&up, "/completions", &json!({"model": "gpt-test", "prompt": "once upon a time", "max_tokens": 5}))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(v["object"], "text_completion");
     assert!(v["choices"][0]["text"].is_string());
     assert_eq!(v["usage"]["prompt_tokens"], 4);
@@ -708,23 +587,16 @@ async fn legacy_completions_embeddings_and_responses() {
     let texts = data
         .iter()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter(|c| {
-            c["choices"][0]["text"]
-                .as_str()
-                .is_some_and(|t| !t.is_empty())
-        })
+        .filter(|c| c["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()))
         .count();
     assert_eq!(texts, 8);
 
-    let v: Value = post(
-        &up,
-        "/embeddings",
-        &json!({"model": "embed-test", "input": ["one two", "three", "four five six"]}),
-    )
-    .await
-    .json()
-    .await
-    .expect("json");
+    let v: Value =
+        post(&up, "/embeddings", &json!({"model": "embed-test", "input": ["one two", "three", "four five six"]}))
+            .await
+            .json()
+            .await
+            .expect("json");
     assert_eq!(v["object"], "list");
     let data = v["data"].as_array().expect("data");
     assert_eq!(data.len(), 3);
@@ -754,24 +626,14 @@ async fn legacy_completions_embeddings_and_responses() {
     assert_eq!(v["usage"]["total_tokens"], 12);
 
     let events = sse_events(
-        &post(
-            &up,
-            "/responses",
-            &json!({"model": "gpt-test", "input": "hi", "stream": true, "max_output_tokens": 3}),
-        )
-        .await
-        .text()
-        .await
-        .expect("body"),
+        &post(&up, "/responses", &json!({"model": "gpt-test", "input": "hi", "stream": true, "max_output_tokens": 3}))
+            .await
+            .text()
+            .await
+            .expect("body"),
     );
     assert_eq!(events[0].0, "response.created");
-    assert_eq!(
-        events
-            .iter()
-            .filter(|(n, _)| n == "response.output_text.delta")
-            .count(),
-        3
-    );
+    assert_eq!(events.iter().filter(|(n, _)| n == "response.output_text.delta").count(), 3);
     let (last, done) = events.last().expect("events");
     assert_eq!(last, "response.completed");
     assert_eq!(done["response"]["usage"]["input_tokens"], 1);
@@ -791,10 +653,7 @@ async fn bad_requests_get_openai_errors() {
     .await;
     assert_eq!(resp.status(), 404);
     let v: Value = resp.json().await.expect("json");
-    assert!(v["error"]["message"]
-        .as_str()
-        .expect("message")
-        .contains("no-such-model"));
+    assert!(v["error"]["message"].as_str().expect("message").contains("no-such-model"));
     assert_eq!(v["error"]["code"], "model_not_found");
     assert!(v["error"]["type"].is_string());
 
@@ -813,17 +672,9 @@ async fn bad_requests_get_openai_errors() {
     let resp = post(&up, "/chat/completions", &json!({"messages": []})).await;
     assert_eq!(resp.status(), 400);
 
-    let resp = client()
-        .get(format!("{}/nope", up.base_url))
-        .send()
-        .await
-        .expect("request");
+    let resp = client().get(format!("{}/nope", up.base_url)).send().await.expect("request");
     assert_eq!(resp.status(), 404);
-    let resp = client()
-        .get(format!("{}/chat/completions", up.base_url))
-        .send()
-        .await
-        .expect("request");
+    let resp = client().get(format!("{}/chat/completions", up.base_url)).send().await.expect("request");
     assert_eq!(resp.status(), 405);
 }
 
@@ -844,10 +695,7 @@ async fn last_request_records_what_the_upstream_saw() {
     assert_eq!(rec.path, "/v1/chat/completions");
     assert_eq!(rec.header("authorization"), Some("Bearer upstream-key"));
     assert_eq!(rec.header("AUTHORIZATION"), Some("Bearer upstream-key"));
-    assert!(rec
-        .headers
-        .iter()
-        .any(|(k, v)| k == "x-custom-thing" && v == "yes"));
+    assert!(rec.headers.iter().any(|(k, v)| k == "x-custom-thing" && v == "yes"));
     assert!(rec.headers.iter().all(|(k, _)| *k == k.to_lowercase()));
     assert_eq!(rec.header("x-cashu"), None);
     assert_eq!(rec.body["model"], "gpt-test");
@@ -856,15 +704,8 @@ async fn last_request_records_what_the_upstream_saw() {
     assert_eq!(up.requests(), 1);
 
     // A models listing does not overwrite it.
-    let _ = client()
-        .get(format!("{}/models", up.base_url))
-        .send()
-        .await
-        .expect("models");
-    assert_eq!(
-        up.last_request().expect("recorded").path,
-        "/v1/chat/completions"
-    );
+    let _ = client().get(format!("{}/models", up.base_url)).send().await.expect("models");
+    assert_eq!(up.last_request().expect("recorded").path, "/v1/chat/completions");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -898,10 +739,7 @@ async fn serves_many_concurrent_requests() {
 async fn dropping_the_handle_stops_the_server() {
     let up = start().await;
     let url = format!("{}/models", up.base_url);
-    assert_eq!(
-        client().get(&url).send().await.expect("models").status(),
-        200
-    );
+    assert_eq!(client().get(&url).send().await.expect("models").status(), 200);
     drop(up);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let res = tokio::time::timeout(Duration::from_secs(2), client().get(&url).send()).await;

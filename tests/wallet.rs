@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use routstr_node::demo::mint::{
-    mint_token, redeem_token, start_test_mint, TestMint, TestMintConfig,
-};
+use routstr_node::demo::mint::{mint_token, redeem_token, start_test_mint, TestMint, TestMintConfig};
 use routstr_node::wallet::{WalletError, WalletOptions, WalletService};
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -30,25 +28,14 @@ impl Drop for TempDir {
 
 fn temp_dir() -> TempDir {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!(
-        "routstr-wallet-test-{}-{n}-{nanos}",
-        std::process::id()
-    ));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("routstr-wallet-test-{}-{n}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     TempDir(dir)
 }
 
 async fn mint(fee_ppk: u64) -> TestMint {
-    start_test_mint(TestMintConfig {
-        input_fee_ppk: fee_ppk,
-        ..Default::default()
-    })
-    .await
-    .expect("start test mint")
+    start_test_mint(TestMintConfig { input_fee_ppk: fee_ppk, ..Default::default() }).await.expect("start test mint")
 }
 
 async fn open(dir: &Path, mints: &[String]) -> WalletService {
@@ -56,10 +43,7 @@ async fn open(dir: &Path, mints: &[String]) -> WalletService {
         &dir.join("wallet.sqlite"),
         &dir.join("seed.hex"),
         mints,
-        WalletOptions {
-            op_timeout: Duration::from_secs(8),
-            ..Default::default()
-        },
+        WalletOptions { op_timeout: Duration::from_secs(8), ..Default::default() },
     )
     .await
     .expect("open wallet")
@@ -67,10 +51,7 @@ async fn open(dir: &Path, mints: &[String]) -> WalletService {
 
 async fn sat_balance(w: &WalletService, mint_url: &str) -> (u64, u64) {
     let b = w.balances().await.expect("balances");
-    let line = b
-        .iter()
-        .find(|b| b.mint_url == mint_url && b.unit == "sat")
-        .expect("sat line");
+    let line = b.iter().find(|b| b.mint_url == mint_url && b.unit == "sat").expect("sat line");
     (line.balance_msat, line.pending_msat)
 }
 
@@ -94,10 +75,7 @@ async fn receive_v3_and_v4_then_double_spend_is_refused() {
     assert_eq!(w.parse_token(&t3).expect("parse v3").value_msat, 50_000);
 
     // Never received yet.
-    assert_eq!(
-        w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"),
-        None
-    );
+    assert_eq!(w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"), None);
 
     let r4 = w.receive(&t4).await.expect("receive v4");
     assert_eq!(r4.value_msat, 100_000);
@@ -114,25 +92,16 @@ async fn receive_v3_and_v4_then_double_spend_is_refused() {
     // The refused attempt left nothing behind: no pending, and reconciliation still says the
     // first receive happened (and only once).
     assert_eq!(sat_balance(&w, &m.url).await, (150_000, 0));
-    assert_eq!(
-        w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"),
-        Some(100_000)
-    );
+    assert_eq!(w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"), Some(100_000));
     w.recover().await.expect("recover");
     assert_eq!(sat_balance(&w, &m.url).await, (150_000, 0));
-    assert_eq!(
-        w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"),
-        Some(100_000)
-    );
+    assert_eq!(w.received_by_us(&m.url, &p4.proof_ys).await.expect("rbu"), Some(100_000));
 
     // A token spent elsewhere (not by us) is AlreadySpent and never "received by us".
     let t = mint_token(&m.url, 7, false).await.expect("mint");
     let py = w.parse_token(&t).expect("parse").proof_ys;
     assert_eq!(redeem_token(&m.url, &t).await.expect("redeem elsewhere"), 7);
-    assert!(matches!(
-        w.receive(&t).await,
-        Err(WalletError::AlreadySpent)
-    ));
+    assert!(matches!(w.receive(&t).await, Err(WalletError::AlreadySpent)));
     w.recover().await.expect("recover");
     assert_eq!(w.received_by_us(&m.url, &py).await.expect("rbu"), None);
     assert_eq!(sat_balance(&w, &m.url).await, (150_000, 0));
@@ -146,17 +115,11 @@ async fn untrusted_mint_and_garbage_are_refused() {
     let w = open(&dir, std::slice::from_ref(&trusted.url)).await;
 
     let foreign = mint_token(&other.url, 10, false).await.expect("mint");
-    for res in [
-        w.parse_token(&foreign).map(|_| ()),
-        w.receive(&foreign).await.map(|_| ()),
-    ] {
+    for res in [w.parse_token(&foreign).map(|_| ()), w.receive(&foreign).await.map(|_| ())] {
         match res {
             Err(e @ WalletError::UntrustedMint { .. }) => {
                 let msg = e.to_string();
-                assert!(
-                    msg.contains(&trusted.url),
-                    "message names accepted mint: {msg}"
-                );
+                assert!(msg.contains(&trusted.url), "message names accepted mint: {msg}");
                 if let WalletError::UntrustedMint { mint, accepted } = e {
                     assert_eq!(mint, other.url);
                     assert_eq!(accepted, vec![trusted.url.clone()]);
@@ -178,15 +141,9 @@ async fn untrusted_mint_and_garbage_are_refused() {
             Err(WalletError::InvalidToken(_)) => {}
             other => panic!("{garbage:?}: expected InvalidToken, got {other:?}"),
         }
-        assert!(matches!(
-            w.receive(garbage).await,
-            Err(WalletError::InvalidToken(_))
-        ));
+        assert!(matches!(w.receive(garbage).await, Err(WalletError::InvalidToken(_))));
     }
-    assert!(matches!(
-        w.received_by_us(&other.url, &[]).await,
-        Err(WalletError::UntrustedMint { .. })
-    ));
+    assert!(matches!(w.received_by_us(&other.url, &[]).await, Err(WalletError::UntrustedMint { .. })));
 }
 
 #[tokio::test]
@@ -202,36 +159,18 @@ async fn send_change_and_redeem_it() {
     assert_eq!(sent.amount_msat, 30_000);
     assert_eq!(sent.fee_msat, 0);
     assert_eq!(sent.mint_url, m.url);
-    assert!(
-        !format!("{sent:?}").contains("cashuB"),
-        "Debug must not leak the token"
-    );
-    assert_eq!(
-        w.parse_token(&sent.token).expect("parse").value_msat,
-        30_000
-    );
+    assert!(!format!("{sent:?}").contains("cashuB"), "Debug must not leak the token");
+    assert_eq!(w.parse_token(&sent.token).expect("parse").value_msat, 30_000);
     assert_eq!(sat_balance(&w, &m.url).await.0, 70_000);
     assert_eq!(redeem_token(&m.url, &sent.token).await.expect("redeem"), 30);
 
-    let sent3 = w
-        .send_with_version(&m.url, 5_000, true)
-        .await
-        .expect("send v3");
+    let sent3 = w.send_with_version(&m.url, 5_000, true).await.expect("send v3");
     assert!(sent3.token.starts_with("cashuA"));
-    assert_eq!(
-        redeem_token(&m.url, &sent3.token).await.expect("redeem v3"),
-        5
-    );
+    assert_eq!(redeem_token(&m.url, &sent3.token).await.expect("redeem v3"), 5);
     assert_eq!(sat_balance(&w, &m.url).await.0, 65_000);
 
-    assert!(matches!(
-        w.send(&m.url, 1_500).await,
-        Err(WalletError::UnsupportedUnit(_))
-    ));
-    assert!(matches!(
-        w.send(&m.url, 1_000_000).await,
-        Err(WalletError::InsufficientFunds)
-    ));
+    assert!(matches!(w.send(&m.url, 1_500).await, Err(WalletError::UnsupportedUnit(_))));
+    assert!(matches!(w.send(&m.url, 1_000_000).await, Err(WalletError::InsufficientFunds)));
     assert_eq!(sat_balance(&w, &m.url).await, (65_000, 0));
 
     // Persistence: reopen the same files.
@@ -242,26 +181,15 @@ async fn send_change_and_redeem_it() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("seed.hex"))
-            .expect("seed")
-            .permissions()
-            .mode();
+        let mode = std::fs::metadata(dir.join("seed.hex")).expect("seed").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
     let pr = w2.payment_request(21);
     assert!(pr.starts_with("creqA"));
-    let decoded =
-        <cdk::nuts::nut18::PaymentRequest as std::str::FromStr>::from_str(&pr).expect("creq");
+    let decoded = <cdk::nuts::nut18::PaymentRequest as std::str::FromStr>::from_str(&pr).expect("creq");
     assert_eq!(decoded.amount, Some(cdk::Amount::from(21u64)));
     assert_eq!(decoded.unit, Some(cdk::nuts::CurrencyUnit::Sat));
-    assert_eq!(
-        decoded
-            .mints
-            .iter()
-            .map(|m| m.to_string())
-            .collect::<Vec<_>>(),
-        vec![m.url.clone()]
-    );
+    assert_eq!(decoded.mints.iter().map(|m| m.to_string()).collect::<Vec<_>>(), vec![m.url.clone()]);
 }
 
 #[tokio::test]
@@ -275,10 +203,7 @@ async fn same_token_twice_concurrently_and_msat_unit() {
     assert_eq!(oks, 1, "exactly one redemption wins: {a:?} / {b:?}");
     for r in [&a, &b] {
         if let Err(e) = r {
-            assert!(
-                matches!(e, WalletError::Pending | WalletError::AlreadySpent),
-                "{e:?}"
-            );
+            assert!(matches!(e, WalletError::Pending | WalletError::AlreadySpent), "{e:?}");
         }
     }
     assert_eq!(sat_balance(&w, &m.url).await, (30_000, 0));
@@ -330,9 +255,7 @@ async fn mint_down_is_unavailable_not_a_hang_and_recovers() {
     let m = mint(0).await;
     let dir = temp_dir();
     let w = open(&dir, std::slice::from_ref(&m.url)).await;
-    w.receive(&mint_token(&m.url, 20, false).await.expect("mint"))
-        .await
-        .expect("receive");
+    w.receive(&mint_token(&m.url, 20, false).await.expect("mint")).await.expect("receive");
     let t = mint_token(&m.url, 40, false).await.expect("mint");
     let ys = w.parse_token(&t).expect("parse").proof_ys;
 
@@ -342,19 +265,10 @@ async fn mint_down_is_unavailable_not_a_hang_and_recovers() {
         Err(WalletError::MintUnavailable(_)) => {}
         other => panic!("expected MintUnavailable, got {other:?}"),
     }
-    assert!(
-        start.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
     // The interrupted swap is ambiguous until the mint answers again.
-    assert!(matches!(
-        w.received_by_us(&m.url, &ys).await,
-        Err(WalletError::MintUnavailable(_))
-    ));
-    w.recover()
-        .await
-        .expect("recover never fails on a dead mint");
+    assert!(matches!(w.received_by_us(&m.url, &ys).await, Err(WalletError::MintUnavailable(_))));
+    w.recover().await.expect("recover never fails on a dead mint");
 
     // A wallet opened while the mint is down still opens.
     let dir2 = temp_dir();
@@ -365,14 +279,8 @@ async fn mint_down_is_unavailable_not_a_hang_and_recovers() {
     let r = w.receive(&t).await.expect("receive after restart");
     assert_eq!(r.credited_msat, 40_000);
     assert_eq!(sat_balance(&w, &m.url).await, (60_000, 0));
-    assert_eq!(
-        w.received_by_us(&m.url, &ys).await.expect("rbu"),
-        Some(40_000)
-    );
-    assert!(matches!(
-        w.receive(&t).await,
-        Err(WalletError::AlreadySpent)
-    ));
+    assert_eq!(w.received_by_us(&m.url, &ys).await.expect("rbu"), Some(40_000));
+    assert!(matches!(w.receive(&t).await, Err(WalletError::AlreadySpent)));
     assert_eq!(sat_balance(&w, &m.url).await, (60_000, 0));
 }
 

@@ -40,11 +40,7 @@ pub struct TestMintConfig {
 
 impl Default for TestMintConfig {
     fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            input_fee_ppk: 0,
-            db_path: None,
-        }
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), input_fee_ppk: 0, db_path: None }
     }
 }
 
@@ -121,20 +117,14 @@ pub async fn start_test_mint(cfg: TestMintConfig) -> Result<TestMint, BoxError> 
             let mut seed_path = path.clone().into_os_string();
             seed_path.push(".seed");
             let seed = load_or_create_mint_seed(std::path::Path::new(&seed_path))?;
-            (
-                cdk_sqlite::MintSqliteDatabase::new(path.clone()).await?,
-                seed,
-            )
+            (cdk_sqlite::MintSqliteDatabase::new(path.clone()).await?, seed)
         }
     };
     let db = Arc::new(db);
 
     let mut builder = MintBuilder::new(db.clone());
     let fake = FakeWallet::new(
-        FeeReserve {
-            min_fee_reserve: 1.into(),
-            percent_fee_reserve: 0.0,
-        },
+        FeeReserve { min_fee_reserve: 1.into(), percent_fee_reserve: 0.0 },
         HashMap::default(),
         HashSet::default(),
         0, // invoices pay themselves immediately
@@ -165,13 +155,7 @@ pub async fn start_test_mint(cfg: TestMintConfig) -> Result<TestMint, BoxError> 
     let router = cdk_axum::create_mint_router(mint.clone(), vec!["bolt11".to_string()]).await?;
     let server = spawn_server(listener, router.clone());
 
-    Ok(TestMint {
-        url,
-        addr,
-        mint,
-        router,
-        server: Mutex::new(Some(server)),
-    })
+    Ok(TestMint { url, addr, mint, router, server: Mutex::new(Some(server)) })
 }
 
 impl TestMint {
@@ -200,10 +184,7 @@ impl TestMint {
         if let Some(server) = server {
             let _ = server.shutdown.send(());
             let mut task = server.task;
-            if tokio::time::timeout(Duration::from_secs(5), &mut task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(5), &mut task).await.is_err() {
                 task.abort();
             }
         }
@@ -277,14 +258,7 @@ async fn throwaway_wallet(mint_url: &str) -> Result<Wallet, BoxError> {
 /// as a token: `cashuA` (v3, full keyset ids) if `v3`, else `cashuB` (v4).
 pub async fn mint_token(mint_url: &str, amount_sat: u64, v3: bool) -> Result<String, BoxError> {
     let wallet = throwaway_wallet(mint_url).await?;
-    let quote = wallet
-        .mint_quote(
-            PaymentMethod::BOLT11,
-            Some(Amount::from(amount_sat)),
-            None,
-            None,
-        )
-        .await?;
+    let quote = wallet.mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount_sat)), None, None).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let q = wallet.check_mint_quote_status(&quote.id).await?;
@@ -298,12 +272,7 @@ pub async fn mint_token(mint_url: &str, amount_sat: u64, v3: bool) -> Result<Str
     }
     let proofs = wallet.mint(&quote.id, SplitTarget::default(), None).await?;
     if v3 {
-        Ok(crate::wallet::encode_token_v3(
-            &wallet.mint_url,
-            proofs,
-            CurrencyUnit::Sat,
-            None,
-        )?)
+        Ok(crate::wallet::encode_token_v3(&wallet.mint_url, proofs, CurrencyUnit::Sat, None)?)
     } else {
         Ok(Token::new(wallet.mint_url.clone(), proofs, None, CurrencyUnit::Sat).to_string())
     }
@@ -313,8 +282,6 @@ pub async fn mint_token(mint_url: &str, amount_sat: u64, v3: bool) -> Result<Str
 /// mint's input fee). Proves that a token we handed out is real and unspent.
 pub async fn redeem_token(mint_url: &str, token: &str) -> Result<u64, BoxError> {
     let wallet = throwaway_wallet(mint_url).await?;
-    let amount = wallet
-        .receive(token.trim(), ReceiveOptions::default())
-        .await?;
+    let amount = wallet.receive(token.trim(), ReceiveOptions::default()).await?;
     Ok(u64::from(amount))
 }

@@ -105,11 +105,7 @@ pub struct StandInPricing {
 impl StandInPricing {
     /// Per-token prompt and completion prices; everything else "0".
     pub fn per_token(prompt: &str, completion: &str) -> Self {
-        StandInPricing {
-            prompt: prompt.to_owned(),
-            completion: completion.to_owned(),
-            ..StandInPricing::default()
-        }
+        StandInPricing { prompt: prompt.to_owned(), completion: completion.to_owned(), ..StandInPricing::default() }
     }
 }
 
@@ -289,10 +285,7 @@ pub struct RecordedRequest {
 impl RecordedRequest {
     /// First value of a header (name compared case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -312,12 +305,7 @@ impl RawRecord {
             headers: self
                 .headers
                 .iter()
-                .map(|(k, v)| {
-                    (
-                        k.as_str().to_owned(),
-                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                    )
-                })
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                 .collect(),
             body: serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null),
         }
@@ -382,11 +370,7 @@ impl fmt::Debug for StandInUpstream {
 impl StandInUpstream {
     /// Binds the listener and starts serving on the current tokio runtime.
     pub async fn start(cfg: StandInConfig) -> io::Result<Self> {
-        let socket = if cfg.listen.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = if cfg.listen.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(cfg.listen)?;
         // The benchmark opens ~1,024 connections at once.
@@ -396,26 +380,16 @@ impl StandInUpstream {
         let models = cfg
             .models
             .iter()
-            .map(|m| {
-                Ok(KnownModel {
-                    id: m.id.clone(),
-                    json: serde_json::to_string(&m.id).map_err(io::Error::other)?,
-                })
-            })
+            .map(|m| Ok(KnownModel { id: m.id.clone(), json: serde_json::to_string(&m.id).map_err(io::Error::other)? }))
             .collect::<io::Result<Vec<_>>>()?;
-        let objects: Vec<serde_json::Value> = cfg
-            .models
-            .iter()
-            .map(|m| model_object(m, cfg.with_pricing))
-            .collect();
+        let objects: Vec<serde_json::Value> = cfg.models.iter().map(|m| model_object(m, cfg.with_pricing)).collect();
         let model_objects = objects
             .iter()
             .map(|o| serde_json::to_vec(o).map(Bytes::from))
             .collect::<Result<Vec<_>, _>>()
             .map_err(io::Error::other)?;
         let models_json =
-            serde_json::to_vec(&serde_json::json!({"object": "list", "data": objects}))
-                .map_err(io::Error::other)?;
+            serde_json::to_vec(&serde_json::json!({"object": "list", "data": objects})).map_err(io::Error::other)?;
 
         let shared = Arc::new(Shared {
             behavior: AtomicU32::new(Behavior::Normal.encode()),
@@ -431,13 +405,7 @@ impl StandInUpstream {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
-        Ok(StandInUpstream {
-            addr,
-            base_url: format!("http://{addr}/v1"),
-            shared,
-            shutdown,
-            accept_task,
-        })
+        Ok(StandInUpstream { addr, base_url: format!("http://{addr}/v1"), shared, shutdown, accept_task })
     }
 
     /// Sets the default behaviour (a request's `x-stand-in-behavior` header still wins).
@@ -471,11 +439,7 @@ impl Drop for StandInUpstream {
     }
 }
 
-async fn accept_loop(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true);
     let builder = Arc::new(builder);
@@ -496,12 +460,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        tokio::spawn(serve(
-            stream,
-            builder.clone(),
-            shared.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(serve(stream, builder.clone(), shared.clone(), shutdown.clone()));
     }
 }
 
@@ -529,10 +488,7 @@ enum Endpoint {
     Messages,
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    req: Request<Incoming>,
-) -> Result<Response<StandInBody>, io::Error> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<StandInBody>, io::Error> {
     let full = req.uri().path();
     let path = match full.strip_prefix("/v1") {
         Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
@@ -548,10 +504,7 @@ async fn handle(
             return Ok(json_response(StatusCode::OK, shared.models_json.clone()));
         }
         "/health" | "/" if req.method() == Method::GET => {
-            return Ok(json_response(
-                StatusCode::OK,
-                Bytes::from_static(b"{\"status\":\"ok\"}"),
-            ));
+            return Ok(json_response(StatusCode::OK, Bytes::from_static(b"{\"status\":\"ok\"}")));
         }
         p if req.method() == Method::GET && p.starts_with("/models/") => {
             let id = &p["/models/".len()..];
@@ -598,19 +551,11 @@ async fn handle(
     };
     let chunks = match header_str(&parts.headers, CHUNKS_HEADER) {
         None => Ok(shared.stream_chunks),
-        Some(v) => v
-            .trim()
-            .parse::<usize>()
-            .map(|n| n.min(MAX_CHUNKS))
-            .map_err(|_| "x-stand-in-chunks"),
+        Some(v) => v.trim().parse::<usize>().map(|n| n.min(MAX_CHUNKS)).map_err(|_| "x-stand-in-chunks"),
     };
     let delay = match header_str(&parts.headers, DELAY_HEADER) {
         None => Ok(shared.chunk_delay),
-        Some(v) => v
-            .trim()
-            .parse::<u64>()
-            .map(Duration::from_millis)
-            .map_err(|_| "x-stand-in-delay-ms"),
+        Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| "x-stand-in-delay-ms"),
     };
 
     let body = match Limited::new(body, MAX_BODY).collect().await {
@@ -626,12 +571,7 @@ async fn handle(
             ));
         }
     };
-    shared.record(RawRecord {
-        method: parts.method,
-        uri: parts.uri,
-        headers: parts.headers,
-        body: body.clone(),
-    });
+    shared.record(RawRecord { method: parts.method, uri: parts.uri, headers: parts.headers, body: body.clone() });
     let seq = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
 
     let (behavior, chunks, delay) = match (behavior, chunks, delay) {
@@ -650,17 +590,11 @@ async fn handle(
     match behavior {
         Behavior::ConnectRefused => {
             // An error from the service makes hyper close the connection without a response.
-            return Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "stand-in: dropping the connection",
-            ));
+            return Err(io::Error::new(io::ErrorKind::ConnectionAborted, "stand-in: dropping the connection"));
         }
         Behavior::Stall => return std::future::pending().await,
         Behavior::Status(code) => return Ok(status_response(code, anthropic)),
-        Behavior::Normal
-        | Behavior::NoUsage
-        | Behavior::DisconnectMidStream
-        | Behavior::StallMidStream => {}
+        Behavior::Normal | Behavior::NoUsage | Behavior::DisconnectMidStream | Behavior::StallMidStream => {}
     }
 
     let parsed: ReqBody<'_> = match serde_json::from_slice(&body) {
@@ -693,17 +627,11 @@ async fn handle(
         .or(parsed.max_tokens)
         .or(parsed.max_output_tokens)
         .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
-    let words = [
-        &parsed.messages,
-        &parsed.prompt,
-        &parsed.input,
-        &parsed.system,
-        &parsed.instructions,
-    ]
-    .iter()
-    .filter_map(|c| c.as_ref())
-    .map(|c| c.words)
-    .sum::<u64>();
+    let words = [&parsed.messages, &parsed.prompt, &parsed.input, &parsed.system, &parsed.instructions]
+        .iter()
+        .filter_map(|c| c.as_ref())
+        .map(|c| c.words)
+        .sum::<u64>();
     let gen = Gen {
         seq,
         created: unix_now(),
@@ -712,11 +640,7 @@ async fn handle(
         completion: chunks.min(limit),
         truncated: limit < chunks,
         usage: behavior != Behavior::NoUsage,
-        include_usage: parsed
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage: parsed.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false),
     };
     let (cut, tail) = match behavior {
         Behavior::DisconnectMidStream => (true, Tail::Abort),
@@ -742,10 +666,7 @@ async fn handle(
         }
         let half = json.slice(..json.len() / 2);
         let body = StandInBody::frames(vec![half], 1, Duration::ZERO, 0..0, tail);
-        return Ok(with_content_type(
-            Response::new(body),
-            HeaderValue::from_static("application/json"),
-        ));
+        return Ok(with_content_type(Response::new(body), HeaderValue::from_static("application/json")));
     }
 
     let sse = match endpoint {
@@ -761,26 +682,17 @@ async fn handle(
     let delayed = (pre + 1)..(pre + n);
     let cut_at = if cut { pre + n.div_ceil(2) } else { sse.len() };
     let body = StandInBody::frames(sse, cut_at, delay, delayed, tail);
-    let mut resp = with_content_type(
-        Response::new(body),
-        HeaderValue::from_static("text/event-stream"),
-    );
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    let mut resp = with_content_type(Response::new(body), HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &'static str) -> Option<&'a str> {
-    headers
-        .get(HeaderName::from_static(name))
-        .and_then(|v| v.to_str().ok())
+    headers.get(HeaderName::from_static(name)).and_then(|v| v.to_str().ok())
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -843,10 +755,7 @@ impl<'de> Visitor<'de> for WordVisitor {
     }
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<WordCount, E> {
-        Ok(WordCount {
-            words: s.split_whitespace().count() as u64,
-            items: 1,
-        })
+        Ok(WordCount { words: s.split_whitespace().count() as u64, items: 1 })
     }
 
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<WordCount, E> {
@@ -991,11 +900,7 @@ impl Gen<'_> {
             self.seq, self.created, self.model
         );
         // OpenAI sends `"usage":null` on every chunk when usage was requested.
-        let null_usage = if self.include_usage {
-            r#","usage":null"#
-        } else {
-            ""
-        };
+        let null_usage = if self.include_usage { r#","usage":null"# } else { "" };
         let mut frames = Vec::with_capacity(self.completion + 1);
         for i in 0..self.completion {
             let role = if i == 0 { r#""role":"assistant","# } else { "" };
@@ -1009,11 +914,7 @@ impl Gen<'_> {
             self.finish()
         );
         if self.include_usage && self.usage {
-            let _ = write!(
-                tail,
-                "{head},\"choices\":[],\"usage\":{}}}\n\n",
-                self.openai_usage()
-            );
+            let _ = write!(tail, "{head},\"choices\":[],\"usage\":{}}}\n\n", self.openai_usage());
         }
         tail.push_str("data: [DONE]\n\n");
         frames.push(Bytes::from(tail));
@@ -1049,11 +950,7 @@ impl Gen<'_> {
             self.finish()
         );
         if self.include_usage && self.usage {
-            let _ = write!(
-                tail,
-                "{head},\"choices\":[],\"usage\":{}}}\n\n",
-                self.openai_usage()
-            );
+            let _ = write!(tail, "{head},\"choices\":[],\"usage\":{}}}\n\n", self.openai_usage());
         }
         tail.push_str("data: [DONE]\n\n");
         frames.push(Bytes::from(tail));
@@ -1067,18 +964,11 @@ impl Gen<'_> {
             if i > 0 {
                 s.push(',');
             }
-            let _ = write!(
-                s,
-                r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#
-            );
+            let _ = write!(s, r#"{{"object":"embedding","index":{i},"embedding":{vector}}}"#);
         }
         let _ = write!(s, r#"],"model":{}"#, self.model);
         if self.usage {
-            let _ = write!(
-                s,
-                r#","usage":{{"prompt_tokens":{p},"total_tokens":{p}}}"#,
-                p = self.prompt
-            );
+            let _ = write!(s, r#","usage":{{"prompt_tokens":{p},"total_tokens":{p}}}"#, p = self.prompt);
         }
         s.push('}');
         s
@@ -1118,11 +1008,7 @@ impl Gen<'_> {
             seq = self.seq,
             created = self.created,
             model = self.model,
-            usage = if done {
-                self.responses_usage_field()
-            } else {
-                String::new()
-            },
+            usage = if done { self.responses_usage_field() } else { String::new() },
         )
     }
 
@@ -1211,11 +1097,8 @@ impl Gen<'_> {
                 WORDS[i % WORDS.len()]
             )));
         }
-        let delta_usage = if self.usage {
-            format!(r#","usage":{{"output_tokens":{}}}"#, self.completion)
-        } else {
-            String::new()
-        };
+        let delta_usage =
+            if self.usage { format!(r#","usage":{{"output_tokens":{}}}"#, self.completion) } else { String::new() };
         frames.push(Bytes::from(format!(
             "event: content_block_stop\ndata: {{\"type\":\"content_block_stop\",\"index\":0}}\n\n\
              event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{}\",\"stop_sequence\":null}}{delta_usage}}}\n\n\
@@ -1240,11 +1123,7 @@ fn embedding_vector() -> String {
 }
 
 fn model_object(m: &StandInModel, with_pricing: bool) -> serde_json::Value {
-    let (modality, output) = if m.embedding {
-        ("text->embeddings", "embeddings")
-    } else {
-        ("text->text", "text")
-    };
+    let (modality, output) = if m.embedding { ("text->embeddings", "embeddings") } else { ("text->text", "text") };
     let mut obj = serde_json::json!({
         "id": m.id,
         "canonical_slug": m.id,
@@ -1292,23 +1171,15 @@ fn with_content_type(mut resp: Response<StandInBody>, ct: HeaderValue) -> Respon
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<StandInBody> {
-    let mut resp = with_content_type(
-        Response::new(StandInBody::full(body)),
-        HeaderValue::from_static("application/json"),
-    );
+    let mut resp =
+        with_content_type(Response::new(StandInBody::full(body)), HeaderValue::from_static("application/json"));
     *resp.status_mut() = status;
     resp
 }
 
 /// OpenAI error envelope `{"error":{"message","type","param","code"}}`; for the Anthropic
 /// endpoint also the top-level `"type":"error"` Anthropic clients look for.
-fn error_response(
-    status: StatusCode,
-    message: &str,
-    kind: &str,
-    code: &str,
-    anthropic: bool,
-) -> Response<StandInBody> {
+fn error_response(status: StatusCode, message: &str, kind: &str, code: &str, anthropic: bool) -> Response<StandInBody> {
     let mut err = serde_json::json!({
         "error": {"message": message, "type": kind, "param": null, "code": code}
     });
@@ -1323,11 +1194,7 @@ fn model_not_found(model: &str, anthropic: bool) -> Response<StandInBody> {
     error_response(
         StatusCode::NOT_FOUND,
         &format!("The model `{model}` does not exist or you do not have access to it."),
-        if anthropic {
-            "not_found_error"
-        } else {
-            "invalid_request_error"
-        },
+        if anthropic { "not_found_error" } else { "invalid_request_error" },
         "model_not_found",
         anthropic,
     )
@@ -1355,8 +1222,7 @@ fn status_response(code: u16, anthropic: bool) -> Response<StandInBody> {
         anthropic,
     );
     if status == StatusCode::TOO_MANY_REQUESTS {
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
     resp
 }
@@ -1399,18 +1265,8 @@ impl StandInBody {
         StandInBody(BodyInner::Full(Some(b)))
     }
 
-    fn frames(
-        frames: Vec<Bytes>,
-        cut: usize,
-        delay: Duration,
-        delayed: std::ops::Range<usize>,
-        tail: Tail,
-    ) -> Self {
-        let cut = if tail == Tail::End {
-            frames.len()
-        } else {
-            cut.min(frames.len())
-        };
+    fn frames(frames: Vec<Bytes>, cut: usize, delay: Duration, delayed: std::ops::Range<usize>, tail: Tail) -> Self {
+        let cut = if tail == Tail::End { frames.len() } else { cut.min(frames.len()) };
         StandInBody(BodyInner::Frames(Box::new(Frames {
             frames,
             next: 0,
@@ -1472,10 +1328,7 @@ impl Body for StandInBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match &mut self.get_mut().0 {
             BodyInner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             BodyInner::Frames(f) => f.poll_next(cx),

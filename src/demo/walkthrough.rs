@@ -29,7 +29,9 @@ pub struct DemoStack {
 /// the mint, upstream, price and data directory are the demo's own.
 pub async fn start_stack(mut settings: Settings) -> DemoResult<DemoStack> {
     let mint = start_test_mint(TestMintConfig::default()).await.map_err(|e| fail("starting the test mint", e))?;
-    let upstream = StandInUpstream::start(StandInConfig::default()).await.map_err(|e| fail("starting the stand-in upstream", e))?;
+    let upstream = StandInUpstream::start(StandInConfig::default())
+        .await
+        .map_err(|e| fail("starting the stand-in upstream", e))?;
     settings.cashu_mints = vec![mint.url.clone()];
     settings.upstream_base_url = Some(upstream.base_url.clone());
     settings.upstream_api_key = Some("stand-in-key".into());
@@ -55,33 +57,60 @@ pub async fn run(settings: Settings, keep_serving: bool) -> DemoResult<()> {
 
     let models: Value = get_json(&http, &format!("{base}/v1/models"), None).await?;
     let model = &models["data"][0];
-    println!("1. /v1/models lists {} at {} sat/prompt token, {} sat/completion token (max {} sat per request)",
-        model["id"], model["sats_pricing"]["prompt"], model["sats_pricing"]["completion"], model["sats_pricing"]["max_cost"]);
+    println!(
+        "1. /v1/models lists {} at {} sat/prompt token, {} sat/completion token (max {} sat per request)",
+        model["id"],
+        model["sats_pricing"]["prompt"],
+        model["sats_pricing"]["completion"],
+        model["sats_pricing"]["max_cost"]
+    );
 
     let token = mint_token(&mint_url, 500, false).await.map_err(|e| fail("minting", e))?;
     println!("2. minted a 500 sat token at the mint (paid by the fake Lightning backend)");
-    let created = post_json(&http, &format!("{base}/v1/balance/create"), None, &json!({ "initial_balance_token": token })).await?;
+    let created =
+        post_json(&http, &format!("{base}/v1/balance/create"), None, &json!({ "initial_balance_token": token }))
+            .await?;
     let key = created["api_key"].as_str().unwrap_or_default().to_owned();
     println!("3. bought a key with it: balance {} msat", created["balance"]);
 
     let chat = json!({ "model": "gpt-test", "messages": [{ "role": "user", "content": "Say hello in five words" }], "max_tokens": 64 });
     let answer = post_json(&http, &format!("{base}/v1/chat/completions"), Some(&key), &chat).await?;
-    println!("4. chat: \"{}\" — cost {} msat", answer["choices"][0]["message"]["content"].as_str().unwrap_or(""), answer["usage"]["cost"]["total_msats"]);
+    println!(
+        "4. chat: \"{}\" — cost {} msat",
+        answer["choices"][0]["message"]["content"].as_str().unwrap_or(""),
+        answer["usage"]["cost"]["total_msats"]
+    );
 
     let mut streamed = chat.clone();
     streamed["stream"] = json!(true);
-    let resp = http.post(format!("{base}/v1/chat/completions")).bearer_auth(&key).json(&streamed).send().await.map_err(|e| fail("stream", e))?;
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&streamed)
+        .send()
+        .await
+        .map_err(|e| fail("stream", e))?;
     let text = resp.text().await.map_err(|e| fail("stream", e))?;
     let chunks = text.matches("data: ").count();
-    let cost = text.lines().filter_map(|l| l.strip_prefix("data: ")).filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .find_map(|v| v.pointer("/usage/cost/total_msats").cloned()).unwrap_or(Value::Null);
+    let cost = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v.pointer("/usage/cost/total_msats").cloned())
+        .unwrap_or(Value::Null);
     println!("5. streamed chat: {chunks} SSE events, token by token — cost {cost} msat (in the last chunk)");
 
     let info = get_json(&http, &format!("{base}/v1/balance/info"), Some(&key)).await?;
     println!("6. key balance now {} msat", info["balance"]);
 
     let pay_token = mint_token(&mint_url, 100, true).await.map_err(|e| fail("minting", e))?;
-    let resp = http.post(format!("{base}/v1/chat/completions")).header("X-Cashu", &pay_token).json(&chat).send().await.map_err(|e| fail("X-Cashu", e))?;
+    let resp = http
+        .post(format!("{base}/v1/chat/completions"))
+        .header("X-Cashu", &pay_token)
+        .json(&chat)
+        .send()
+        .await
+        .map_err(|e| fail("X-Cashu", e))?;
     let change = resp.headers().get("x-cashu").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let cost = resp.headers().get("x-routstr-cost-msats").and_then(|v| v.to_str().ok()).unwrap_or("?").to_owned();
     println!("7. paid one request with a 100 sat cashuA token in X-Cashu: cost {cost} msat");
@@ -93,13 +122,21 @@ pub async fn run(settings: Settings, keep_serving: bool) -> DemoResult<()> {
     let refund = post_json(&http, &format!("{base}/v1/balance/refund"), Some(&key), &json!({})).await?;
     let refund_token = refund["token"].as_str().unwrap_or_default();
     let sats = redeem_token(&mint_url, refund_token).await.map_err(|e| fail("redeeming the refund", e))?;
-    println!("8. refunded the key: a {} sat token, redeemed at the mint: {sats} sat", refund["sats"].as_str().unwrap_or("?"));
+    println!(
+        "8. refunded the key: a {} sat token, redeemed at the mint: {sats} sat",
+        refund["sats"].as_str().unwrap_or("?")
+    );
 
     let totals = stack.node.node.ledger().totals().await?;
     let wallet: u64 = stack.node.node.wallet().balances().await?.iter().map(|b| b.balance_msat).sum();
-    println!("9. books: credited {} msat = balances {} + charged {} + paid out {} → {}",
-        totals.credited_msat, totals.balances_msat, totals.charged_msat, totals.paid_out_debit_msat,
-        if totals.conserved() { "conserved" } else { "NOT CONSERVED" });
+    println!(
+        "9. books: credited {} msat = balances {} + charged {} + paid out {} → {}",
+        totals.credited_msat,
+        totals.balances_msat,
+        totals.charged_msat,
+        totals.paid_out_debit_msat,
+        if totals.conserved() { "conserved" } else { "NOT CONSERVED" }
+    );
     println!("   the node's wallet holds {} msat: the operator's earnings", wallet);
 
     if keep_serving {

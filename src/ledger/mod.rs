@@ -483,7 +483,10 @@ impl Ledger {
                     )
                     .optional()?;
                 if let Some((key_hash, debit)) = row {
-                    c.execute("UPDATE payouts SET state = 'failed', updated_at = ?2 WHERE id = ?1", params![id, now_secs()])?;
+                    c.execute(
+                        "UPDATE payouts SET state = 'failed', updated_at = ?2 WHERE id = ?1",
+                        params![id, now_secs()],
+                    )?;
                     c.execute(
                         "UPDATE keys SET balance_msat = balance_msat + ?2 WHERE key_hash = ?1",
                         params![key_hash, debit],
@@ -501,7 +504,12 @@ impl Ledger {
                 let mut stmt =
                     c.prepare("SELECT id, key_hash, mint_url, debit_msat FROM payouts WHERE state = 'pending'")?;
                 let rows = stmt.query_map([], |r| {
-                    Ok(Payout { id: r.get(0)?, key_hash: r.get(1)?, mint_url: r.get(2)?, debit_msat: to_u64(r.get(3)?) })
+                    Ok(Payout {
+                        id: r.get(0)?,
+                        key_hash: r.get(1)?,
+                        mint_url: r.get(2)?,
+                        debit_msat: to_u64(r.get(3)?),
+                    })
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
@@ -509,7 +517,11 @@ impl Ledger {
     }
 
     /// The newest payout made for a key, or for an `X-Cashu` token (by the token's hash).
-    pub async fn latest_payout(&self, key_hash: Option<&str>, source_token_hash: Option<&str>) -> Result<PayoutLookup, LedgerError> {
+    pub async fn latest_payout(
+        &self,
+        key_hash: Option<&str>,
+        source_token_hash: Option<&str>,
+    ) -> Result<PayoutLookup, LedgerError> {
         let key_hash = key_hash.map(str::to_owned);
         let source = source_token_hash.map(str::to_owned);
         self.store
@@ -566,7 +578,7 @@ impl Ledger {
     }
 
     pub async fn totals(&self) -> Result<Totals, LedgerError> {
-        self.store.run(|c| read_totals(c)).await
+        self.store.run(read_totals).await
     }
 }
 
@@ -579,7 +591,9 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         balances_msat: sum("SELECT COALESCE(SUM(balance_msat), 0) FROM keys")?,
         reserved_msat: sum("SELECT COALESCE(SUM(reserved_msat), 0) FROM keys")?,
         charged_msat: sum("SELECT COALESCE(SUM(charged_msat), 0) FROM reservations WHERE state = 'charged'")?,
-        paid_out_debit_msat: sum("SELECT COALESCE(SUM(debit_msat), 0) FROM payouts WHERE state IN ('pending', 'ready')")?,
+        paid_out_debit_msat: sum(
+            "SELECT COALESCE(SUM(debit_msat), 0) FROM payouts WHERE state IN ('pending', 'ready')",
+        )?,
         paid_out_msat: sum("SELECT COALESCE(SUM(amount_msat), 0) FROM payouts WHERE state = 'ready'")?,
         payout_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM payouts WHERE state = 'ready'")?,
         open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?,
@@ -611,21 +625,16 @@ fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerErr
 /// Ends an open reservation exactly once: `Some(cost)` charges, `None` releases.
 fn end_reservation(c: &Connection, request_id: &str, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
     let row: Option<(String, i64, String)> = c
-        .query_row(
-            "SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1",
-            [request_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
+        .query_row("SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1", [request_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let Some((key_hash, amount, state)) = row else {
         return Err(LedgerError::Schema(format!("no reservation for request {request_id}")));
     };
     if state != "open" {
-        let charged: i64 = c.query_row(
-            "SELECT charged_msat FROM reservations WHERE request_id = ?1",
-            [request_id],
-            |r| r.get(0),
-        )?;
+        let charged: i64 =
+            c.query_row("SELECT charged_msat FROM reservations WHERE request_id = ?1", [request_id], |r| r.get(0))?;
         return Ok(Settled { charged_msat: to_u64(charged), uncollected_msat: 0, first_time: false });
     }
     let amount = to_u64(amount);

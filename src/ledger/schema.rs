@@ -73,8 +73,7 @@ const MIGRATIONS: &[&str] = &[
 
 pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
-    let current: i64 =
-        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))?;
     if current as usize > MIGRATIONS.len() {
         return Err(LedgerError::Schema(format!(
             "the ledger is at schema version {current}, newer than this binary knows ({}); refusing to run an older binary on it",

@@ -105,10 +105,7 @@ fn restrict_permissions(path: &Path) {
 #[cfg(not(unix))]
 fn restrict_permissions(_path: &Path) {}
 
-fn in_savepoint<T>(
-    conn: &Connection,
-    f: impl FnOnce(&Connection) -> Result<T, LedgerError>,
-) -> Result<T, LedgerError> {
+fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
     conn.execute_batch("SAVEPOINT job")?;
     match f(conn) {
         Ok(v) => {

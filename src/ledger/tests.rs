@@ -1,7 +1,8 @@
 use super::*;
 
 fn temp_path(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("routstr-ledger-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir =
+        std::env::temp_dir().join(format!("routstr-ledger-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
     dir.join("ledger.sqlite")
 }
@@ -147,11 +148,20 @@ async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
     let ledger = Ledger::open(&temp_path("ys"), LedgerSync::Normal).unwrap();
     let ys = vec!["02aa".to_string(), "02bb".to_string()];
     ledger.begin_redemption("cashuA-form", "k", "m", 2_000, &ys).await.unwrap();
-    assert_eq!(ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys).await.unwrap(), RedemptionState::InProgress);
+    assert_eq!(
+        ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys).await.unwrap(),
+        RedemptionState::InProgress
+    );
     ledger.complete_redemption("cashuA-form", KeyKind::Key, 2_000, 0).await.unwrap();
-    assert_eq!(ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys[1..]).await.unwrap(), RedemptionState::ProofsUsed);
+    assert_eq!(
+        ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys[1..]).await.unwrap(),
+        RedemptionState::ProofsUsed
+    );
     // A failed redemption frees its proofs.
     ledger.begin_redemption("t3", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap();
     ledger.fail_redemption("t3").await.unwrap();
-    assert_eq!(ledger.begin_redemption("t4", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap(), RedemptionState::Started);
+    assert_eq!(
+        ledger.begin_redemption("t4", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap(),
+        RedemptionState::Started
+    );
 }

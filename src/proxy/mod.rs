@@ -33,16 +33,45 @@ const STREAM_DEPTH: usize = 64;
 
 /// Request headers never forwarded: credentials, hop-by-hop, and anything naming the client.
 const STRIPPED_REQUEST_HEADERS: &[&str] = &[
-    "authorization", "x-cashu", "refund-lnurl", "key-expiry-time", "x-api-key", "host", "content-length",
-    "connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "accept-encoding", "cookie", "forwarded", "x-forwarded-for", "x-forwarded-host",
-    "x-forwarded-proto", "x-real-ip", "via", "origin", "referer",
+    "authorization",
+    "x-cashu",
+    "refund-lnurl",
+    "key-expiry-time",
+    "x-api-key",
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "accept-encoding",
+    "cookie",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+    "via",
+    "origin",
+    "referer",
 ];
 
 /// Upstream response headers not passed on.
 const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
-    "content-length", "connection", "keep-alive", "transfer-encoding", "content-encoding", "set-cookie",
-    "trailer", "upgrade", "proxy-authenticate", "alt-svc",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-encoding",
+    "set-cookie",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "alt-svc",
 ];
 
 /// One way to serve the request, priced.
@@ -79,7 +108,11 @@ impl Metering {
             Ok(settled) => cost.map(|c| {
                 if settled.charged_msat < c.total_msats {
                     // Only part could be collected: report what was charged.
-                    Cost::new(c.base_msats.min(settled.charged_msat), 0, settled.charged_msat.saturating_sub(c.base_msats))
+                    Cost::new(
+                        c.base_msats.min(settled.charged_msat),
+                        0,
+                        settled.charged_msat.saturating_sub(c.base_msats),
+                    )
                 } else {
                     c
                 }
@@ -109,7 +142,12 @@ impl Metering {
     }
 }
 
-pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: String, request_id: String) -> Result<Response<Body>, ApiError> {
+pub async fn handle(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+    path: String,
+    request_id: String,
+) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let body = http::read_limited(body, node.settings.max_body_bytes).await?;
     let json: Option<Value> = if body.is_empty() {
@@ -131,13 +169,11 @@ pub async fn handle(node: Arc<Node>, req: Request<Incoming>, path: String, reque
     let routes = price_routes(&node, &model)?;
 
     let stream = json.as_ref().and_then(|j| j.get("stream")).and_then(Value::as_bool).unwrap_or(false);
-    let max_completion = if path == "embeddings" { 0 } else { max_completion_tokens(json.as_ref(), &routes[0].route, &node) };
+    let max_completion =
+        if path == "embeddings" { 0 } else { max_completion_tokens(json.as_ref(), &routes[0].route, &node) };
     let prompt_estimate = (body.len() as u64).div_ceil(3);
-    let max_cost = routes
-        .iter()
-        .map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats)
-        .max()
-        .unwrap_or(0);
+    let max_cost =
+        routes.iter().map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats).max().unwrap_or(0);
 
     let payer = node.payments.authorize(&parts.headers, max_cost, &request_id, &model).await?;
     let metering = Metering { node: node.clone(), payer, request_id: request_id.clone(), request_len: body.len() };
@@ -229,7 +265,8 @@ impl Forward {
     /// The body for one route: its upstream model name, and usage asked for on streams.
     fn body_for(&self, route: &ModelRoute) -> Bytes {
         let Some(json) = &self.json else { return self.raw.clone() };
-        let rename = !route.upstream_model.is_empty() && json.get("model").and_then(Value::as_str) != Some(&route.upstream_model);
+        let rename = !route.upstream_model.is_empty()
+            && json.get("model").and_then(Value::as_str) != Some(&route.upstream_model);
         let wants_usage = self.stream
             && matches!(self.path.as_str(), "chat/completions" | "completions")
             && json.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true);
@@ -268,7 +305,8 @@ impl Forward {
                 }
             }
         }
-        let mut req = client.request(self.method.clone(), upstream.url_for(&self.path, self.query.as_deref())).headers(headers);
+        let mut req =
+            client.request(self.method.clone(), upstream.url_for(&self.path, self.query.as_deref())).headers(headers);
         if !body.is_empty() || self.method == Method::POST {
             req = req.body(body);
         }
@@ -284,7 +322,12 @@ enum Failure {
     Status(StatusCode, HeaderMap, Bytes),
 }
 
-async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRoute>, respond: oneshot::Sender<Response<Body>>) {
+async fn run_request(
+    metering: Metering,
+    forward: Forward,
+    routes: Vec<PricedRoute>,
+    respond: oneshot::Sender<Response<Body>>,
+) {
     let node = metering.node.clone();
     let threshold = node.settings.upstream_failure_threshold;
     let cooldown = Duration::from_secs(node.settings.upstream_cooldown_seconds);
@@ -398,7 +441,12 @@ fn add_change_header(resp: &mut Response<Body>, change: Option<&PaidOut>) {
 }
 
 /// An upstream answered (not 5xx/429): meter its answer and pass it on.
-async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+async fn deliver(
+    metering: Metering,
+    priced: &PricedRoute,
+    resp: reqwest::Response,
+    respond: oneshot::Sender<Response<Body>>,
+) {
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     if !status.is_success() {
@@ -419,7 +467,12 @@ async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Respon
 }
 
 /// A non-streaming answer: read it whole, charge its usage, add the cost, send it.
-async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+async fn whole_answer(
+    metering: Metering,
+    priced: &PricedRoute,
+    resp: reqwest::Response,
+    respond: oneshot::Sender<Response<Body>>,
+) {
     let status = resp.status();
     let head = response_head(status, resp.headers());
     let body = match read_bounded(resp, MAX_UPSTREAM_BODY).await {
@@ -434,11 +487,14 @@ async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::R
     };
     let mut parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let usage = match &parsed {
-        Some(v) => usage::find_usage(v).or_else(|| Some(usage::estimate(metering.request_len, usage::json_output_estimate(v)))),
+        Some(v) => {
+            usage::find_usage(v).or_else(|| Some(usage::estimate(metering.request_len, usage::json_output_estimate(v))))
+        }
         None if body.is_empty() => None,
         None => Some(usage::estimate(metering.request_len, (body.len() as u64).div_ceil(4))),
     };
-    let note = if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
+    let note =
+        if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
     let (cost, change) = metering.settle(&priced.prices, usage, note).await;
     let body = match (&mut parsed, &cost) {
         (Some(v), Some(cost)) => {
@@ -458,7 +514,12 @@ async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::R
 /// A streaming answer: every event goes out as it arrives. The event carrying usage is held
 /// until the stream's end so the cost can be added to it; `X-Cashu` change follows as a
 /// `cashu-change` event; then the terminal event.
-async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwest::Response, respond: oneshot::Sender<Response<Body>>) {
+async fn stream_answer(
+    metering: Metering,
+    priced: &PricedRoute,
+    mut resp: reqwest::Response,
+    respond: oneshot::Sender<Response<Body>>,
+) {
     let (tx, body) = ChannelBody::new(STREAM_DEPTH);
     let head = response_head(resp.status(), resp.headers());
     let out = head.body(body.boxed()).unwrap_or_else(|_| Response::new(http::empty()));
@@ -537,8 +598,15 @@ async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwe
     match (held, &cost_value) {
         (Some(event), Some(cv)) => tail.push(usage::event_with_cost(&event, cv.clone()).unwrap_or(event)),
         (Some(event), None) => tail.push(event),
-        (None, Some(cv)) if terminal.as_deref().is_some_and(|t| usage::inspect_event(t).usage.is_none() && t.starts_with(b"data:")) => {
-            tail.push(Bytes::from(format!("data: {}\n\n", json!({ "object": "chat.completion.chunk", "choices": [], "usage": { "cost": cv } }))));
+        (None, Some(cv))
+            if terminal
+                .as_deref()
+                .is_some_and(|t| usage::inspect_event(t).usage.is_none() && t.starts_with(b"data:")) =>
+        {
+            tail.push(Bytes::from(format!(
+                "data: {}\n\n",
+                json!({ "object": "chat.completion.chunk", "choices": [], "usage": { "cost": cv } })
+            )));
         }
         _ => {}
     }

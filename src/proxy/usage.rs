@@ -32,7 +32,8 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
         if obj.contains_key("total_tokens") || obj.contains_key("input_tokens_details") {
             // OpenAI Responses: input_tokens includes cached tokens.
             let input = field(u, "input_tokens");
-            let cached = u.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(input);
+            let cached =
+                u.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(input);
             return Some(Usage {
                 input_tokens: input - cached,
                 output_tokens: field(u, "output_tokens"),
@@ -210,10 +211,7 @@ pub fn inspect_event(event: &[u8]) -> EventInfo {
         return EventInfo { terminal: true, usage: None };
     }
     let Ok(v) = serde_json::from_str::<Value>(&data) else { return EventInfo::default() };
-    EventInfo {
-        terminal: v.get("type").and_then(Value::as_str) == Some("message_stop"),
-        usage: find_usage(&v),
-    }
+    EventInfo { terminal: v.get("type").and_then(Value::as_str) == Some("message_stop"), usage: find_usage(&v) }
 }
 
 /// The event with `cost` added to its usage; the `event:` line is kept.
@@ -251,14 +249,20 @@ mod tests {
     fn anthropic_and_responses_usage() {
         let a = json!({"type": "message", "usage": {"input_tokens": 10, "output_tokens": 5,
                         "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2}});
-        assert_eq!(find_usage(&a), Some(Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 3, cache_write_tokens: 2 }));
+        assert_eq!(
+            find_usage(&a),
+            Some(Usage { input_tokens: 10, output_tokens: 5, cache_read_tokens: 3, cache_write_tokens: 2 })
+        );
         let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "output_tokens": 1}}});
         let delta = json!({"type": "message_delta", "usage": {"output_tokens": 15}});
         let merged = merge(find_usage(&start).unwrap(), find_usage(&delta).unwrap());
         assert_eq!((merged.input_tokens, merged.output_tokens), (25, 15));
         let r = json!({"type": "response.completed", "response": {"usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
                         "input_tokens_details": {"cached_tokens": 4}}}});
-        assert_eq!(find_usage(&r), Some(Usage { input_tokens: 5, output_tokens: 4, cache_read_tokens: 4, cache_write_tokens: 0 }));
+        assert_eq!(
+            find_usage(&r),
+            Some(Usage { input_tokens: 5, output_tokens: 4, cache_read_tokens: 4, cache_write_tokens: 0 })
+        );
         assert_eq!(find_usage(&json!({"usage": null})), None);
     }
 
@@ -286,7 +290,11 @@ mod tests {
         let stop = b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(inspect_event(stop).terminal);
 
-        let with = event_with_cost(b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\n", json!({"total_msats": 7})).unwrap();
+        let with = event_with_cost(
+            b"event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":4}}\n\n",
+            json!({"total_msats": 7}),
+        )
+        .unwrap();
         let text = std::str::from_utf8(&with).unwrap();
         assert!(text.starts_with("event: message_delta\ndata: "));
         assert!(text.contains("\"cost\":{\"total_msats\":7}"));

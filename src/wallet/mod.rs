@@ -34,9 +34,7 @@ use cdk::nuts::nut00::ProofV3;
 use cdk::nuts::nut02::ShortKeysetId;
 use cdk::nuts::nut18::PaymentRequest;
 use cdk::nuts::{CurrencyUnit, Proofs, PublicKey, State, Token, TokenV3};
-use cdk::wallet::types::{
-    ReceiveSagaState, TransactionDirection, TransactionId, TransactionStatus, WalletSagaState,
-};
+use cdk::wallet::types::{ReceiveSagaState, TransactionDirection, TransactionId, TransactionStatus, WalletSagaState};
 use cdk::wallet::{ReceiveOptions, SendOptions, Wallet, WalletBuilder};
 use cdk::Amount;
 use cdk_sqlite::WalletSqliteDatabase;
@@ -135,10 +133,7 @@ pub struct WalletOptions {
 
 impl Default for WalletOptions {
     fn default() -> Self {
-        Self {
-            op_timeout: Duration::from_secs(20),
-            target_proof_count: 3,
-        }
+        Self { op_timeout: Duration::from_secs(20), target_proof_count: 3 }
     }
 }
 
@@ -221,8 +216,7 @@ fn to_msat(amount: Amount, unit: &CurrencyUnit) -> Result<u64, WalletError> {
 /// additionally drop a default port so `https://m:443/` and `https://m` are the same mint.
 pub fn normalize_mint_url(url: &str) -> Result<MintUrl, WalletError> {
     let trimmed = url.trim();
-    let parsed = MintUrl::from_str(trimmed)
-        .map_err(|_| WalletError::Other(format!("invalid mint URL: {trimmed}")))?;
+    let parsed = MintUrl::from_str(trimmed).map_err(|_| WalletError::Other(format!("invalid mint URL: {trimmed}")))?;
     let s = parsed.to_string();
     let fixed = if let Some(rest) = s.strip_prefix("https://") {
         strip_port(rest, ":443").map(|r| format!("https://{r}"))
@@ -232,8 +226,7 @@ pub fn normalize_mint_url(url: &str) -> Result<MintUrl, WalletError> {
         None
     };
     match fixed {
-        Some(f) => MintUrl::from_str(&f)
-            .map_err(|_| WalletError::Other(format!("invalid mint URL: {trimmed}"))),
+        Some(f) => MintUrl::from_str(&f).map_err(|_| WalletError::Other(format!("invalid mint URL: {trimmed}"))),
         None => Ok(parsed),
     }
 }
@@ -252,14 +245,10 @@ fn map_cdk(err: cdk::Error) -> WalletError {
     match err {
         E::TokenAlreadySpent => WalletError::AlreadySpent,
         E::TokenPending => WalletError::Pending,
-        E::UnsupportedUnit | E::UnitMismatch | E::MultipleUnits => {
-            WalletError::UnsupportedUnit(err.to_string())
-        }
+        E::UnsupportedUnit | E::UnitMismatch | E::MultipleUnits => WalletError::UnsupportedUnit(err.to_string()),
         E::InsufficientFunds => WalletError::InsufficientFunds,
         E::Timeout | E::CouldNotGetMintInfo => WalletError::MintUnavailable(err.to_string()),
-        E::HttpError(None, ref msg) => {
-            WalletError::MintUnavailable(format!("network error: {msg}"))
-        }
+        E::HttpError(None, ref msg) => WalletError::MintUnavailable(format!("network error: {msg}")),
         E::HttpError(Some(status), ref msg) if status >= 500 || status == 429 => {
             WalletError::MintUnavailable(format!("HTTP {status}: {msg}"))
         }
@@ -281,9 +270,7 @@ fn decode_token(token: &str) -> Result<Token, WalletError> {
     let token = token.trim();
     let token = token.strip_prefix("cashu:").unwrap_or(token);
     if !(token.starts_with("cashuA") || token.starts_with("cashuB")) {
-        return Err(WalletError::InvalidToken(
-            "expected a cashuA (v3) or cashuB (v4) token".into(),
-        ));
+        return Err(WalletError::InvalidToken("expected a cashuA (v3) or cashuB (v4) token".into()));
     }
     Token::from_str(token).map_err(|e| WalletError::InvalidToken(e.to_string()))
 }
@@ -298,9 +285,7 @@ pub fn encode_token_v3(
     memo: Option<String>,
 ) -> Result<String, WalletError> {
     if proofs.is_empty() {
-        return Err(WalletError::Other(
-            "cannot encode a token without proofs".into(),
-        ));
+        return Err(WalletError::Other("cannot encode a token without proofs".into()));
     }
     let mut v3_proofs = Vec::with_capacity(proofs.len());
     for p in proofs {
@@ -310,14 +295,8 @@ pub fn encode_token_v3(
         v3.keyset_id = full_id;
         v3_proofs.push(v3);
     }
-    let token = TokenV3 {
-        token: vec![TokenV3Token {
-            mint: mint_url.clone(),
-            proofs: v3_proofs,
-        }],
-        memo,
-        unit: Some(unit),
-    };
+    let token =
+        TokenV3 { token: vec![TokenV3Token { mint: mint_url.clone(), proofs: v3_proofs }], memo, unit: Some(unit) };
     Ok(token.to_string())
 }
 
@@ -326,11 +305,7 @@ impl WalletService {
     /// bytes as hex, created on first start with 0600 permissions), one wallet per trusted
     /// mint. Does no network I/O: keysets are fetched lazily, so the node starts while a mint
     /// is down.
-    pub async fn open(
-        db_path: &Path,
-        seed_path: &Path,
-        trusted_mints: &[String],
-    ) -> Result<Self, WalletError> {
+    pub async fn open(db_path: &Path, seed_path: &Path, trusted_mints: &[String]) -> Result<Self, WalletError> {
         Self::open_with_options(db_path, seed_path, trusted_mints, WalletOptions::default()).await
     }
 
@@ -345,17 +320,13 @@ impl WalletService {
 
         if let Some(parent) = db_path.parent() {
             if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    WalletError::Other(format!("cannot create {}: {e}", parent.display()))
-                })?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| WalletError::Other(format!("cannot create {}: {e}", parent.display())))?;
             }
         }
-        let db_str = db_path.to_str().ok_or_else(|| {
-            WalletError::Other(format!(
-                "wallet DB path is not UTF-8: {}",
-                db_path.display()
-            ))
-        })?;
+        let db_str = db_path
+            .to_str()
+            .ok_or_else(|| WalletError::Other(format!("wallet DB path is not UTF-8: {}", db_path.display())))?;
         let db = WalletSqliteDatabase::new(db_str)
             .await
             .map_err(|e| WalletError::Other(format!("cannot open wallet DB: {e}")))?;
@@ -392,27 +363,11 @@ impl WalletService {
                 .without_rate_limiting()
                 .build()
                 .map_err(map_cdk)?;
-            mints.insert(
-                key.clone(),
-                Arc::new(MintEntry {
-                    url,
-                    sat,
-                    msat,
-                    gate: tokio::sync::RwLock::new(()),
-                }),
-            );
+            mints.insert(key.clone(), Arc::new(MintEntry { url, sat, msat, gate: tokio::sync::RwLock::new(()) }));
             order.push(key);
         }
 
-        Ok(Self {
-            inner: Arc::new(Inner {
-                db,
-                mints,
-                order,
-                in_flight: Mutex::new(HashSet::new()),
-                opts,
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { db, mints, order, in_flight: Mutex::new(HashSet::new()), opts }) })
     }
 
     /// Trusted mint URLs, normalised, in configuration order.
@@ -425,10 +380,7 @@ impl WalletService {
         self.inner
             .mints
             .get(&url.to_string())
-            .ok_or_else(|| WalletError::UntrustedMint {
-                mint: url.to_string(),
-                accepted: self.trusted_mints(),
-            })
+            .ok_or_else(|| WalletError::UntrustedMint { mint: url.to_string(), accepted: self.trusted_mints() })
     }
 
     /// Parse a `cashuA` (v3) or `cashuB` (v4) token, check its mint is trusted and its unit is
@@ -442,35 +394,26 @@ impl WalletService {
         let decoded = decode_token(token)?;
         if let Token::TokenV3(v3) = &decoded {
             if v3.is_multi_mint() {
-                return Err(WalletError::InvalidToken(
-                    "tokens spanning several mints are not supported".into(),
-                ));
+                return Err(WalletError::InvalidToken("tokens spanning several mints are not supported".into()));
             }
         }
         let secrets = decoded.token_secrets();
         if secrets.is_empty() {
             return Err(WalletError::InvalidToken("token holds no proofs".into()));
         }
-        let mint = decoded
-            .mint_url()
-            .map_err(|e| WalletError::InvalidToken(format!("mint URL: {e}")))?;
-        let mint = normalize_mint_url(&mint.to_string())
-            .map_err(|_| WalletError::InvalidToken("bad mint URL".into()))?;
+        let mint = decoded.mint_url().map_err(|e| WalletError::InvalidToken(format!("mint URL: {e}")))?;
+        let mint =
+            normalize_mint_url(&mint.to_string()).map_err(|_| WalletError::InvalidToken("bad mint URL".into()))?;
         let mint_key = mint.to_string();
         if !self.inner.mints.contains_key(&mint_key) {
-            return Err(WalletError::UntrustedMint {
-                mint: mint_key,
-                accepted: self.trusted_mints(),
-            });
+            return Err(WalletError::UntrustedMint { mint: mint_key, accepted: self.trusted_mints() });
         }
         let unit = decoded.unit().unwrap_or(CurrencyUnit::Sat);
         let factor = match unit {
             CurrencyUnit::Sat | CurrencyUnit::Msat => unit_factor(&unit)?,
             ref other => return Err(WalletError::UnsupportedUnit(other.to_string())),
         };
-        let value = decoded
-            .value()
-            .map_err(|e| WalletError::InvalidToken(e.to_string()))?;
+        let value = decoded.value().map_err(|e| WalletError::InvalidToken(e.to_string()))?;
         let value_msat = u64::from(value)
             .checked_mul(factor)
             .ok_or_else(|| WalletError::InvalidToken("token value overflows".into()))?;
@@ -483,16 +426,7 @@ impl WalletService {
                 .map_err(|e| WalletError::InvalidToken(format!("proof secret: {e}")))?;
             proof_ys.push(y.to_hex());
         }
-        Ok((
-            ParsedToken {
-                mint_url: mint_key,
-                unit: unit.to_string(),
-                value_msat,
-                proof_ys,
-            },
-            decoded,
-            unit,
-        ))
+        Ok((ParsedToken { mint_url: mint_key, unit: unit.to_string(), value_msat, proof_ys }, decoded, unit))
     }
 
     fn claim_in_flight(&self, ys: &[String]) -> Result<InFlightGuard<'_>, WalletError> {
@@ -506,10 +440,7 @@ impl WalletService {
         for y in ys {
             set.insert(y.clone());
         }
-        Ok(InFlightGuard {
-            set: &self.inner.in_flight,
-            ys: ys.to_vec(),
-        })
+        Ok(InFlightGuard { set: &self.inner.in_flight, ys: ys.to_vec() })
     }
 
     async fn timed<T, F>(&self, what: &str, fut: F) -> Result<T, WalletError>
@@ -518,10 +449,9 @@ impl WalletService {
     {
         match tokio::time::timeout(self.inner.opts.op_timeout, fut).await {
             Ok(r) => r.map_err(map_cdk),
-            Err(_) => Err(WalletError::MintUnavailable(format!(
-                "{what} timed out after {:?}",
-                self.inner.opts.op_timeout
-            ))),
+            Err(_) => {
+                Err(WalletError::MintUnavailable(format!("{what} timed out after {:?}", self.inner.opts.op_timeout)))
+            }
         }
     }
 
@@ -535,10 +465,7 @@ impl WalletService {
     pub async fn receive(&self, token: &str) -> Result<Received, WalletError> {
         let (parsed, decoded, unit) = self.parse_inner(token)?;
         let entry = self.entry(&parsed.mint_url)?.clone();
-        let wallet = entry
-            .wallet(&unit)
-            .ok_or_else(|| WalletError::UnsupportedUnit(unit.to_string()))?
-            .clone();
+        let wallet = entry.wallet(&unit).ok_or_else(|| WalletError::UnsupportedUnit(unit.to_string()))?.clone();
         let _in_flight = self.claim_in_flight(&parsed.proof_ys)?;
         let ys = parse_ys(&parsed.proof_ys)?;
 
@@ -573,22 +500,12 @@ impl WalletService {
         };
 
         let _gate = entry.gate.read().await;
-        let result = self
-            .timed(
-                "receive",
-                wallet.receive(&token_for_cdk, ReceiveOptions::default()),
-            )
-            .await;
+        let result = self.timed("receive", wallet.receive(&token_for_cdk, ReceiveOptions::default())).await;
         match result {
             Ok(amount) => {
                 let credited_msat = to_msat(amount, &unit)?;
                 let fee_msat = parsed.value_msat.saturating_sub(credited_msat);
-                Ok(Received {
-                    mint_url: parsed.mint_url,
-                    value_msat: parsed.value_msat,
-                    fee_msat,
-                    credited_msat,
-                })
+                Ok(Received { mint_url: parsed.mint_url, value_msat: parsed.value_msat, fee_msat, credited_msat })
             }
             Err(e @ (WalletError::AlreadySpent | WalletError::Pending)) => {
                 // The mint definitively refused our swap; undo cdk's leftovers.
@@ -599,10 +516,7 @@ impl WalletService {
             }
             Err(WalletError::InvalidToken(m)) if m.starts_with("unknown keyset") => {
                 if unit == CurrencyUnit::Msat {
-                    Err(WalletError::UnsupportedUnit(format!(
-                        "mint {} has no msat keyset",
-                        parsed.mint_url
-                    )))
+                    Err(WalletError::UnsupportedUnit(format!("mint {} has no msat keyset", parsed.mint_url)))
                 } else {
                     Err(WalletError::InvalidToken(m))
                 }
@@ -627,12 +541,8 @@ impl WalletService {
                 continue;
             }
             if let Some(op) = info.used_by_operation {
-                let saga = self
-                    .inner
-                    .db
-                    .get_saga(&op)
-                    .await
-                    .map_err(|e| WalletError::Other(format!("wallet DB: {e}")))?;
+                let saga =
+                    self.inner.db.get_saga(&op).await.map_err(|e| WalletError::Other(format!("wallet DB: {e}")))?;
                 if let Some(saga) = saga {
                     if matches!(saga.state, WalletSagaState::Receive(_)) {
                         return Ok(Some(saga));
@@ -645,11 +555,7 @@ impl WalletService {
 
     /// Undo the receive saga cdk leaves behind when the mint answers our swap with 11001/11002:
     /// drop the pending input proofs, mark its transaction failed, delete the saga.
-    async fn roll_back_rejected_receive(
-        &self,
-        wallet: &Wallet,
-        ys: &[PublicKey],
-    ) -> Result<(), WalletError> {
+    async fn roll_back_rejected_receive(&self, wallet: &Wallet, ys: &[PublicKey]) -> Result<(), WalletError> {
         let db = &self.inner.db;
         let dberr = |e: cdk_database::Error| WalletError::Other(format!("wallet DB: {e}"));
         let Some(saga) = self.stale_receive_saga(ys).await? else {
@@ -664,18 +570,9 @@ impl WalletService {
         {
             return Ok(());
         }
-        let held: Vec<PublicKey> = db
-            .get_reserved_proofs(&saga.id)
-            .await
-            .map_err(dberr)?
-            .into_iter()
-            .map(|p| p.y)
-            .collect();
-        if let Some(mut tx) = db
-            .get_transaction(TransactionId::from_saga_id(saga.id))
-            .await
-            .map_err(dberr)?
-        {
+        let held: Vec<PublicKey> =
+            db.get_reserved_proofs(&saga.id).await.map_err(dberr)?.into_iter().map(|p| p.y).collect();
+        if let Some(mut tx) = db.get_transaction(TransactionId::from_saga_id(saga.id)).await.map_err(dberr)? {
             if tx.status == TransactionStatus::Pending {
                 tx.status = TransactionStatus::Failed;
                 db.add_transaction(tx).await.map_err(dberr)?;
@@ -698,11 +595,7 @@ impl WalletService {
             let txs = self
                 .inner
                 .db
-                .list_transactions(
-                    Some(entry.url.clone()),
-                    Some(TransactionDirection::Incoming),
-                    Some(w.unit.clone()),
-                )
+                .list_transactions(Some(entry.url.clone()), Some(TransactionDirection::Incoming), Some(w.unit.clone()))
                 .await
                 .map_err(|e| WalletError::Other(format!("wallet DB: {e}")))?;
             for tx in txs {
@@ -732,12 +625,7 @@ impl WalletService {
     /// The redeem fee the receiver's swap will cost is included in the token
     /// (`SendOptions::include_fee`), so the receiver ends up with the full `amount_msat`; it is
     /// reported in `fee_msat` together with any swap fee we paid to make exact change.
-    pub async fn send_with_version(
-        &self,
-        mint_url: &str,
-        amount_msat: u64,
-        v3: bool,
-    ) -> Result<Sent, WalletError> {
+    pub async fn send_with_version(&self, mint_url: &str, amount_msat: u64, v3: bool) -> Result<Sent, WalletError> {
         let entry = self.entry(mint_url)?.clone();
         if amount_msat == 0 {
             return Err(WalletError::Other("cannot send a zero amount".into()));
@@ -755,10 +643,7 @@ impl WalletService {
             (&entry.msat, amount_msat)
         };
         let unit = wallet.unit.clone();
-        let opts = SendOptions {
-            include_fee: true,
-            ..Default::default()
-        };
+        let opts = SendOptions { include_fee: true, ..Default::default() };
 
         let _gate = entry.gate.read().await;
         let (token, fee) = self
@@ -777,19 +662,12 @@ impl WalletService {
                 .await
                 .map_err(|e| WalletError::Other(format!("wallet DB: {e}")))?
                 .unwrap_or_default();
-            let proofs = token
-                .proofs(&infos)
-                .map_err(|e| WalletError::Other(e.to_string()))?;
+            let proofs = token.proofs(&infos).map_err(|e| WalletError::Other(e.to_string()))?;
             encode_token_v3(&entry.url, proofs, unit.clone(), None)?
         } else {
             token.to_string()
         };
-        Ok(Sent {
-            token,
-            mint_url: entry.url.to_string(),
-            amount_msat,
-            fee_msat: to_msat(fee, &unit)?,
-        })
+        Ok(Sent { token, mint_url: entry.url.to_string(), amount_msat, fee_msat: to_msat(fee, &unit)? })
     }
 
     /// Balances per trusted mint: always a `sat` line, an `msat` line only when non-zero.
@@ -851,9 +729,7 @@ impl WalletService {
     async fn recover_mint(&self, entry: &MintEntry) {
         let _gate = entry.gate.write().await;
         for w in entry.wallets() {
-            match tokio::time::timeout(self.inner.opts.op_timeout, w.recover_incomplete_sagas())
-                .await
-            {
+            match tokio::time::timeout(self.inner.opts.op_timeout, w.recover_incomplete_sagas()).await {
                 Ok(Ok(report)) if !report.is_empty() => tracing::info!(
                     mint = %entry.url, unit = %w.unit,
                     recovered = report.recovered, compensated = report.compensated,
@@ -868,9 +744,7 @@ impl WalletService {
                     tracing::warn!(mint = %entry.url, unit = %w.unit, "wallet saga recovery timed out")
                 }
             }
-            match tokio::time::timeout(self.inner.opts.op_timeout, w.check_all_pending_proofs())
-                .await
-            {
+            match tokio::time::timeout(self.inner.opts.op_timeout, w.check_all_pending_proofs()).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "pending proof check failed")
@@ -895,11 +769,7 @@ impl WalletService {
     /// - `Err(_)`: still unresolved (mint unreachable during recovery) — ask again later.
     ///
     /// Scans the mint's incoming transactions; meant for startup reconciliation, not hot paths.
-    pub async fn received_by_us(
-        &self,
-        mint_url: &str,
-        proof_ys: &[String],
-    ) -> Result<Option<u64>, WalletError> {
+    pub async fn received_by_us(&self, mint_url: &str, proof_ys: &[String]) -> Result<Option<u64>, WalletError> {
         let entry = self.entry(mint_url)?.clone();
         if proof_ys.is_empty() {
             return Err(WalletError::InvalidToken("no proof Ys given".into()));
@@ -914,12 +784,10 @@ impl WalletService {
             }
         }
         match self.find_incoming(&entry, &ys).await? {
-            Some(tx) if tx.status == TransactionStatus::Completed => {
-                Ok(Some(to_msat(tx.amount, &tx.unit)?))
+            Some(tx) if tx.status == TransactionStatus::Completed => Ok(Some(to_msat(tx.amount, &tx.unit)?)),
+            Some(tx) if tx.status == TransactionStatus::Pending => {
+                Err(WalletError::Other("receive transaction still pending".into()))
             }
-            Some(tx) if tx.status == TransactionStatus::Pending => Err(WalletError::Other(
-                "receive transaction still pending".into(),
-            )),
             _ => Ok(None),
         }
     }
@@ -928,12 +796,8 @@ impl WalletService {
     /// the `X-Cashu` header of NUT-24 402 responses. No transport: the payment is delivered
     /// in-band by retrying the HTTP request with the token.
     pub fn payment_request(&self, amount_sat: u64) -> String {
-        let mints: Vec<MintUrl> = self
-            .inner
-            .order
-            .iter()
-            .filter_map(|k| self.inner.mints.get(k).map(|e| e.url.clone()))
-            .collect();
+        let mints: Vec<MintUrl> =
+            self.inner.order.iter().filter_map(|k| self.inner.mints.get(k).map(|e| e.url.clone())).collect();
         PaymentRequest::builder()
             .amount(Amount::from(amount_sat))
             .unit(CurrencyUnit::Sat)
@@ -950,12 +814,8 @@ impl WalletService {
     /// The cdk wallet for `mint_url` and `unit` ("sat" / "msat").
     pub fn cdk_wallet(&self, mint_url: &str, unit: &str) -> Result<Wallet, WalletError> {
         let entry = self.entry(mint_url)?;
-        let unit = CurrencyUnit::from_str(unit)
-            .map_err(|_| WalletError::UnsupportedUnit(unit.to_string()))?;
-        entry
-            .wallet(&unit)
-            .cloned()
-            .ok_or_else(|| WalletError::UnsupportedUnit(unit.to_string()))
+        let unit = CurrencyUnit::from_str(unit).map_err(|_| WalletError::UnsupportedUnit(unit.to_string()))?;
+        entry.wallet(&unit).cloned().ok_or_else(|| WalletError::UnsupportedUnit(unit.to_string()))
     }
 }
 
@@ -968,11 +828,7 @@ fn rank(s: &TransactionStatus) -> u8 {
 }
 
 fn parse_ys(ys: &[String]) -> Result<Vec<PublicKey>, WalletError> {
-    ys.iter()
-        .map(|y| {
-            PublicKey::from_hex(y).map_err(|_| WalletError::InvalidToken("bad proof Y".into()))
-        })
-        .collect()
+    ys.iter().map(|y| PublicKey::from_hex(y).map_err(|_| WalletError::InvalidToken("bad proof Y".into()))).collect()
 }
 
 /// Re-encode `token` with `mint` as its mint URL (same proofs, same version).
@@ -996,12 +852,9 @@ fn load_or_create_seed(path: &Path) -> Result<[u8; 64], WalletError> {
     let io = |e: std::io::Error| WalletError::Other(format!("seed file {}: {e}", path.display()));
     match std::fs::read_to_string(path) {
         Ok(s) => {
-            let bytes = hex::decode(s.trim()).map_err(|_| {
-                WalletError::Other(format!("seed file {} is not hex", path.display()))
-            })?;
-            bytes.try_into().map_err(|_| {
-                WalletError::Other(format!("seed file {} must hold 64 bytes", path.display()))
-            })
+            let bytes = hex::decode(s.trim())
+                .map_err(|_| WalletError::Other(format!("seed file {} is not hex", path.display())))?;
+            bytes.try_into().map_err(|_| WalletError::Other(format!("seed file {} must hold 64 bytes", path.display())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             use rand::RngCore;

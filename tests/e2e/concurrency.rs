@@ -60,7 +60,11 @@ async fn one_token_in_parallel_requests_is_credited_once() {
     // As a bearer key: every request reaches the one balance, credited once.
     let token = h.token(50, false).await;
     let answers = join_all((0..12).map(|_| h.post("/v1/chat/completions", Some(&token), &body))).await;
-    assert!(answers.iter().all(|a| a.status == 200 || a.status == 409), "{:?}", answers.iter().map(|a| a.status).collect::<Vec<_>>());
+    assert!(
+        answers.iter().all(|a| a.status == 200 || a.status == 409),
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
     h.paid_in_msat += 50_000;
     let served = answers.iter().filter(|a| a.status == 200).count() as u64;
     let info = h.get("/v1/balance/info", Some(&token)).await;

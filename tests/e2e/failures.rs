@@ -11,19 +11,30 @@ use crate::harness::{chat, temp_dir, Harness, Options};
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_costs_nothing() {
-    let mut h = Harness::start_with("errors", Options { env: vec![("MAX_BODY_BYTES", "4000".into())], ..Default::default() }).await;
+    let mut h =
+        Harness::start_with("errors", Options { env: vec![("MAX_BODY_BYTES", "4000".into())], ..Default::default() })
+            .await;
     let key = h.key(50).await;
 
     let garbage = h.post_with("/v1/chat/completions", &[("x-cashu", "cashuBnot-a-token")], &chat(false)).await;
     assert_eq!((garbage.status, garbage.error_code()), (400, "invalid_token"));
     assert!(garbage.json["request_id"].as_str().unwrap().starts_with("req-"));
 
-    let resp = h.http.post(h.url("/v1/chat/completions")).bearer_auth(&key).header("content-type", "application/json").body("{not json").send().await.unwrap();
+    let resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 400);
     let body: serde_json::Value = resp.json().await.unwrap();
     assert!(body["error"]["message"].as_str().unwrap().contains("JSON"));
 
-    let unknown = h.post("/v1/chat/completions", Some(&key), &json!({ "model": "no-such-model", "messages": [] })).await;
+    let unknown =
+        h.post("/v1/chat/completions", Some(&key), &json!({ "model": "no-such-model", "messages": [] })).await;
     assert_eq!((unknown.status, unknown.error_code()), (404, "model_not_found"));
     let no_model = h.post("/v1/chat/completions", Some(&key), &json!({ "messages": [] })).await;
     assert_eq!(no_model.status, 400);
@@ -36,7 +47,8 @@ async fn bad_input_gets_clear_errors_and_costs_nothing() {
     assert_eq!((too_big.status, too_big.error_code()), (413, "body_too_large"));
 
     // Asking for more than the balance can cover: 402 with the amount, before anything is forwarded.
-    let huge = json!({ "model": "gpt-test", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1_000_000 });
+    let huge =
+        json!({ "model": "gpt-test", "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1_000_000 });
     let short = h.post("/v1/chat/completions", Some(&key), &huge).await;
     assert_eq!((short.status, short.error_code()), (402, "insufficient_balance"));
     assert!(short.header("x-cashu").unwrap().starts_with("creqA"));
@@ -63,20 +75,37 @@ async fn bad_input_gets_clear_errors_and_costs_nothing() {
 
 #[tokio::test]
 async fn failing_upstream_charges_nothing_and_returns_xcashu_in_full() {
-    let mut h = Harness::start_with("upstream-errors", Options { env: vec![("UPSTREAM_IDLE_TIMEOUT_SECONDS", "1".into())], ..Default::default() }).await;
+    let mut h = Harness::start_with(
+        "upstream-errors",
+        Options { env: vec![("UPSTREAM_IDLE_TIMEOUT_SECONDS", "1".into())], ..Default::default() },
+    )
+    .await;
     let key = h.key(100).await;
 
-    let failed = h.post_with("/v1/chat/completions", &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "500")], &chat(false)).await;
+    let failed = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "500")],
+            &chat(false),
+        )
+        .await;
     assert_eq!(failed.status, 500, "{}", failed.text);
     assert!(failed.json["error"].is_object());
     assert_eq!(h.balance(&key).await, (100_000, 0));
 
-    let stalled = h.post_with("/v1/chat/completions", &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "stall")], &chat(false)).await;
+    let stalled = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "stall")],
+            &chat(false),
+        )
+        .await;
     assert_eq!((stalled.status, stalled.error_code()), (504, "upstream_timeout"));
     assert_eq!(h.balance(&key).await, (100_000, 0));
 
     let token = h.token(40, false).await;
-    let failed = h.post_with("/v1/chat/completions", &[("x-cashu", &token), ("x-stand-in-behavior", "429")], &chat(false)).await;
+    let failed =
+        h.post_with("/v1/chat/completions", &[("x-cashu", &token), ("x-stand-in-behavior", "429")], &chat(false)).await;
     assert_eq!(failed.status, 429);
     h.paid_in_msat += 40_000;
     assert_eq!(h.redeem(failed.header("x-cashu").expect("the whole token back as change")).await, 40);
@@ -88,18 +117,36 @@ async fn missing_usage_is_not_free() {
     let mut h = Harness::start("no-usage").await;
     let key = h.key(100).await;
     let auth = format!("Bearer {key}");
-    let json_answer = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")], &chat(false)).await;
+    let json_answer = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")],
+            &chat(false),
+        )
+        .await;
     assert_eq!(json_answer.status, 200);
     let charged = json_answer.header("x-routstr-cost-msats").unwrap().parse::<u64>().unwrap();
     assert!(charged > 0, "an estimate is charged");
 
-    let streamed = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")], &chat(true)).await;
+    let streamed = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-stand-in-behavior", "no-usage")],
+            &chat(true),
+        )
+        .await;
     assert_eq!(streamed.status, 200);
     let cost = streamed.sse_data().last().unwrap()["usage"]["cost"]["total_msats"].as_u64().unwrap();
     assert!(cost > 0);
 
     // The upstream breaks off mid-stream: what flowed is charged, the stream ends cleanly.
-    let broken = h.post_with("/v1/chat/completions", &[("authorization", &auth), ("x-stand-in-behavior", "disconnect")], &chat(true)).await;
+    let broken = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-stand-in-behavior", "disconnect")],
+            &chat(true),
+        )
+        .await;
     assert_eq!(broken.status, 200);
     h.wait_until_settled().await;
     let (balance, reserved) = h.balance(&key).await;
@@ -171,7 +218,13 @@ async fn fails_over_to_the_next_upstream_and_cools_down() {
     assert_eq!(broken.requests(), 2, "after two failures the broken upstream cools down");
     assert_eq!(healthy.requests(), 3);
     // An alias maps to the upstream's model name.
-    let aliased = h.post("/v1/chat/completions", Some(&key), &json!({ "model": "fast", "messages": [{ "role": "user", "content": "a" }] })).await;
+    let aliased = h
+        .post(
+            "/v1/chat/completions",
+            Some(&key),
+            &json!({ "model": "fast", "messages": [{ "role": "user", "content": "a" }] }),
+        )
+        .await;
     assert_eq!(aliased.status, 200, "{}", aliased.text);
     assert_eq!(healthy.last_request().unwrap().body["model"], "gpt-test");
     h.assert_conserved().await;
@@ -179,7 +232,11 @@ async fn fails_over_to_the_next_upstream_and_cools_down() {
 
 #[tokio::test]
 async fn unreachable_mint_is_a_clear_error_and_nothing_is_lost() {
-    let mut h = Harness::start_with("mint-down", Options { env: vec![("MINT_TIMEOUT_SECONDS", "3".into())], ..Default::default() }).await;
+    let mut h = Harness::start_with(
+        "mint-down",
+        Options { env: vec![("MINT_TIMEOUT_SECONDS", "3".into())], ..Default::default() },
+    )
+    .await;
     let token = h.token(30, false).await;
     h.mint.stop().await;
     let down = h.post_with("/v1/chat/completions", &[("x-cashu", &token)], &chat(false)).await;

@@ -30,16 +30,11 @@ pub struct Harness {
     pub paid_in_msat: u64,
 }
 
+#[derive(Default)]
 pub struct Options {
     pub stand_in: StandInConfig,
     pub env: Vec<(&'static str, String)>,
     pub mint_fee_ppk: u64,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Options { stand_in: StandInConfig::default(), env: Vec::new(), mint_fee_ppk: 0 }
-    }
 }
 
 fn free_port() -> u16 {
@@ -63,7 +58,8 @@ impl Node {
     async fn spawn(&mut self) {
         let log_dir = self.env.iter().find(|(k, _)| k == "DATA_DIR").map(|(_, v)| PathBuf::from(v)).expect("DATA_DIR");
         std::fs::create_dir_all(&log_dir).expect("data dir");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join("node.log")).expect("log file");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(log_dir.join("node.log")).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_routstr-node"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -213,10 +209,18 @@ impl Harness {
         assert_eq!(t.open_reservations, 0, "reservations left open: {t:?}");
         assert_eq!(t.reserved_msat, 0, "msat left reserved: {t:?}");
         assert_eq!(t.pending_redemptions, 0, "redemptions left pending: {t:?}");
-        assert_eq!(t.credited_msat + t.redemption_fees_msat, self.paid_in_msat, "credited + mint fees = tokens paid in: {t:?}");
-        let wallet = WalletService::open(&self.data_dir.join("wallet.sqlite"), &self.data_dir.join("wallet.seed"), &[self.mint.url.clone()])
-            .await
-            .expect("open the node's wallet");
+        assert_eq!(
+            t.credited_msat + t.redemption_fees_msat,
+            self.paid_in_msat,
+            "credited + mint fees = tokens paid in: {t:?}"
+        );
+        let wallet = WalletService::open(
+            &self.data_dir.join("wallet.sqlite"),
+            &self.data_dir.join("wallet.seed"),
+            std::slice::from_ref(&self.mint.url),
+        )
+        .await
+        .expect("open the node's wallet");
         let held: u64 = wallet.balances().await.expect("balances").iter().map(|b| b.balance_msat).sum();
         assert_eq!(
             held,
@@ -266,7 +270,11 @@ impl Answer {
 
     /// The JSON of every SSE `data:` line (skipping `[DONE]`).
     pub fn sse_data(&self) -> Vec<Value> {
-        self.text.lines().filter_map(|l| l.strip_prefix("data: ")).filter_map(|d| serde_json::from_str(d).ok()).collect()
+        self.text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect()
     }
 
     pub fn error_code(&self) -> &str {

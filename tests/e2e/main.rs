@@ -2,7 +2,7 @@
 //! Every test ends with the conservation check.
 #![cfg(feature = "demo")]
 
-mod harness;
-mod failures;
-mod paying;
 mod concurrency;
+mod failures;
+mod harness;
+mod paying;
