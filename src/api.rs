@@ -84,6 +84,7 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
     };
     let rest = rest.trim_end_matches('/');
     let method = req.method().clone();
+    let onion = req.extensions().get::<crate::server::Origin>() == Some(&crate::server::Origin::Onion);
     if method == Method::OPTIONS {
         let mut resp = Response::new(http::empty());
         *resp.status_mut() = StatusCode::NO_CONTENT;
@@ -96,7 +97,7 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         return Ok(resp);
     }
     match (&method, rest) {
-        (&Method::GET, "" | "info") => Ok(info(node)),
+        (&Method::GET, "" | "info") => Ok(info(node, onion)),
         (&Method::GET, "health") => Ok(http::json_response(StatusCode::OK, &json!({ "status": "ok" }))),
         (&Method::GET, "models") => Ok(models(node)),
         (&Method::GET, "providers") => Ok(http::json_response(StatusCode::OK, &json!({ "providers": [] }))),
@@ -112,8 +113,11 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
     }
 }
 
-fn info(node: &Node) -> Response<Body> {
+/// `/v1/info`. Over the onion service the clearnet URL is left out: nothing on that side may
+/// lead to the clearnet host.
+fn info(node: &Node, onion: bool) -> Response<Body> {
     let s = &node.settings;
+    let http_url = if onion { String::new() } else { s.http_url.clone().unwrap_or_default() };
     http::json_response(
         StatusCode::OK,
         &json!({
@@ -122,7 +126,7 @@ fn info(node: &Node) -> Response<Body> {
             "version": env!("CARGO_PKG_VERSION"),
             "npub": s.npub.clone().unwrap_or_default(),
             "mints": node.wallet().trusted_mints(),
-            "http_url": s.http_url.clone().unwrap_or_default(),
+            "http_url": http_url,
             "onion_url": s.onion_url.clone().unwrap_or_default(),
             "models": node.catalog().len(),
             "upstreams": node.upstreams.iter().map(|u| u.health()).collect::<Vec<_>>(),

@@ -21,7 +21,33 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How long in-flight requests may take to finish once shutdown starts.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 
-fn http_builder() -> auto::Builder<TokioExecutor> {
+/// Where a connection came in. Handlers use it to keep the onion side from revealing the
+/// clearnet host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Clearnet,
+    Onion,
+}
+
+/// The hyper service for one connection: every request, tagged with its origin, goes to the API.
+pub fn service(
+    node: Arc<Node>,
+    origin: Origin,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::http::Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<hyper::Response<crate::http::Body>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let node = node.clone();
+        req.extensions_mut().insert(origin);
+        async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
+    })
+}
+
+/// HTTP/1.1 and HTTP/2 with bounded heads and header timeouts; shared by every listener.
+pub fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -56,12 +82,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
-        let service = service_fn(move |req| {
-            let node = node.clone();
-            async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
-        });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), service(node.clone(), Origin::Clearnet)).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;
