@@ -107,6 +107,19 @@ impl Node {
         }
     }
 
+    /// Runs an operator command (`routstr-node wallet …`) with the node's own environment.
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run routstr-node")
+    }
+
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;

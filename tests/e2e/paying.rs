@@ -181,3 +181,34 @@ async fn mint_fees_are_accounted() {
     assert_eq!(t.credited_msat + t.redemption_fees_msat, 64_000);
     h.assert_conserved().await;
 }
+
+#[tokio::test]
+async fn operator_wallet_commands_never_touch_users_money() {
+    let mut h = Harness::start("operator").await;
+    let key = h.key(100).await;
+    assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
+
+    let earnings = h.token(10, false).await;
+    let received = h.node.cli(&["wallet", "receive", &earnings]).await;
+    assert!(received.status.success(), "{}", String::from_utf8_lossy(&received.stderr));
+
+    let balance = h.node.cli(&["wallet", "balance"]).await;
+    let text = String::from_utf8_lossy(&balance.stdout).into_owned();
+    assert!(balance.status.success());
+    assert!(text.contains(&h.mint.url), "{text}");
+    assert!(text.contains("users' balances"), "{text}");
+    assert!(text.contains("99.981"), "users hold 100 sat minus one chat: {text}");
+
+    // More than the earnings is refused: the rest backs users' balances.
+    let greedy = h.node.cli(&["wallet", "send", "11"]).await;
+    assert!(!greedy.status.success());
+    assert!(String::from_utf8_lossy(&greedy.stderr).contains("refused"));
+
+    let sent = h.node.cli(&["wallet", "send", "10"]).await;
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+    let token = String::from_utf8_lossy(&sent.stdout).trim().to_owned();
+    assert_eq!(h.redeem(&token).await, 10);
+    // The user's balance is untouched and the books still close.
+    assert_eq!(h.balance(&key).await.0, 100_000 - CHAT_COST_MSAT);
+    h.assert_conserved().await;
+}
