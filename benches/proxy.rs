@@ -1,0 +1,365 @@
+//! What the node adds, measured against the same load sent directly to the upstream.
+//!
+//! `cargo bench --bench proxy` builds the release binary, starts a real Cashu mint (fake
+//! Lightning) and an instant stand-in upstream in this process, starts the node with a
+//! file-backed ledger, funds a key with a real token, and drives both with the load generator
+//! below (keep-alive HTTP/1.1 connections, one request in flight per connection).
+//!
+//! Options (after `--`): `--quick` (a seconds-long smoke run, as CI does; asserts no timing),
+//! `--write` (write the table to docs/benchmarks.md), `--seconds N` per measurement,
+//! `--ledger-sync full|normal`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use routstr_node::demo::mint::{mint_token, redeem_token, start_test_mint, TestMintConfig};
+use routstr_node::demo::upstream::{StandInConfig, StandInUpstream};
+use tokio::net::TcpStream;
+
+struct Options {
+    quick: bool,
+    write: bool,
+    seconds: f64,
+    ledger_sync: String,
+}
+
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let quick = args.iter().any(|a| a == "--quick");
+    Options {
+        quick,
+        write: args.iter().any(|a| a == "--write"),
+        seconds: value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(if quick { 0.5 } else { 5.0 }),
+        ledger_sync: value("--ledger-sync").unwrap_or_else(|| "full".into()),
+    }
+}
+
+/// One target of the load: where, and with which headers.
+#[derive(Clone)]
+struct Target {
+    addr: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Bytes,
+}
+
+impl Target {
+    fn request(&self) -> Request<Full<Bytes>> {
+        let mut req = Request::post(&self.path).header("host", &self.addr).header("content-type", "application/json");
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        req.body(Full::new(self.body.clone())).expect("request")
+    }
+}
+
+async fn connect(addr: &str) -> http1::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    stream.set_nodelay(true).ok();
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// Latencies (ns) of every request completed in `duration` over `connections` connections.
+async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u64>, f64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let target = target.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect(&target.addr).await;
+            let mut latencies = Vec::with_capacity(4096);
+            let mut errors = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                match sender.send_request(target.request()).await {
+                    Ok(resp) => {
+                        let ok = resp.status().is_success();
+                        let _ = resp.into_body().collect().await;
+                        if ok {
+                            latencies.push(started.elapsed().as_nanos() as u64);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        sender = connect(&target.addr).await;
+                    }
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("load task");
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let rps = all.len() as f64 / elapsed;
+    (all, rps, errors)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e6
+}
+
+/// Time to first byte and mean gap between chunks of one streamed answer, in ms.
+async fn stream_timing(target: &Target) -> (f64, f64, usize) {
+    let mut sender = connect(&target.addr).await;
+    let started = Instant::now();
+    let resp = sender.send_request(target.request()).await.expect("stream request");
+    let mut body = resp.into_body();
+    let mut first = None;
+    let mut last = started;
+    let mut gaps = Vec::new();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        if frame.map(|f| f.is_data()).unwrap_or(false) {
+            let now = Instant::now();
+            if first.is_none() {
+                first = Some(now - started);
+            } else {
+                gaps.push((now - last).as_secs_f64() * 1e3);
+            }
+            last = now;
+            frames += 1;
+        }
+    }
+    let ttfb = first.map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN);
+    let gap = if gaps.is_empty() { 0.0 } else { gaps.iter().sum::<f64>() / gaps.len() as f64 };
+    (ttfb, gap, frames)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+struct Row {
+    what: String,
+    direct: f64,
+    node: f64,
+    unit: &'static str,
+}
+
+impl Row {
+    fn line(&self) -> String {
+        let ratio = if self.direct > 0.0 { format!("{:.2}×", self.node / self.direct) } else { "–".into() };
+        format!(
+            "| {} | {:.3} {} | {:.3} {} | {:+.3} {} | {} |",
+            self.what,
+            self.direct,
+            self.unit,
+            self.node,
+            self.unit,
+            self.node - self.direct,
+            self.unit,
+            ratio
+        )
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = options();
+    let secs = Duration::from_secs_f64(opts.seconds);
+    let mint = start_test_mint(TestMintConfig::default()).await.expect("mint");
+    let upstream = StandInUpstream::start(StandInConfig::default()).await.expect("stand-in");
+    let data_dir: PathBuf = std::env::temp_dir().join(format!("routstr-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&data_dir).expect("data dir");
+    let port = free_port();
+    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+        .env_clear()
+        .env("HOST", "127.0.0.1")
+        .env("PORT", port.to_string())
+        .env("DATA_DIR", &data_dir)
+        .env("CASHU_MINTS", &mint.url)
+        .env("UPSTREAM_BASE_URL", &upstream.base_url)
+        .env("BTC_USD_PRICE", "100000")
+        .env("LEDGER_SYNC", &opts.ledger_sync)
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the node");
+    let pid = node.id().expect("pid");
+    let node_addr = format!("127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("http://{node_addr}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "node did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let idle_rss = rss_kib(pid);
+
+    let token = mint_token(&mint.url, 1_000_000, false).await.expect("fund");
+    let created: serde_json::Value = http
+        .post(format!("http://{node_addr}/v1/balance/create"))
+        .json(&serde_json::json!({ "initial_balance_token": token }))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("create json");
+    let key = created["api_key"].as_str().expect("api key").to_owned();
+
+    let body = Bytes::from_static(br#"{"model":"gpt-test","messages":[{"role":"user","content":"hello there world"}],"max_tokens":16}"#);
+    let upstream_addr = upstream.addr.to_string();
+    let direct = Target { addr: upstream_addr.clone(), path: "/v1/chat/completions".into(), headers: vec![("authorization".into(), "Bearer x".into())], body: body.clone() };
+    let via_node = Target { addr: node_addr.clone(), path: "/v1/chat/completions".into(), headers: vec![("authorization".into(), format!("Bearer {key}"))], body: body.clone() };
+
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for conns in [1usize, 64] {
+        // Warm up both paths.
+        load(&direct, conns, Duration::from_millis(200)).await;
+        load(&via_node, conns, Duration::from_millis(200)).await;
+        let (d, drps, derr) = load(&direct, conns, secs).await;
+        let (n, nrps, nerr) = load(&via_node, conns, secs).await;
+        rows.push(Row { what: format!("p50 latency, {conns} conn"), direct: percentile(&d, 0.5), node: percentile(&n, 0.5), unit: "ms" });
+        rows.push(Row { what: format!("p99 latency, {conns} conn"), direct: percentile(&d, 0.99), node: percentile(&n, 0.99), unit: "ms" });
+        rows.push(Row { what: format!("throughput, {conns} conn"), direct: drps, node: nrps, unit: "req/s" });
+        if derr + nerr > 0 {
+            notes.push(format!("{conns} conn: {derr} direct and {nerr} node errors"));
+        }
+    }
+
+    let streaming_body = Bytes::from_static(br#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"stream please"}],"max_tokens":600}"#);
+    let chunks = if opts.quick { "50" } else { "500" };
+    let mut d_stream = Target { body: streaming_body.clone(), ..direct.clone() };
+    d_stream.headers.push(("x-stand-in-chunks".into(), chunks.into()));
+    let mut n_stream = Target { body: streaming_body, ..via_node.clone() };
+    n_stream.headers.push(("x-stand-in-chunks".into(), chunks.into()));
+    n_stream.headers.push(("x-stand-in-delay-ms".into(), "1".into()));
+    d_stream.headers.push(("x-stand-in-delay-ms".into(), "1".into()));
+    let runs = if opts.quick { 2 } else { 10 };
+    let (mut dt, mut dg, mut nt, mut ng) = (0.0, 0.0, 0.0, 0.0);
+    for _ in 0..runs {
+        let (t, g, _) = stream_timing(&d_stream).await;
+        dt += t;
+        dg += g;
+        let (t, g, frames) = stream_timing(&n_stream).await;
+        nt += t;
+        ng += g;
+        assert!(frames > 10, "the node streamed chunk by chunk ({frames} frames)");
+    }
+    let runs_f = runs as f64;
+    rows.push(Row { what: format!("stream time to first byte ({chunks} chunks, 1 ms apart)"), direct: dt / runs_f, node: nt / runs_f, unit: "ms" });
+    rows.push(Row { what: "stream gap between chunks".into(), direct: dg / runs_f, node: ng / runs_f, unit: "ms" });
+
+    // X-Cashu: each request redeems a fresh token and pays change; compare to the mint's own swap.
+    let xruns = if opts.quick { 3 } else { 20 };
+    let mut swap = Vec::new();
+    let mut paid = Vec::new();
+    for _ in 0..xruns {
+        let t = mint_token(&mint.url, 20, false).await.expect("token");
+        let started = Instant::now();
+        redeem_token(&mint.url, &t).await.expect("swap");
+        swap.push(started.elapsed().as_nanos() as u64);
+        let t = mint_token(&mint.url, 20, false).await.expect("token");
+        let started = Instant::now();
+        let resp = http.post(format!("http://{node_addr}/v1/chat/completions")).header("x-cashu", t).body(body.clone()).header("content-type", "application/json").send().await.expect("x-cashu");
+        assert!(resp.status().is_success());
+        let _ = resp.bytes().await;
+        paid.push(started.elapsed().as_nanos() as u64);
+    }
+    swap.sort_unstable();
+    paid.sort_unstable();
+    rows.push(Row { what: "X-Cashu request vs one mint swap (p50)".into(), direct: percentile(&swap, 0.5), node: percentile(&paid, 0.5), unit: "ms" });
+    notes.push("The X-Cashu path makes two mint round trips (swap in, change out); the direct column is one swap by a fresh wallet.".into());
+
+    // Memory with many open streams.
+    let open = if opts.quick { 50 } else { 1000 };
+    let mut held = Vec::new();
+    for _ in 0..open {
+        let mut t = n_stream.clone();
+        t.headers.retain(|(k, _)| !k.starts_with("x-stand-in"));
+        t.headers.push(("x-stand-in-chunks".into(), "600".into()));
+        t.headers.push(("x-stand-in-delay-ms".into(), "1000".into()));
+        held.push(tokio::spawn(async move {
+            let mut sender = connect(&t.addr).await;
+            let resp = sender.send_request(t.request()).await.expect("open stream");
+            let mut body = resp.into_body();
+            let _ = body.frame().await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(body);
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(if opts.quick { 1 } else { 3 })).await;
+    let busy_rss = rss_kib(pid);
+    for h in held {
+        h.abort();
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "Measured {} on this machine ({} cores), node release build, ledger `LEDGER_SYNC={}`, {} s per load figure.\n\n",
+        chrono_free_date(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        opts.ledger_sync,
+        opts.seconds
+    ));
+    out.push_str("| figure | direct | via node | difference | ratio |\n|---|---|---|---|---|\n");
+    for r in &rows {
+        out.push_str(&r.line());
+        out.push('\n');
+    }
+    out.push_str(&format!("\nResident memory of the node: {:.1} MB idle, {:.1} MB with {open} open streams.\n", idle_rss as f64 / 1024.0, busy_rss as f64 / 1024.0));
+    for n in &notes {
+        out.push_str(&format!("\n- {n}"));
+    }
+    out.push('\n');
+    println!("{out}");
+    if opts.write {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+        let doc = format!(
+            "# Benchmarks\n\nCommand: `cargo bench --bench proxy -- --write` (add `--ledger-sync normal` for the other sync setting).\n\n{out}"
+        );
+        std::fs::write(&path, doc).expect("write docs/benchmarks.md");
+        eprintln!("wrote {}", path.display());
+    }
+    let _ = node.kill().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// Today's date from the system clock, without a date crate: `date -u +%F`.
+fn chrono_free_date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
