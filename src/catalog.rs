@@ -27,8 +27,9 @@ pub struct ModelRoute {
     pub usd: Option<UsdPrices>,
     pub context_length: Option<u64>,
     pub max_completion_tokens: Option<u64>,
-    /// The model object as its source gave it, shown in `/v1/models`.
-    pub raw: Value,
+    /// The model object as its source gave it, shown in `/v1/models` (shared: routes are
+    /// cloned on every request).
+    pub raw: Arc<Value>,
 }
 
 /// How prices are set, node-wide.
@@ -78,7 +79,7 @@ fn route_from(id: &str, upstream_model: &str, upstream: usize, v: &Value) -> Mod
         usd: v.get("pricing").and_then(UsdPrices::from_json),
         context_length: v.get("context_length").and_then(Value::as_u64),
         max_completion_tokens: v.pointer("/top_provider/max_completion_tokens").and_then(Value::as_u64),
-        raw: v.clone(),
+        raw: Arc::new(v.clone()),
     }
 }
 
@@ -108,7 +109,7 @@ impl Catalog {
                     .routes
                     .get(target)
                     .and_then(|rs| rs.iter().find(|r| r.upstream == index))
-                    .map(|r| r.raw.clone())
+                    .map(|r| (*r.raw).clone())
                     .unwrap_or_else(|| json!({ "id": target }));
                 catalog.add(route_from(alias, target, index, &base));
             }
@@ -173,7 +174,7 @@ impl Catalog {
             .filter_map(|id| self.routes.get(id)?.first())
             .map(|route| {
                 let markup = upstreams.get(route.upstream).map(|u| u.markup).unwrap_or(Markup::NONE);
-                let mut v = route.raw.clone();
+                let mut v = (*route.raw).clone();
                 if !v.is_object() {
                     v = json!({});
                 }

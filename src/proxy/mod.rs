@@ -210,7 +210,7 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
                 usd: None,
                 context_length: None,
                 max_completion_tokens: None,
-                raw: Value::Null,
+                raw: Arc::new(Value::Null),
             })
             .collect()
     } else {
