@@ -1,11 +1,12 @@
 //! The node: its parts wired together, started, and stopped.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::catalog::{self, Catalog, PricePolicy};
 use crate::config::Settings;
@@ -30,8 +31,52 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
 }
 
+/// Paid requests whose settlement is still running; shutdown waits for them, so every
+/// reservation is settled or released before the process exits.
+#[derive(Default)]
+pub struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no request is in flight, or `deadline` passed. True when idle.
+    pub async fn wait_idle(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let notified = self.idle.notified();
+            if self.count() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return self.count() == 0;
+            }
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 /// Everything a request handler needs.
 pub struct Node {
+    pub inflight: Arc<InFlight>,
     pub settings: Settings,
     pub payments: Payments,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -39,6 +84,8 @@ pub struct Node {
     pub rates: RateFeed,
     pub client: reqwest::Client,
     catalog: RwLock<Arc<Catalog>>,
+    /// The onion service's status, when ONION_SERVICE is on.
+    pub tor: Option<Arc<crate::tor::Tor>>,
 }
 
 impl Node {
@@ -106,7 +153,9 @@ impl Node {
             ),
             default_max_completion_tokens: settings.default_max_completion_tokens,
         };
+        let settings_onion = settings.onion_service;
         let node = Arc::new(Node {
+            inflight: Arc::default(),
             settings,
             payments,
             upstreams,
@@ -114,6 +163,7 @@ impl Node {
             rates,
             client,
             catalog: RwLock::new(Arc::new(Catalog::default())),
+            tor: settings_onion.then(crate::tor::Tor::new),
         });
         node.refresh_catalog().await?;
         Ok(node)
@@ -174,7 +224,9 @@ impl Node {
     /// Change of `X-Cashu` requests that could not be paid when they ended (a mint was down):
     /// made now, kept for the client to collect with `/v1/balance/refund`.
     async fn pay_stranded_change(&self) {
-        let keys = match self.ledger().unpaid_xcashu_keys().await {
+        // Requests younger than this may still be paying their own change.
+        const MIN_AGE_SECS: i64 = 120;
+        let keys = match self.ledger().unpaid_xcashu_keys(MIN_AGE_SECS).await {
             Ok(keys) => keys,
             Err(e) => {
                 tracing::warn!(error = %e, "could not list unpaid change");
@@ -212,33 +264,56 @@ fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> 
 
 /// A node listening, as tests and the demo use it.
 pub struct RunningNode {
-    pub addr: SocketAddr,
+    /// The clearnet listener's address; `None` with CLEARNET_LISTEN=false.
+    pub addr: Option<SocketAddr>,
     pub node: Arc<Node>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl RunningNode {
+    /// The clearnet URL (empty without a clearnet listener).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.addr.map(|a| format!("http://{a}")).unwrap_or_default()
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to `grace`), then returns.
+    /// Stops accepting, lets in-flight requests finish and settle (up to `grace`), then returns.
     pub async fn shutdown(self, grace: Duration) {
         let _ = self.shutdown.send(true);
         let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.server).await;
+        if !self.node.inflight.wait_idle(grace).await {
+            tracing::warn!(
+                in_flight = self.node.inflight.count(),
+                "requests still settling at the deadline; their reservations are released at the next start"
+            );
+        }
     }
 }
 
 /// Builds the node and serves it on `settings.host:settings.port` (port 0 picks one).
 pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
-    let listener = TcpListener::bind((settings.host, settings.port)).await?;
-    let addr = listener.local_addr()?;
+    if !settings.clearnet_listen && !settings.onion_service {
+        return Err(NodeError::Config("CLEARNET_LISTEN=false needs ONION_SERVICE=true: nothing would serve".into()));
+    }
+    let listener = match settings.clearnet_listen {
+        true => Some(TcpListener::bind((settings.host, settings.port)).await?),
+        false => None,
+    };
+    let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let node = Node::build(settings).await?;
     node.spawn_background();
     let (shutdown, rx) = watch::channel(false);
-    let server = tokio::spawn(crate::server::serve(listener, node.clone(), rx));
-    tracing::info!(%addr, "routstr-node listening");
+    let onion = node.tor.clone().map(|tor| crate::tor::spawn(node.clone(), tor, rx.clone()));
+    let clearnet = listener.map(|l| tokio::spawn(crate::server::serve(l, node.clone(), rx)));
+    let server = tokio::spawn(async move {
+        for task in [clearnet, onion].into_iter().flatten() {
+            let _ = task.await;
+        }
+    });
+    match addr {
+        Some(addr) => tracing::info!(%addr, "routstr-node listening"),
+        None => tracing::info!("routstr-node serving without a clearnet listener (CLEARNET_LISTEN=false)"),
+    }
     Ok(RunningNode { addr, node, shutdown, server })
 }
 

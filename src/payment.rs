@@ -213,7 +213,7 @@ impl Payments {
                 let token_hash = token_hash(token);
                 if let Err(e) = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     // The mint's fee left too little: everything goes back as change.
-                    let change = self.pay_out(&key_hash, Some(&token_hash), Some(request_id)).await;
+                    let change = self.xcashu_change(&key_hash, &token_hash, Some(request_id)).await;
                     return Err(match (ApiError::from(e), change) {
                         (err, Ok(Some(paid))) => ApiError::ChangeReturned { inner: Box::new(err), change: paid },
                         (err, _) => err,
@@ -400,26 +400,36 @@ impl Payments {
         }
     }
 
+    /// The change of an `X-Cashu` request: paid now, or (when another path already paid it, e.g.
+    /// the background payer of stranded change) the token that was made for it.
+    pub async fn xcashu_change(
+        &self,
+        key_hash: &str,
+        token_hash: &str,
+        request_id: Option<&str>,
+    ) -> Result<Option<PaidOut>, ApiError> {
+        if let Some(paid) = self.pay_out(key_hash, Some(token_hash), request_id).await? {
+            return Ok(Some(paid));
+        }
+        match self.ledger.latest_payout(Some(key_hash), Some(token_hash)).await? {
+            PayoutLookup::Ready { token, amount_msat } => Ok(Some(PaidOut { token, amount_msat })),
+            PayoutLookup::Pending => Err(ApiError::Conflict("the change of this request is being made".into())),
+            PayoutLookup::NotFound => Ok(None),
+        }
+    }
+
     /// `/v1/balance/refund` with `X-Cashu: <original token>`: the change of that request.
     pub async fn recover_change(&self, token: &str) -> Result<PaidOut, ApiError> {
         let key_hash = xcashu_key_hash(token);
-        let token_hash = token_hash(token);
         let Some(info) = self.ledger.key_info(&key_hash).await? else {
             return Err(ApiError::NotFoundResource("no request was paid with this token here".into()));
         };
         if info.reserved_msat > 0 {
             return Err(ApiError::Conflict("the request paid with this token is still running".into()));
         }
-        if info.balance_msat > 0 {
-            if let Some(paid) = self.pay_out(&key_hash, Some(&token_hash), None).await? {
-                return Ok(paid);
-            }
-        }
-        match self.ledger.latest_payout(None, Some(&token_hash)).await? {
-            PayoutLookup::Ready { token, amount_msat } => Ok(PaidOut { token, amount_msat }),
-            PayoutLookup::Pending => Err(ApiError::Conflict("the change of this request is being made".into())),
-            PayoutLookup::NotFound => Err(ApiError::NotFoundResource("this request left no change".into())),
-        }
+        self.xcashu_change(&key_hash, &token_hash(token), None)
+            .await?
+            .ok_or_else(|| ApiError::NotFoundResource("this request left no change".into()))
     }
 }
 

@@ -564,14 +564,16 @@ impl Ledger {
             .await
     }
 
-    /// X-Cashu balances left behind (change that could not be paid, or a crash): their keys.
-    pub async fn unpaid_xcashu_keys(&self) -> Result<Vec<String>, LedgerError> {
+    /// X-Cashu balances left behind (change that could not be paid, or a crash) and older than
+    /// `min_age_secs`: their keys.
+    pub async fn unpaid_xcashu_keys(&self, min_age_secs: i64) -> Result<Vec<String>, LedgerError> {
         self.store
-            .run(|c| {
+            .run(move |c| {
                 let mut stmt = c.prepare(
-                    "SELECT key_hash FROM keys WHERE kind = 'xcashu' AND balance_msat > 0 AND reserved_msat = 0",
+                    "SELECT key_hash FROM keys
+                     WHERE kind = 'xcashu' AND balance_msat > 0 AND reserved_msat = 0 AND created_at <= ?1",
                 )?;
-                let rows = stmt.query_map([], |r| r.get(0))?;
+                let rows = stmt.query_map([now_secs() - min_age_secs], |r| r.get(0))?;
                 Ok(rows.collect::<Result<Vec<String>, _>>()?)
             })
             .await

@@ -128,7 +128,7 @@ impl Metering {
 
     async fn pay_change(&self) -> Option<PaidOut> {
         let token_hash = &self.payer.xcashu.as_ref()?.token_hash;
-        match self.node.payments.pay_out(&self.payer.key_hash, Some(token_hash), Some(&self.request_id)).await {
+        match self.node.payments.xcashu_change(&self.payer.key_hash, token_hash, Some(&self.request_id)).await {
             Ok(change) => change,
             Err(e) => {
                 tracing::warn!(request_id = %self.request_id, error = %e, "change could not be made now; it stays recoverable");
