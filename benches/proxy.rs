@@ -156,7 +156,9 @@ async fn stream_timing(target: &Target) -> (f64, f64, usize) {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -235,10 +237,22 @@ async fn main() {
         .expect("create json");
     let key = created["api_key"].as_str().expect("api key").to_owned();
 
-    let body = Bytes::from_static(br#"{"model":"gpt-test","messages":[{"role":"user","content":"hello there world"}],"max_tokens":16}"#);
+    let body = Bytes::from_static(
+        br#"{"model":"gpt-test","messages":[{"role":"user","content":"hello there world"}],"max_tokens":16}"#,
+    );
     let upstream_addr = upstream.addr.to_string();
-    let direct = Target { addr: upstream_addr.clone(), path: "/v1/chat/completions".into(), headers: vec![("authorization".into(), "Bearer x".into())], body: body.clone() };
-    let via_node = Target { addr: node_addr.clone(), path: "/v1/chat/completions".into(), headers: vec![("authorization".into(), format!("Bearer {key}"))], body: body.clone() };
+    let direct = Target {
+        addr: upstream_addr.clone(),
+        path: "/v1/chat/completions".into(),
+        headers: vec![("authorization".into(), "Bearer x".into())],
+        body: body.clone(),
+    };
+    let via_node = Target {
+        addr: node_addr.clone(),
+        path: "/v1/chat/completions".into(),
+        headers: vec![("authorization".into(), format!("Bearer {key}"))],
+        body: body.clone(),
+    };
 
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -248,8 +262,18 @@ async fn main() {
         load(&via_node, conns, Duration::from_millis(200)).await;
         let (d, drps, derr) = load(&direct, conns, secs).await;
         let (n, nrps, nerr) = load(&via_node, conns, secs).await;
-        rows.push(Row { what: format!("p50 latency, {conns} conn"), direct: percentile(&d, 0.5), node: percentile(&n, 0.5), unit: "ms" });
-        rows.push(Row { what: format!("p99 latency, {conns} conn"), direct: percentile(&d, 0.99), node: percentile(&n, 0.99), unit: "ms" });
+        rows.push(Row {
+            what: format!("p50 latency, {conns} conn"),
+            direct: percentile(&d, 0.5),
+            node: percentile(&n, 0.5),
+            unit: "ms",
+        });
+        rows.push(Row {
+            what: format!("p99 latency, {conns} conn"),
+            direct: percentile(&d, 0.99),
+            node: percentile(&n, 0.99),
+            unit: "ms",
+        });
         rows.push(Row { what: format!("throughput, {conns} conn"), direct: drps, node: nrps, unit: "req/s" });
         if derr + nerr > 0 {
             notes.push(format!("{conns} conn: {derr} direct and {nerr} node errors"));
@@ -276,7 +300,12 @@ async fn main() {
         assert!(frames > 10, "the node streamed chunk by chunk ({frames} frames)");
     }
     let runs_f = runs as f64;
-    rows.push(Row { what: format!("stream time to first byte ({chunks} chunks, 1 ms apart)"), direct: dt / runs_f, node: nt / runs_f, unit: "ms" });
+    rows.push(Row {
+        what: format!("stream time to first byte ({chunks} chunks, 1 ms apart)"),
+        direct: dt / runs_f,
+        node: nt / runs_f,
+        unit: "ms",
+    });
     rows.push(Row { what: "stream gap between chunks".into(), direct: dg / runs_f, node: ng / runs_f, unit: "ms" });
 
     // X-Cashu: each request redeems a fresh token and pays change; compare to the mint's own swap.
@@ -290,14 +319,26 @@ async fn main() {
         swap.push(started.elapsed().as_nanos() as u64);
         let t = mint_token(&mint.url, 20, false).await.expect("token");
         let started = Instant::now();
-        let resp = http.post(format!("http://{node_addr}/v1/chat/completions")).header("x-cashu", t).body(body.clone()).header("content-type", "application/json").send().await.expect("x-cashu");
+        let resp = http
+            .post(format!("http://{node_addr}/v1/chat/completions"))
+            .header("x-cashu", t)
+            .body(body.clone())
+            .header("content-type", "application/json")
+            .send()
+            .await
+            .expect("x-cashu");
         assert!(resp.status().is_success());
         let _ = resp.bytes().await;
         paid.push(started.elapsed().as_nanos() as u64);
     }
     swap.sort_unstable();
     paid.sort_unstable();
-    rows.push(Row { what: "X-Cashu request vs one mint swap (p50)".into(), direct: percentile(&swap, 0.5), node: percentile(&paid, 0.5), unit: "ms" });
+    rows.push(Row {
+        what: "X-Cashu request vs one mint swap (p50)".into(),
+        direct: percentile(&swap, 0.5),
+        node: percentile(&paid, 0.5),
+        unit: "ms",
+    });
     notes.push("The X-Cashu path makes two mint round trips (swap in, change out); the direct column is one swap by a fresh wallet.".into());
 
     // Memory with many open streams.
@@ -336,7 +377,11 @@ async fn main() {
         out.push_str(&r.line());
         out.push('\n');
     }
-    out.push_str(&format!("\nResident memory of the node: {:.1} MB idle, {:.1} MB with {open} open streams.\n", idle_rss as f64 / 1024.0, busy_rss as f64 / 1024.0));
+    out.push_str(&format!(
+        "\nResident memory of the node: {:.1} MB idle, {:.1} MB with {open} open streams.\n",
+        idle_rss as f64 / 1024.0,
+        busy_rss as f64 / 1024.0
+    ));
     for n in &notes {
         out.push_str(&format!("\n- {n}"));
     }

@@ -100,7 +100,10 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         (&Method::GET, "" | "info") => Ok(info(node, onion)),
         (&Method::GET, "health") => Ok(http::json_response(StatusCode::OK, &json!({ "status": "ok" }))),
         (&Method::GET, "models") => Ok(models(node)),
-        (&Method::GET, "providers") => Ok(http::json_response(StatusCode::OK, &json!({ "providers": [] }))),
+        (&Method::GET, "providers") => {
+            let model = param(req.uri().query(), &None, &["model"]);
+            Ok(http::json_response(StatusCode::OK, &node.nostr.providers_json(model.as_deref())))
+        }
         (_, r) if r.starts_with("balance/") || r.starts_with("wallet/") => {
             let action = r.split_once('/').map(|(_, a)| a).unwrap_or_default().to_owned();
             balance(node, req, &action).await
@@ -124,12 +127,13 @@ fn info(node: &Node, onion: bool) -> Response<Body> {
             "name": s.name,
             "description": s.description,
             "version": env!("CARGO_PKG_VERSION"),
-            "npub": s.npub.clone().unwrap_or_default(),
+            "npub": node.nostr.npub(),
             "mints": node.wallet().trusted_mints(),
             "http_url": http_url,
-            "onion_url": s.onion_url.clone().unwrap_or_default(),
+            "onion_url": s.onion_url.clone().or_else(|| node.tor.as_ref()?.onion_url()).unwrap_or_default(),
             "models": node.catalog().len(),
             "upstreams": node.upstreams.iter().map(|u| u.health()).collect::<Vec<_>>(),
+            "tor": node.tor.as_ref().map(|t| t.status()),
         }),
     )
 }
@@ -202,6 +206,7 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             let api_key = payments.api_key_for_token(&token);
             let key_hash = hash_api_key(&api_key);
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
+            payments.apply_refund_headers(&key_hash, &parts.headers).await?;
             Ok(http::json_response(StatusCode::OK, &json!({ "api_key": api_key, "balance": redeemed.balance_msat })))
         }
         ("info", &Method::GET) => {

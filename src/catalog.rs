@@ -53,7 +53,13 @@ impl PricePolicy {
                 let rate = rate.ok_or(ApiError::PriceUnavailable)?;
                 Ok(MsatPrices::from_usd(&usd.with_markup(markup), rate))
             }
-            _ => Ok(self.fixed.clone()),
+            (_, true) => Ok(self.fixed.clone()),
+            // A model without a price is sold at the fixed prices only when they charge per
+            // token: a flat fee for an unbounded amount of tokens would sell at a loss.
+            (None, false) if self.fixed.prompt_per_mtok > 0 || self.fixed.completion_per_mtok > 0 => {
+                Ok(self.fixed.clone())
+            }
+            (None, false) => Err(ApiError::Unpriced(route.id.clone())),
         }
     }
 }
@@ -241,6 +247,9 @@ fn listing_from_json(v: Value) -> Option<Vec<Value>> {
     }
 }
 
+/// Largest `/models` answer read from an upstream.
+const MAX_LISTING_BYTES: usize = 16 * 1024 * 1024;
+
 /// Fetches an upstream's `/models`; `None` when it cannot be had.
 pub async fn fetch_listing(client: &reqwest::Client, upstream: &Upstream) -> Option<Vec<Value>> {
     let mut req = client.get(upstream.url_for("models", None)).timeout(Duration::from_secs(15));
@@ -248,9 +257,10 @@ pub async fn fetch_listing(client: &reqwest::Client, upstream: &Upstream) -> Opt
         req = req.bearer_auth(key);
     }
     let result = async {
-        let resp = req.send().await.map_err(|e| e.to_string())?;
-        let resp = resp.error_for_status().map_err(|e| e.to_string())?;
-        let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+        let resp = req.send().await.map_err(|e| e.without_url().to_string())?;
+        let resp = resp.error_for_status().map_err(|e| e.without_url().to_string())?;
+        let body = crate::http::read_response(resp, MAX_LISTING_BYTES).await.map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         listing_from_json(v).ok_or_else(|| "no model list in the answer".to_owned())
     }
     .await;
@@ -309,13 +319,17 @@ mod tests {
     }
 
     #[test]
-    fn unknown_listing_accepts_any_model_at_fixed_price() {
+    fn unknown_listing_accepts_any_model_only_at_per_token_fixed_prices() {
         let ups = vec![upstream("a", &[], &[])];
         let c = Catalog::build(&ups, &[None], &[]);
         let r = c.routes("anything");
         assert_eq!(r.len(), 1);
-        let p = policy(false).msat_prices(&r[0], Markup::NONE, None).unwrap();
+        // A flat per-request fee alone would sell unbounded tokens: refused.
+        assert!(matches!(policy(false).msat_prices(&r[0], Markup::NONE, None), Err(ApiError::Unpriced(_))));
+        let per_token = PricePolicy { fixed: MsatPrices::fixed(1.0, 0.5, 1.0), ..policy(false) };
+        let p = per_token.msat_prices(&r[0], Markup::NONE, None).unwrap();
         assert_eq!(p.request_msat, 1000);
+        assert!(policy(true).msat_prices(&r[0], Markup::NONE, None).is_ok());
     }
 
     #[test]

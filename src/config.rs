@@ -42,6 +42,22 @@ pub enum Command {
     /// Operate the node's Cashu wallet (safe while the node runs).
     #[command(subcommand)]
     Wallet(WalletCommand),
+    /// Providers announced on Nostr, ranked: healthy first, then (with --model) cheapest, then
+    /// fastest. Without --node, runs a one-shot discovery on the read relays (RELAYS, RELAYS_PATH
+    /// or the built-in list) and health-checks each provider; with --node, asks that running
+    /// node's GET /v1/providers.
+    Providers {
+        /// Only providers offering this model, ranked by its price (sats for 1k prompt + 1k
+        /// completion tokens).
+        #[arg(long)]
+        model: Option<String>,
+        /// A running node's URL, e.g. http://127.0.0.1:8000.
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,7 +118,7 @@ pub struct Settings {
     pub upstream_base_url: Option<String>,
     /// API key sent to that upstream.
     #[arg(long, env = "UPSTREAM_API_KEY", hide_env_values = true)]
-    pub upstream_api_key: Option<String>,
+    pub upstream_api_key: Option<crate::secret::Secret>,
     /// TOML file listing several upstreams (see README); the UPSTREAM_* pair adds one more.
     #[arg(long, env = "UPSTREAMS_PATH")]
     pub upstreams_path: Option<PathBuf>,
@@ -129,9 +145,6 @@ pub struct Settings {
     /// Public onion URL of this node.
     #[arg(long, env = "ONION_URL")]
     pub onion_url: Option<String>,
-    /// Nostr public key (npub) shown in /v1/info.
-    #[arg(long, env = "NPUB")]
-    pub npub: Option<String>,
 
     /// Charge fixed prices instead of per-model prices.
     #[arg(long, env = "FIXED_PRICING", default_value_t = false, action = clap::ArgAction::Set)]
@@ -192,6 +205,81 @@ pub struct Settings {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    // --- Tor ---
+    /// Host the node's onion service in process (arti). Clearnet keeps serving while Tor
+    /// bootstraps; the onion address shows in /v1/info once the keys exist.
+    #[arg(long, env = "ONION_SERVICE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub onion_service: bool,
+    /// Tor state: the onion service's keys (so its address survives restarts) and arti's caches.
+    /// Created owner-only. Default: DATA_DIR/tor.
+    #[arg(long, env = "TOR_STATE_DIR")]
+    pub tor_state_dir: Option<PathBuf>,
+    /// An arti TOML file merged into the Tor client's configuration (authorities, fallback
+    /// caches, timing…): how tests point the node at a private Tor network.
+    #[arg(long, env = "ARTI_CONFIG")]
+    pub arti_config: Option<PathBuf>,
+    /// Listen on HOST:PORT. `false` switches the clearnet listener off entirely (onion-only node).
+    #[arg(long, env = "CLEARNET_LISTEN", default_value_t = true, action = clap::ArgAction::Set)]
+    pub clearnet_listen: bool,
+    /// Most streams one onion circuit may hold open at once; more and arti tears the circuit down.
+    #[arg(long, env = "ONION_MAX_STREAMS_PER_CIRCUIT", default_value_t = 16)]
+    pub onion_max_streams_per_circuit: u32,
+    /// Most new onion circuits (rendezvous requests) accepted per window; more are dropped.
+    #[arg(long, env = "ONION_MAX_NEW_CIRCUITS", default_value_t = 120)]
+    pub onion_max_new_circuits: u32,
+    /// The window for ONION_MAX_NEW_CIRCUITS, in seconds.
+    #[arg(long, env = "ONION_CIRCUIT_WINDOW_SECONDS", default_value_t = 60)]
+    pub onion_circuit_window_seconds: u64,
+    /// Introductions per second the introduction points let through (arti's intro-point DoS
+    /// limit, sent to the relays); 0 leaves it off.
+    #[arg(long, env = "ONION_INTRO_RATE", default_value_t = 25)]
+    pub onion_intro_rate: u32,
+    /// Burst allowed above ONION_INTRO_RATE at the introduction points.
+    #[arg(long, env = "ONION_INTRO_BURST", default_value_t = 200)]
+    pub onion_intro_burst: u32,
+
+    // --- Nostr ---
+    /// The node's Nostr secret key (nsec1… or hex). Default: generated on first start and kept
+    /// in DATA_DIR/nostr.key (owner-only). Its npub shows in /v1/info.
+    #[arg(long, env = "NSEC", hide_env_values = true)]
+    pub nsec: Option<String>,
+    /// Nostr relays, comma separated, each read and written (Routstr Core's name). Overrides
+    /// RELAYS_PATH and the built-in relays.toml.
+    #[arg(long, env = "RELAYS", value_delimiter = ',')]
+    pub relays: Vec<String>,
+    /// A relays file in relays.toml's format (`[[relay]]` with url, read, write). Default: the
+    /// relays.toml built into the binary.
+    #[arg(long, env = "RELAYS_PATH")]
+    pub relays_path: Option<PathBuf>,
+    /// The provider id: the `d` tag of the announcement. Default: the `d` of our newest
+    /// announcement on the relays, else the first 12 hex characters of the public key.
+    #[arg(long, env = "PROVIDER_ID")]
+    pub provider_id: Option<String>,
+    /// Nostr at all: announcement, price list and discovery.
+    #[arg(long, env = "NOSTR_ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nostr_enabled: bool,
+    /// Discover other providers on the read relays (GET /v1/providers).
+    #[arg(long, env = "NOSTR_DISCOVERY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nostr_discovery: bool,
+    /// How often the announcement and price list are compared with what was published, seconds.
+    #[arg(long, env = "NOSTR_CHECK_SECONDS", default_value_t = 60)]
+    pub nostr_check_seconds: u64,
+    /// Re-publish unchanged events after this long, seconds (at least 60).
+    #[arg(long, env = "NOSTR_REFRESH_SECONDS", default_value_t = 86400)]
+    pub nostr_refresh_seconds: u64,
+    /// Re-publish the price list when a price moves more than this fraction (0.05 = 5 %).
+    #[arg(long, env = "NOSTR_PRICE_THRESHOLD", default_value_t = 0.05)]
+    pub nostr_price_threshold: f64,
+    /// Never re-publish the price list more often than this, seconds.
+    #[arg(long, env = "NOSTR_MODELS_MIN_INTERVAL_SECONDS", default_value_t = 600)]
+    pub nostr_models_min_interval_seconds: u64,
+    /// How often discovered providers are health-checked, seconds.
+    #[arg(long, env = "NOSTR_HEALTH_SECONDS", default_value_t = 300)]
+    pub nostr_health_seconds: u64,
+    /// Bound on each relay query or publish, and on each provider health request, seconds.
+    #[arg(long, env = "NOSTR_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub nostr_timeout_seconds: u64,
 }
 
 impl Settings {

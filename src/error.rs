@@ -29,6 +29,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
+    #[error("model '{0}' has no price configured here; the operator must set MODELS_PATH or FIXED_* prices")]
+    Unpriced(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -78,6 +82,8 @@ impl ApiError {
             ApiError::UnknownModel(_) | ApiError::NotFound(_) | ApiError::NotFoundResource(_) => StatusCode::NOT_FOUND,
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Unpriced(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -108,6 +114,8 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => ("invalid_request_error", "body_too_large"),
             ApiError::NotFound(_) | ApiError::NotFoundResource(_) => ("invalid_request_error", "not_found"),
             ApiError::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
+            ApiError::RequestTimeout => ("invalid_request_error", "request_timeout"),
+            ApiError::Unpriced(_) => ("service_unavailable", "model_unpriced"),
             ApiError::Conflict(_) => ("invalid_request_error", "conflict"),
             ApiError::Upstream(_) => ("upstream_error", "upstream_error"),
             ApiError::UpstreamTimeout => ("upstream_error", "upstream_timeout"),
@@ -128,7 +136,7 @@ impl ApiError {
     /// The client-facing message. Internal details stay in the logs.
     pub fn message(&self) -> String {
         match self {
-            ApiError::Internal(_) => "internal error; nothing was charged".to_owned(),
+            ApiError::Internal(_) => "internal error; quote the request_id to the operator".to_owned(),
             other => other.to_string(),
         }
     }
@@ -163,9 +171,8 @@ impl ApiError {
         match self {
             ApiError::ChangeReturned { .. } => None,
             ApiError::PaymentMissing { required_msat } => Some(*required_msat),
-            ApiError::InsufficientBalance { required_msat, available_msat } => {
-                Some(required_msat.saturating_sub(*available_msat))
-            }
+            // A NUT-24 wallet pays with X-Cashu, which must cover the whole request.
+            ApiError::InsufficientBalance { required_msat, .. } => Some(*required_msat),
             _ => None,
         }
     }
@@ -184,7 +191,7 @@ mod tests {
         assert_eq!(body["error"]["code"], "insufficient_balance");
         assert_eq!(body["error"]["amount_required_msat"], 5000);
         assert!(body["error"]["message"].as_str().unwrap().contains("5000"));
-        assert_eq!(e.payment_request_msat(), Some(4000));
+        assert_eq!(e.payment_request_msat(), Some(5000));
     }
 
     #[test]

@@ -49,7 +49,11 @@ pub fn error_response(err: &ApiError, request_id: &str) -> Response<Body> {
     resp
 }
 
-/// Reads a whole body, refusing more than `limit` bytes (before reading them all).
+/// Longest a client may take to send its request body.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Reads a whole body, refusing more than `limit` bytes (before reading them all) and a client
+/// that sends it too slowly.
 pub async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
@@ -59,12 +63,35 @@ where
         return Err(ApiError::BodyTooLarge { limit });
     }
     let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
+    let collected =
+        tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await.map_err(|_| ApiError::RequestTimeout)?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             Err(ApiError::BodyTooLarge { limit })
         }
         Err(e) => Err(ApiError::BadRequest(format!("could not read the request body: {e}"))),
+    }
+}
+
+/// Reads an upstream's answer whole, refusing more than `limit` bytes.
+pub async fn read_response(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Err(e) if e.is_timeout() => return Err(ApiError::UpstreamTimeout),
+            Err(_) => return Err(ApiError::Upstream("the upstream connection failed".into())),
+        }
     }
 }
 

@@ -17,11 +17,14 @@ mod fsutil;
 pub mod http;
 pub mod ledger;
 pub mod node;
+pub mod nostr;
 pub mod payment;
 pub mod pricing;
 pub mod proxy;
 pub mod rates;
+pub mod secret;
 pub mod server;
+pub mod tor;
 pub mod upstream;
 pub mod wallet;
 

@@ -77,6 +77,8 @@ impl Drop for InFlightGuard {
 /// Everything a request handler needs.
 pub struct Node {
     pub inflight: Arc<InFlight>,
+    /// Set when shutdown gives up waiting: running streams end and settle.
+    stopping: watch::Sender<bool>,
     pub settings: Settings,
     pub payments: Payments,
     pub upstreams: Vec<Arc<Upstream>>,
@@ -86,6 +88,8 @@ pub struct Node {
     catalog: RwLock<Arc<Catalog>>,
     /// The onion service's status, when ONION_SERVICE is on.
     pub tor: Option<Arc<crate::tor::Tor>>,
+    /// The node's Nostr identity, announcement and discovery.
+    pub nostr: Arc<crate::nostr::Nostr>,
 }
 
 impl Node {
@@ -95,6 +99,11 @@ impl Node {
 
     pub fn wallet(&self) -> &WalletService {
         &self.payments.wallet
+    }
+
+    /// Becomes true when running streams must end (shutdown deadline).
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -121,6 +130,10 @@ impl Node {
         .await?;
         let secret = Payments::load_or_create_secret(&settings.data_dir.join("key-secret"))?;
         let payments = Payments::new(ledger, wallet, secret);
+        let failed = payments.fail_interrupted_payouts().await.map_err(|e| NodeError::Config(e.to_string()))?;
+        if failed > 0 {
+            tracing::warn!(failed, "payouts cut short by the previous run returned to their keys");
+        }
 
         let upstreams = load_upstreams(&settings)?;
         if upstreams.is_empty() {
@@ -153,9 +166,11 @@ impl Node {
             ),
             default_max_completion_tokens: settings.default_max_completion_tokens,
         };
+        let nostr = Arc::new(crate::nostr::Nostr::new(&settings).map_err(NodeError::Config)?);
         let settings_onion = settings.onion_service;
         let node = Arc::new(Node {
             inflight: Arc::default(),
+            stopping: watch::channel(false).0,
             settings,
             payments,
             upstreams,
@@ -164,6 +179,7 @@ impl Node {
             client,
             catalog: RwLock::new(Arc::new(Catalog::default())),
             tor: settings_onion.then(crate::tor::Tor::new),
+            nostr,
         });
         node.refresh_catalog().await?;
         Ok(node)
@@ -188,6 +204,7 @@ impl Node {
 
     /// Background duties: BTC/USD, model refresh, settling what a crash or a silent mint left.
     fn spawn_background(self: &Arc<Self>) {
+        crate::nostr::Nostr::spawn(self);
         if self.settings.btc_usd_price.is_none() {
             self.rates.spawn_refresh(
                 self.client.clone(),
@@ -252,7 +269,7 @@ fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> 
         specs.push(UpstreamSpec {
             name: "default".into(),
             base_url: base_url.clone(),
-            api_key: settings.upstream_api_key.clone().filter(|k| !k.is_empty()),
+            api_key: settings.upstream_api_key.clone().filter(|k| !k.is_empty()).map(|k| k.expose().to_owned()),
             api_key_env: None,
             models: Vec::new(),
             aliases: Default::default(),
@@ -277,11 +294,15 @@ impl RunningNode {
         self.addr.map(|a| format!("http://{a}")).unwrap_or_default()
     }
 
-    /// Stops accepting, lets in-flight requests finish and settle (up to `grace`), then returns.
-    pub async fn shutdown(self, grace: Duration) {
+    /// Stops accepting, lets in-flight requests finish (up to `grace`), then ends the streams
+    /// still running, settles them, and returns.
+    pub async fn shutdown(mut self, grace: Duration) {
         let _ = self.shutdown.send(true);
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), self.server).await;
-        if !self.node.inflight.wait_idle(grace).await {
+        if tokio::time::timeout(grace, &mut self.server).await.is_err() {
+            self.node.stopping.send_replace(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), &mut self.server).await;
+        }
+        if !self.node.inflight.wait_idle(Duration::from_secs(10)).await {
             tracing::warn!(
                 in_flight = self.node.inflight.count(),
                 "requests still settling at the deadline; their reservations are released at the next start"

@@ -45,14 +45,24 @@ fn looks_like_token(s: &str) -> bool {
     s.starts_with("cashuA") || s.starts_with("cashuB")
 }
 
-/// A credential as the client sent it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A credential as the client sent it. Its `Debug` shows only the kind.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Credential<'a> {
     ApiKey(&'a str),
     /// A token in `Authorization: Bearer` (a key).
     BearerToken(&'a str),
     /// A token in `X-Cashu` (one request).
     XCashu(&'a str),
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Credential::ApiKey(_) => "ApiKey([redacted])",
+            Credential::BearerToken(_) => "BearerToken([redacted])",
+            Credential::XCashu(_) => "XCashu([redacted])",
+        })
+    }
 }
 
 /// Reads the credential; `X-Cashu` wins over `Authorization` when both are present.
@@ -183,6 +193,7 @@ impl Payments {
             Credential::ApiKey(_) => {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                self.apply_refund_headers(&key_hash, headers).await?;
                 Ok(Payer { key_hash, xcashu: None })
             }
             Credential::BearerToken(token) => {
@@ -207,10 +218,10 @@ impl Payments {
                 }
                 let key_hash = xcashu_key_hash(token);
                 let redeemed = self.redeem(token, &key_hash, KeyKind::XCashu).await?;
-                if !redeemed.new {
+                let token_hash = token_hash(token);
+                if !redeemed.new && !self.unused_stateless_balance(&key_hash, &token_hash).await? {
                     return Err(ApiError::Wallet(WalletError::AlreadySpent));
                 }
-                let token_hash = token_hash(token);
                 if let Err(e) = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     // The mint's fee left too little: everything goes back as change.
                     let change = self.xcashu_change(&key_hash, &token_hash, Some(request_id)).await;
@@ -227,7 +238,8 @@ impl Payments {
         }
     }
 
-    async fn apply_refund_headers(&self, key_hash: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// Stores `Refund-LNURL` / `Key-Expiry-Time` on a key when the client sent them.
+    pub async fn apply_refund_headers(&self, key_hash: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         let refund = headers.get("refund-lnurl").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned());
         let expiry = headers
             .get("key-expiry-time")
@@ -242,6 +254,16 @@ impl Payments {
             self.ledger.set_refund_options(key_hash, refund, expiry).await?;
         }
         Ok(())
+    }
+
+    /// A token redeemed earlier for a request that never ran (the mint went silent mid-swap and
+    /// the retry found the swap done): its balance is untouched and may pay this request.
+    async fn unused_stateless_balance(&self, key_hash: &str, token_hash: &str) -> Result<bool, ApiError> {
+        let Some(info) = self.ledger.key_info(key_hash).await? else { return Ok(false) };
+        if info.requests > 0 || info.reserved_msat > 0 || info.balance_msat == 0 {
+            return Ok(false);
+        }
+        Ok(self.ledger.latest_payout(Some(key_hash), Some(token_hash)).await? == PayoutLookup::NotFound)
     }
 
     async fn token_lock(&self, token_hash: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -272,6 +294,9 @@ impl Payments {
                     return Ok(Redeemed { credited_msat: 0, balance_msat: balance, new: false });
                 }
                 RedemptionState::ProofsUsed => return Err(WalletError::AlreadySpent.into()),
+                RedemptionState::ProofsBusy => {
+                    return Err(ApiError::Conflict("the proofs of this token are being redeemed; retry shortly".into()))
+                }
                 RedemptionState::InProgress if attempt == 0 => {
                     // Left pending by a crash or a mint that went silent: settle it first.
                     self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await?;
@@ -345,11 +370,18 @@ impl Payments {
                 Err(e) => tracing::warn!(error = %e, "pending redemption still unresolved"),
             }
         }
-        for payout in self.ledger.pending_payouts().await? {
-            // Its token was never handed out: the balance returns to the key.
+        Ok(settled)
+    }
+
+    /// At start, before serving: payouts left `pending` by the previous process never handed a
+    /// token out, so their debit returns to the key (the wallet's own recovery reclaims the
+    /// proofs of a send that was cut short). Never while serving: a payout in flight is pending.
+    pub async fn fail_interrupted_payouts(&self) -> Result<usize, ApiError> {
+        let pending = self.ledger.pending_payouts().await?;
+        for payout in &pending {
             self.ledger.fail_payout(payout.id).await?;
         }
-        Ok(settled)
+        Ok(pending.len())
     }
 
     /// Pays out a key's whole free balance as a token: debited first, token kept once made.

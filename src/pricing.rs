@@ -89,7 +89,7 @@ impl Markup {
     }
 
     pub fn then(self, other: Markup) -> Markup {
-        Markup(ceil_div(self.0 as u128 * other.0 as u128, 10_000) as u32)
+        Markup(u32::try_from(ceil_div(self.0 as u128 * other.0 as u128, 10_000)).unwrap_or(u32::MAX))
     }
 
     pub fn factor(self) -> f64 {
@@ -97,7 +97,7 @@ impl Markup {
     }
 
     fn apply(self, pico: PicoUsd) -> PicoUsd {
-        ceil_div(pico * self.0 as u128, 10_000)
+        ceil_div(pico.saturating_mul(self.0 as u128), 10_000)
     }
 }
 
@@ -243,14 +243,14 @@ impl MsatPrices {
     }
 
     fn tokens_msat(tokens: u64, per_mtok: u128) -> u128 {
-        ceil_div(tokens as u128 * per_mtok, TOKENS_PER_RATE)
+        ceil_div((tokens as u128).saturating_mul(per_mtok), TOKENS_PER_RATE)
     }
 
     /// The cost of what the upstream reported.
     pub fn cost(&self, usage: &Usage) -> Cost {
         let input = Self::tokens_msat(usage.input_tokens, self.prompt_per_mtok)
-            + Self::tokens_msat(usage.cache_read_tokens, self.cache_read_per_mtok)
-            + Self::tokens_msat(usage.cache_write_tokens, self.cache_write_per_mtok);
+            .saturating_add(Self::tokens_msat(usage.cache_read_tokens, self.cache_read_per_mtok))
+            .saturating_add(Self::tokens_msat(usage.cache_write_tokens, self.cache_write_per_mtok));
         let output = Self::tokens_msat(usage.output_tokens, self.completion_per_mtok);
         Cost::new(self.request_msat, saturating_u64(input), saturating_u64(output))
     }
@@ -392,6 +392,20 @@ mod tests {
         assert_eq!(usd.with_markup(m).prompt, 1_055_300);
         assert!(Markup::from_factor(0.5).is_none());
         assert!(Markup::from_factor(f64::NAN).is_none());
+    }
+
+    #[test]
+    fn absurd_numbers_saturate_instead_of_wrapping() {
+        let p = MsatPrices {
+            prompt_per_mtok: u128::MAX / 2,
+            completion_per_mtok: u128::MAX,
+            request_msat: u64::MAX,
+            ..Default::default()
+        };
+        let c = p.max_cost(u64::MAX, u64::MAX);
+        assert_eq!(c.total_msats, u64::MAX);
+        let usd = UsdPrices { prompt: u128::MAX, ..Default::default() };
+        assert_eq!(usd.with_markup(Markup(20_000)).prompt, u128::MAX / 10_000 + 1);
     }
 
     #[test]

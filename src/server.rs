@@ -18,8 +18,8 @@ use crate::node::Node;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// How long in-flight requests may take to finish once shutdown starts.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+/// Outer bound on draining connections once shutdown starts (the node ends its streams sooner).
+const DRAIN_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Where a connection came in. Handlers use it to keep the onion side from revealing the
 /// clearnet host.

@@ -23,7 +23,7 @@ pub enum UpstreamConfigError {
 }
 
 /// One `[[upstream]]` entry of the upstreams file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSpec {
     pub name: String,
@@ -64,8 +64,22 @@ pub fn load_file(path: &Path) -> Result<Vec<UpstreamSpec>, UpstreamConfigError> 
     Ok(file.upstreams)
 }
 
+impl std::fmt::Debug for UpstreamSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamSpec")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream").field("name", &self.name).field("base_url", &self.base_url).finish_non_exhaustive()
+    }
+}
+
 /// A configured upstream and its health.
-#[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     /// Base URL without a trailing slash, usually ending in `/v1`.

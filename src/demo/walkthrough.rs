@@ -34,7 +34,7 @@ pub async fn start_stack(mut settings: Settings) -> DemoResult<DemoStack> {
         .map_err(|e| fail("starting the stand-in upstream", e))?;
     settings.cashu_mints = vec![mint.url.clone()];
     settings.upstream_base_url = Some(upstream.base_url.clone());
-    settings.upstream_api_key = Some("stand-in-key".into());
+    settings.upstream_api_key = Some(crate::secret::Secret::new("stand-in-key"));
     settings.upstreams_path = None;
     settings.models_path = None;
     settings.btc_usd_price = Some(settings.btc_usd_price.unwrap_or(100_000.0));

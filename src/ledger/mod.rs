@@ -107,6 +107,8 @@ pub enum RedemptionState {
     InProgress,
     /// Its proofs were already redeemed here as part of another token.
     ProofsUsed,
+    /// Its proofs are being redeemed right now as part of another token.
+    ProofsBusy,
 }
 
 #[derive(Debug, Clone)]
@@ -276,7 +278,7 @@ impl Ledger {
                         .optional()?;
                     match other.as_deref() {
                         Some("credited") => return Ok(RedemptionState::ProofsUsed),
-                        Some("pending") => return Ok(RedemptionState::InProgress),
+                        Some("pending") => return Ok(RedemptionState::ProofsBusy),
                         _ => {}
                     }
                 }
@@ -321,7 +323,21 @@ impl Ledger {
                 let Some((state, key_hash, mint_url)) = row else {
                     return Err(LedgerError::Schema("completing a redemption that was never begun".into()));
                 };
-                if state != "credited" {
+                if state == "failed" {
+                    return Err(LedgerError::Schema("completing a redemption that already failed".into()));
+                }
+                // Only the redemption that owns its proofs may be credited for them.
+                let foreign: i64 = c.query_row(
+                    "SELECT COUNT(*) FROM redemptions r, json_each('[\"' || REPLACE(r.proof_ys, ',', '\",\"') || '\"]') y
+                     JOIN redemption_proofs p ON p.y = y.value
+                     WHERE r.token_hash = ?1 AND p.token_hash != ?1",
+                    [&token_hash],
+                    |r| r.get(0),
+                )?;
+                if foreign > 0 {
+                    return Err(LedgerError::Schema("the proofs of this redemption belong to another token".into()));
+                }
+                if state == "pending" {
                     c.execute(
                         "UPDATE redemptions SET state = 'credited', credited_msat = ?2, fee_msat = ?3, updated_at = ?4
                          WHERE token_hash = ?1",

@@ -150,7 +150,7 @@ async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
     ledger.begin_redemption("cashuA-form", "k", "m", 2_000, &ys).await.unwrap();
     assert_eq!(
         ledger.begin_redemption("cashuB-form", "k", "m", 2_000, &ys).await.unwrap(),
-        RedemptionState::InProgress
+        RedemptionState::ProofsBusy
     );
     ledger.complete_redemption("cashuA-form", KeyKind::Key, 2_000, 0).await.unwrap();
     assert_eq!(
@@ -164,4 +164,21 @@ async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
         ledger.begin_redemption("t4", "k", "m", 1_000, &["02cc".to_string()]).await.unwrap(),
         RedemptionState::Started
     );
+}
+
+#[tokio::test]
+async fn a_failed_or_foreign_redemption_is_never_credited() {
+    let ledger = Ledger::open(&temp_path("foreign"), LedgerSync::Normal).unwrap();
+    let ys = vec!["02ee".to_string()];
+    // T1 (a bad re-encoding) fails; T2, the real token with the same proofs, is redeemed.
+    ledger.begin_redemption("t1", "attacker", "m", 9_000, &ys).await.unwrap();
+    ledger.fail_redemption("t1").await.unwrap();
+    ledger.begin_redemption("t2", "owner", "m", 1_000, &ys).await.unwrap();
+    ledger.complete_redemption("t2", KeyKind::Key, 1_000, 0).await.unwrap();
+    // Completing the failed one must not credit anybody.
+    assert!(ledger.complete_redemption("t1", KeyKind::Key, 1_000, 0).await.is_err());
+    assert!(ledger.key_info("attacker").await.unwrap().is_none());
+    let t = ledger.totals().await.unwrap();
+    assert_eq!(t.credited_msat, 1_000);
+    assert!(t.conserved());
 }

@@ -74,6 +74,15 @@ const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
     "alt-svc",
 ];
 
+/// Where the request task sends its answer (the handler waits on the other end).
+type Respond = oneshot::Sender<Result<Response<Body>, ApiError>>;
+
+/// Longest wait for a client to take the next chunk of a stream before it counts as gone.
+const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most completions one request may ask for (`n`), so a reservation stays bounded.
+const MAX_CHOICES: u64 = 128;
+
 /// One way to serve the request, priced.
 struct PricedRoute {
     route: ModelRoute,
@@ -166,6 +175,10 @@ pub async fn handle(
     if parts.method == Method::POST && model.is_empty() && BODY_NEEDS_MODEL.contains(&path.as_str()) {
         return Err(ApiError::BadRequest("the request has no \"model\"".into()));
     }
+    let choices = ["n", "best_of"].iter().filter_map(|k| json.as_ref()?.get(*k)?.as_u64()).max().unwrap_or(1);
+    if choices > MAX_CHOICES {
+        return Err(ApiError::BadRequest(format!("at most {MAX_CHOICES} completions per request")));
+    }
     let routes = price_routes(&node, &model)?;
 
     let stream = json.as_ref().and_then(|j| j.get("stream")).and_then(Value::as_bool).unwrap_or(false);
@@ -175,8 +188,6 @@ pub async fn handle(
     let max_cost =
         routes.iter().map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats).max().unwrap_or(0);
 
-    let payer = node.payments.authorize(&parts.headers, max_cost, &request_id, &model).await?;
-    let metering = Metering { node: node.clone(), payer, request_id: request_id.clone(), request_len: body.len() };
     let forward = Forward {
         method: parts.method,
         path,
@@ -186,9 +197,23 @@ pub async fn handle(
         raw: body,
         stream,
     };
+    // From here on the work runs in its own task: a client that goes away (even while its token
+    // is being redeemed) cannot leave a reservation behind.
     let (respond, response) = oneshot::channel();
-    tokio::spawn(run_request(metering, forward, routes, respond));
-    response.await.map_err(|_| ApiError::Internal("the request task ended without an answer".into()))
+    tokio::spawn(async move {
+        let _in_flight = node.inflight.enter();
+        let payer = match node.payments.authorize(&forward.headers, max_cost, &request_id, &model).await {
+            Ok(payer) => payer,
+            Err(e) => {
+                let _ = respond.send(Err(e));
+                return;
+            }
+        };
+        let request_len = forward.raw.len();
+        let metering = Metering { node, payer, request_id, request_len };
+        run_request(metering, forward, routes, respond).await;
+    });
+    response.await.map_err(|_| ApiError::Internal("the request task ended without an answer".into()))?
 }
 
 /// Endpoints whose POST body must name a model.
@@ -241,13 +266,15 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
     Ok(priced)
 }
 
+/// The most completion tokens a request can produce: the largest limit it gives (upstreams
+/// differ in which one they honour), else the model's, else the default; times the number of
+/// completions asked for.
 fn max_completion_tokens(json: Option<&Value>, route: &ModelRoute, node: &Node) -> u64 {
-    let asked = json.and_then(|j| {
-        ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| j.get(*k).and_then(Value::as_u64))
-    });
-    asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens)
+    let field = |k: &str| json.and_then(|j| j.get(k)).and_then(Value::as_u64);
+    let asked = ["max_tokens", "max_completion_tokens", "max_output_tokens"].iter().filter_map(|k| field(k)).max();
+    let per_choice = asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens);
+    let choices = field("n").max(field("best_of")).unwrap_or(1).clamp(1, MAX_CHOICES);
+    per_choice.saturating_mul(choices)
 }
 
 /// The request as it will be forwarded.
@@ -322,12 +349,7 @@ enum Failure {
     Status(StatusCode, HeaderMap, Bytes),
 }
 
-async fn run_request(
-    metering: Metering,
-    forward: Forward,
-    routes: Vec<PricedRoute>,
-    respond: oneshot::Sender<Response<Body>>,
-) {
+async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRoute>, respond: Respond) {
     let node = metering.node.clone();
     let threshold = node.settings.upstream_failure_threshold;
     let cooldown = Duration::from_secs(node.settings.upstream_cooldown_seconds);
@@ -339,7 +361,7 @@ async fn run_request(
             Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
-                let body = read_bounded(resp, 1024 * 1024).await.unwrap_or_default();
+                let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
                 Failure::Status(status, headers, body)
             }
             Ok(resp) => {
@@ -362,7 +384,7 @@ async fn run_request(
         None => http::error_response(&ApiError::Unavailable("no upstream".into()), &metering.request_id),
     };
     add_change_header(&mut resp, change.as_ref());
-    let _ = respond.send(resp);
+    let _ = respond.send(Ok(resp));
 }
 
 /// An upstream error body, passed on in the OpenAI envelope (wrapped when it is not one).
@@ -388,23 +410,6 @@ fn describe(e: &reqwest::Error) -> String {
         "could not connect to the upstream".into()
     } else {
         "the upstream connection failed".into()
-    }
-}
-
-async fn read_bounded(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > limit {
-                    return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(buf.freeze()),
-            Err(e) if e.is_timeout() => return Err(ApiError::UpstreamTimeout),
-            Err(e) => return Err(ApiError::Upstream(describe(&e))),
-        }
     }
 }
 
@@ -441,22 +446,17 @@ fn add_change_header(resp: &mut Response<Body>, change: Option<&PaidOut>) {
 }
 
 /// An upstream answered (not 5xx/429): meter its answer and pass it on.
-async fn deliver(
-    metering: Metering,
-    priced: &PricedRoute,
-    resp: reqwest::Response,
-    respond: oneshot::Sender<Response<Body>>,
-) {
+async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: Respond) {
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     if !status.is_success() {
         // A client error (bad request, unknown model upstream…): nothing is charged.
         let headers = resp.headers().clone();
-        let body = read_bounded(resp, 1024 * 1024).await.unwrap_or_default();
+        let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
         let (_, change) = metering.settle(&priced.prices, None, "upstream refused the request").await;
         let mut out = passthrough_error(status, &headers, body, &metering.request_id);
         add_change_header(&mut out, change.as_ref());
-        let _ = respond.send(out);
+        let _ = respond.send(Ok(out));
         return;
     }
     if content_type.starts_with("text/event-stream") {
@@ -467,21 +467,16 @@ async fn deliver(
 }
 
 /// A non-streaming answer: read it whole, charge its usage, add the cost, send it.
-async fn whole_answer(
-    metering: Metering,
-    priced: &PricedRoute,
-    resp: reqwest::Response,
-    respond: oneshot::Sender<Response<Body>>,
-) {
+async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: Respond) {
     let status = resp.status();
     let head = response_head(status, resp.headers());
-    let body = match read_bounded(resp, MAX_UPSTREAM_BODY).await {
+    let body = match http::read_response(resp, MAX_UPSTREAM_BODY).await {
         Ok(body) => body,
         Err(err) => {
             let (_, change) = metering.settle(&priced.prices, None, "upstream answer unreadable").await;
             let mut out = http::error_response(&err, &metering.request_id);
             add_change_header(&mut out, change.as_ref());
-            let _ = respond.send(out);
+            let _ = respond.send(Ok(out));
             return;
         }
     };
@@ -508,22 +503,17 @@ async fn whole_answer(
         add_cost_headers(out.headers_mut(), cost, metering.usd(cost));
     }
     add_change_header(&mut out, change.as_ref());
-    let _ = respond.send(out);
+    let _ = respond.send(Ok(out));
 }
 
 /// A streaming answer: every event goes out as it arrives. The event carrying usage is held
 /// until the stream's end so the cost can be added to it; `X-Cashu` change follows as a
 /// `cashu-change` event; then the terminal event.
-async fn stream_answer(
-    metering: Metering,
-    priced: &PricedRoute,
-    mut resp: reqwest::Response,
-    respond: oneshot::Sender<Response<Body>>,
-) {
+async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwest::Response, respond: Respond) {
     let (tx, body) = ChannelBody::new(STREAM_DEPTH);
     let head = response_head(resp.status(), resp.headers());
     let out = head.body(body.boxed()).unwrap_or_else(|_| Response::new(http::empty()));
-    if respond.send(out).is_err() {
+    if respond.send(Ok(out)).is_err() {
         // The client left before the answer began.
         drop(resp);
         metering.settle(&priced.prices, None, "client left before the stream began").await;
@@ -536,9 +526,14 @@ async fn stream_answer(
     let mut seen_usage: Option<Usage> = None;
     let mut output_events: u64 = 0;
     let mut client_gone = false;
+    let mut stopping = metering.node.stopping();
     'read: loop {
         let chunk = tokio::select! {
             _ = tx.closed() => { client_gone = true; break 'read; }
+            _ = stopping.wait_for(|s| *s) => {
+                tracing::info!(request_id = %metering.request_id, "stream cut short: the node is shutting down");
+                break 'read;
+            }
             chunk = resp.chunk() => chunk,
         };
         match chunk {
@@ -554,7 +549,7 @@ async fn stream_answer(
                         break 'read;
                     }
                     if let Some(previous) = held.take() {
-                        if tx.send(previous).await.is_err() {
+                        if !send_or_gone(&tx, previous).await {
                             client_gone = true;
                             break 'read;
                         }
@@ -563,7 +558,7 @@ async fn stream_answer(
                         held = Some(event);
                     } else {
                         output_events += 1;
-                        if tx.send(event).await.is_err() {
+                        if !send_or_gone(&tx, event).await {
                             client_gone = true;
                             break 'read;
                         }
@@ -572,7 +567,7 @@ async fn stream_answer(
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::warn!(request_id = %metering.request_id, error = %e, "upstream stream broke off");
+                tracing::warn!(request_id = %metering.request_id, error = %e.without_url(), "upstream stream broke off");
                 break;
             }
         }
@@ -580,7 +575,13 @@ async fn stream_answer(
     drop(resp);
     let leftover = splitter.finish();
     let flowed = output_events > 0 || held.is_some();
-    let charged_usage = seen_usage.or_else(|| flowed.then(|| usage::estimate(metering.request_len, output_events)));
+    // A stream cut short (no terminal event) may carry only partial counts (Anthropic reports
+    // output in its last events): charge at least one token per event that reached the client.
+    let charged_usage = match (seen_usage, terminal.is_some()) {
+        (Some(u), true) => Some(u),
+        (Some(u), false) => Some(Usage { output_tokens: u.output_tokens.max(output_events), ..u }),
+        (None, _) => flowed.then(|| usage::estimate(metering.request_len, output_events)),
+    };
     let note = match (seen_usage.is_some(), client_gone) {
         (true, _) => "usage",
         (false, true) => "estimated: client left mid-stream",
@@ -618,8 +619,13 @@ async fn stream_answer(
         tail.push(t);
     }
     for bytes in tail {
-        if tx.send(bytes).await.is_err() {
+        if !send_or_gone(&tx, bytes).await {
             break;
         }
     }
+}
+
+/// Sends one chunk to the client; false when the client is gone or has stopped reading.
+async fn send_or_gone(tx: &tokio::sync::mpsc::Sender<Bytes>, bytes: Bytes) -> bool {
+    matches!(tokio::time::timeout(CLIENT_STALL_TIMEOUT, tx.send(bytes)).await, Ok(Ok(())))
 }

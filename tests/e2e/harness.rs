@@ -37,7 +37,7 @@ pub struct Options {
     pub mint_fee_ppk: u64,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
@@ -48,8 +48,7 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 impl Node {
-    pub async fn start(env: Vec<(String, String)>) -> Node {
-        let port = free_port();
+    pub async fn start_on(port: u16, env: Vec<(String, String)>) -> Node {
         let mut node = Node { child: None, url: format!("http://127.0.0.1:{port}"), port, env };
         node.spawn().await;
         node
@@ -147,12 +146,16 @@ impl Harness {
             ("EXCHANGE_FEE".into(), "1.0".into()),
             ("LOG_LEVEL".into(), "info".into()),
             ("LEDGER_SYNC".into(), "normal".into()),
+            // Hermetic: no public relays. The Nostr tests turn it on with their own relay.
+            ("NOSTR_ENABLED".into(), "false".into()),
         ];
+        // `{PORT}` in a value becomes the node's port (e.g. HTTP_URL=http://127.0.0.1:{PORT}).
+        let port = free_port();
         for (k, v) in options.env {
             env.retain(|(ek, _)| ek != k);
-            env.push((k.to_owned(), v));
+            env.push((k.to_owned(), v.replace("{PORT}", &port.to_string())));
         }
-        let node = Node::start(env).await;
+        let node = Node::start_on(port, env).await;
         Harness { mint, upstream, node, http: reqwest::Client::new(), data_dir, paid_in_msat: 0 }
     }
 

@@ -5,4 +5,5 @@
 mod concurrency;
 mod failures;
 mod harness;
+mod nostr;
 mod paying;

@@ -1,0 +1,189 @@
+//! Tor end to end: a private Tor network on loopback (tests/tor/tornet.sh, Debian's `tor`), the
+//! built node hosting its onion service with arti, reached by C tor's client through curl
+//! `--socks5-hostname`. Paid requests over the onion settle; after a restart in onion-only mode
+//! (CLEARNET_LISTEN=false) the address is the same. When the network cannot come up the test
+//! fails; it never skips.
+#![cfg(feature = "demo")]
+
+#[allow(dead_code)]
+#[path = "../e2e/harness.rs"]
+mod harness;
+mod net;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use harness::{chat, Harness, Options};
+use net::{curl, get_until_ok, TorNet};
+
+// Stand-in prices at 100k USD/BTC, no markup: 1 msat per prompt token, 2 per completion token.
+const CHAT_COST_MSAT: u64 = 3 + 8 * 2;
+/// How long the onion may take to become reachable (bootstrap, introduction points, descriptor).
+const REACH_WITHIN: Duration = Duration::from_secs(180);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onion_service_serves_paid_requests_and_keeps_its_address() {
+    let t0 = Instant::now();
+    let net_dir = harness::temp_dir("tornet");
+    let net = TorNet::start(&net_dir);
+    let socks = net.socks_port();
+    let tor_env = vec![
+        ("ONION_SERVICE", "true".to_owned()),
+        ("ARTI_CONFIG", net.arti_config().display().to_string()),
+        ("LOG_LEVEL", "info,tor_netdir=error,tor_circmgr=error".to_owned()),
+    ];
+    // The node starts right away: arti retries until the network has its first consensus.
+    let mut h = Harness::start_with("tor", Options { env: tor_env.clone(), ..Options::default() }).await;
+    eprintln!("tor test: network {} (base port {}), node data {}", net_dir.display(), net.base, h.data_dir.display());
+
+    // The address is known as soon as the keys exist, long before it is reachable.
+    let info = wait_for(Duration::from_secs(60), || async {
+        let info = h.get("/v1/info", None).await.json;
+        (info["onion_url"].as_str().unwrap_or("").ends_with(".onion")).then_some(info)
+    })
+    .await
+    .expect("/v1/info shows the onion address");
+    let onion_url = info["onion_url"].as_str().unwrap().to_owned();
+    let onion = info["tor"]["onion_address"].as_str().expect("tor.onion_address").to_owned();
+    assert_eq!(onion_url, format!("http://{onion}"));
+    assert_eq!(onion.len(), 56 + ".onion".len(), "a v3 onion address: {onion}");
+    assert!(matches!(info["tor"]["state"].as_str(), Some("bootstrapping" | "publishing" | "reachable")), "{info}");
+
+    net.wait().await;
+    eprintln!("tor test: network bootstrapped after {:?}", t0.elapsed());
+
+    // /v1/info over the onion: reachable, and nothing reveals the clearnet side.
+    let (remote, took) = get_until_ok(socks, &format!("{onion_url}/v1/info"), REACH_WITHIN).await;
+    eprintln!("tor test: onion reachable after {:?} ({took:?} of retries)", t0.elapsed());
+    assert_eq!(remote.json["onion_url"], onion_url.as_str());
+    assert_eq!(remote.json["http_url"], "");
+    assert!(!remote.text.contains(&format!("127.0.0.1:{}", h.node.port)), "{}", remote.text);
+    let info = h.get("/v1/info", None).await.json;
+    assert_eq!(info["tor"]["state"], "reachable", "served over the onion, so reachable: {info}");
+
+    // A paid request per request (X-Cashu) over the onion: charged, change handed back.
+    let token = h.token(30, false).await;
+    let answer = curl(
+        socks,
+        "POST",
+        &format!("{onion_url}/v1/chat/completions"),
+        &[("x-cashu", &token)],
+        Some(&chat(false).to_string()),
+    )
+    .await
+    .expect("paid request over the onion");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    h.paid_in_msat += 30_000;
+    assert_eq!(answer.json["usage"]["cost"]["total_msats"], 1000, "{}", answer.text);
+    let change = answer.header("x-cashu").expect("change in X-Cashu").to_owned();
+    assert_eq!(h.redeem(&change).await, 29);
+
+    // A key bought over the onion, then used: metered exactly.
+    let token = h.token(50, false).await;
+    let body = json!({ "initial_balance_token": token }).to_string();
+    let created =
+        curl(socks, "POST", &format!("{onion_url}/v1/balance/create"), &[], Some(&body)).await.expect("create");
+    assert_eq!(created.status, 200, "{}", created.text);
+    h.paid_in_msat += 50_000;
+    let key = created.json["api_key"].as_str().expect("api_key").to_owned();
+    let bearer = format!("Bearer {key}");
+    let answer = curl(
+        socks,
+        "POST",
+        &format!("{onion_url}/v1/chat/completions"),
+        &[("authorization", &bearer)],
+        Some(&chat(false).to_string()),
+    )
+    .await
+    .expect("key request over the onion");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.header("x-routstr-cost-msats"), Some(CHAT_COST_MSAT.to_string().as_str()));
+    assert_eq!(h.balance(&key).await, (50_000 - CHAT_COST_MSAT, 0));
+    h.wait_until_settled().await;
+
+    // Restart in onion-only mode: no TCP listener at all, same onion address.
+    let port = h.node.port;
+    h.node.kill().await;
+    let t_restart = Instant::now();
+    let mut env: Vec<(String, String)> = vec![
+        ("DATA_DIR".into(), h.data_dir.display().to_string()),
+        ("CASHU_MINTS".into(), h.mint.url.clone()),
+        ("UPSTREAM_BASE_URL".into(), h.upstream.base_url.clone()),
+        ("UPSTREAM_API_KEY".into(), "upstream-secret".into()),
+        ("BTC_USD_PRICE".into(), "100000".into()),
+        ("UPSTREAM_PROVIDER_FEE".into(), "1.0".into()),
+        ("EXCHANGE_FEE".into(), "1.0".into()),
+        ("LEDGER_SYNC".into(), "normal".into()),
+        ("HOST".into(), "127.0.0.1".into()),
+        ("PORT".into(), port.to_string()),
+        ("CLEARNET_LISTEN".into(), "false".into()),
+    ];
+    env.extend(tor_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let mut child = spawn_node(&h, &env);
+    let (remote, _) = get_until_ok(socks, &format!("{onion_url}/v1/info"), REACH_WITHIN).await;
+    eprintln!("tor test: onion reachable again {:?} after the restart", t_restart.elapsed());
+    assert_eq!(remote.json["onion_url"], onion_url.as_str(), "the same address after a restart");
+    assert_eq!(remote.json["tor"]["onion_address"], onion.as_str());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "CLEARNET_LISTEN=false: nothing listens");
+
+    // The key still pays, over the onion only.
+    let answer = curl(
+        socks,
+        "POST",
+        &format!("{onion_url}/v1/chat/completions"),
+        &[("authorization", &bearer)],
+        Some(&chat(false).to_string()),
+    )
+    .await
+    .expect("key request after the restart");
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let balance = curl(socks, "GET", &format!("{onion_url}/v1/balance/info"), &[("authorization", &bearer)], None)
+        .await
+        .expect("balance over the onion");
+    assert_eq!(balance.json["balance"], 50_000 - 2 * CHAT_COST_MSAT, "{}", balance.text);
+
+    // A clean stop (SIGTERM drains the onion side too), then the books balance.
+    stop(&mut child).await;
+    h.assert_conserved().await;
+    eprintln!("tor test: done in {:?}", t0.elapsed());
+}
+
+fn spawn_node(h: &Harness, env: &[(String, String)]) -> Child {
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(h.data_dir.join("node.log")).expect("node log");
+    Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn routstr-node")
+}
+
+async fn stop(child: &mut Child) {
+    let pid = child.id().expect("node pid");
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
+    assert!(matches!(status, Ok(Ok(s)) if s.success()), "node did not exit cleanly: {status:?}");
+}
+
+async fn wait_for<F, Fut>(within: Duration, mut probe: F) -> Option<Value>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<Value>>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
+}
