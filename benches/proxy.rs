@@ -208,6 +208,7 @@ async fn main() {
         .env("UPSTREAM_BASE_URL", &upstream.base_url)
         .env("BTC_USD_PRICE", "100000")
         .env("LEDGER_SYNC", &opts.ledger_sync)
+        .env("RATE_LIMIT_PER_MINUTE", "0")
         .env("LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -83,6 +83,13 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         _ => (false, path.trim_start_matches('/').to_owned()),
     };
     let rest = rest.trim_end_matches('/');
+    // Health checks (load balancers, Docker) are not limited.
+    let health = req.uri().path() == "/health";
+    if let Some(crate::server::ClientIp(ip)) = req.extensions().get::<crate::server::ClientIp>().filter(|_| !health) {
+        if let Err(wait) = node.rate_limiter.check(*ip) {
+            return Err(ApiError::RateLimited { retry_after_secs: wait.as_secs().max(1) });
+        }
+    }
     let method = req.method().clone();
     let onion = req.extensions().get::<crate::server::Origin>() == Some(&crate::server::Origin::Onion);
     if method == Method::OPTIONS {

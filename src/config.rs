@@ -196,6 +196,10 @@ pub struct Settings {
     #[arg(long, env = "MINT_TIMEOUT_SECONDS", default_value_t = 20)]
     pub mint_timeout_seconds: u64,
 
+    /// Requests per minute allowed from one clearnet client IP (0: no limit). Behind a reverse
+    /// proxy every client shares the proxy's IP: raise it or limit at the proxy.
+    #[arg(long, env = "RATE_LIMIT_PER_MINUTE", default_value_t = 1200)]
+    pub rate_limit_per_minute: u32,
     /// Allowed CORS origins, comma separated ("*" for any).
     #[arg(long, env = "CORS_ORIGINS", value_delimiter = ',', default_value = "*")]
     pub cors_origins: Vec<String>,

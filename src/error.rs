@@ -29,6 +29,8 @@ pub enum ApiError {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    #[error("too many requests; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("the request body did not arrive in time")]
     RequestTimeout,
     #[error("model '{0}' has no price configured here; the operator must set MODELS_PATH or FIXED_* prices")]
@@ -83,6 +85,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unpriced(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -115,6 +118,7 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::NotFoundResource(_) => ("invalid_request_error", "not_found"),
             ApiError::MethodNotAllowed => ("invalid_request_error", "method_not_allowed"),
             ApiError::RequestTimeout => ("invalid_request_error", "request_timeout"),
+            ApiError::RateLimited { .. } => ("rate_limit_error", "rate_limited"),
             ApiError::Unpriced(_) => ("service_unavailable", "model_unpriced"),
             ApiError::Conflict(_) => ("invalid_request_error", "conflict"),
             ApiError::Upstream(_) => ("upstream_error", "upstream_error"),

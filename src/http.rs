@@ -43,8 +43,8 @@ pub fn error_response(err: &ApiError, request_id: &str) -> Response<Body> {
             resp.headers_mut().insert(crate::payment::X_CASHU, v);
         }
     }
-    if err.status() == StatusCode::TOO_MANY_REQUESTS {
-        resp.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let ApiError::RateLimited { retry_after_secs } = err {
+        resp.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
     }
     resp
 }

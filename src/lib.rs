@@ -21,6 +21,7 @@ pub mod nostr;
 pub mod payment;
 pub mod pricing;
 pub mod proxy;
+pub mod ratelimit;
 pub mod rates;
 pub mod secret;
 pub mod server;

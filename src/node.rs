@@ -77,6 +77,7 @@ impl Drop for InFlightGuard {
 /// Everything a request handler needs.
 pub struct Node {
     pub inflight: Arc<InFlight>,
+    pub rate_limiter: crate::ratelimit::RateLimiter,
     /// Set when shutdown gives up waiting: running streams end and settle.
     stopping: watch::Sender<bool>,
     pub settings: Settings,
@@ -170,6 +171,7 @@ impl Node {
         let settings_onion = settings.onion_service;
         let node = Arc::new(Node {
             inflight: Arc::default(),
+            rate_limiter: crate::ratelimit::RateLimiter::new(settings.rate_limit_per_minute),
             stopping: watch::channel(false).0,
             settings,
             payments,

@@ -46,6 +46,27 @@ pub fn service(
     })
 }
 
+/// The clearnet client's address, for the per-IP rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub std::net::IpAddr);
+
+fn clearnet_service(
+    node: Arc<Node>,
+    peer: std::net::IpAddr,
+) -> impl hyper::service::Service<
+    hyper::Request<hyper::body::Incoming>,
+    Response = hyper::Response<crate::http::Body>,
+    Error = Infallible,
+    Future = impl std::future::Future<Output = Result<hyper::Response<crate::http::Body>, Infallible>> + Send,
+> + Clone {
+    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        let node = node.clone();
+        req.extensions_mut().insert(Origin::Clearnet);
+        req.extensions_mut().insert(ClientIp(peer));
+        async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
+    })
+}
+
 /// HTTP/1.1 and HTTP/2 with bounded heads and header timeouts; shared by every listener.
 pub fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -69,7 +90,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             _ = shutdown.changed() => break,
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -82,7 +103,8 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection(TokioIo::new(stream), service(node.clone(), Origin::Clearnet)).into_owned();
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), clearnet_service(node.clone(), peer.ip())).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _ = conn.await;

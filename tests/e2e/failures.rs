@@ -282,3 +282,18 @@ async fn sigterm_stops_cleanly_with_the_books_closed() {
     h.node.stop().await;
     h.assert_conserved().await;
 }
+
+#[tokio::test]
+async fn clearnet_clients_are_rate_limited() {
+    let h = Harness::start_with(
+        "rate-limit",
+        Options { env: vec![("RATE_LIMIT_PER_MINUTE", "3".into())], ..Default::default() },
+    )
+    .await;
+    for _ in 0..3 {
+        assert_eq!(h.get("/v1/info", None).await.status, 200);
+    }
+    let limited = h.get("/v1/info", None).await;
+    assert_eq!((limited.status, limited.error_code()), (429, "rate_limited"));
+    assert!(limited.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+}
