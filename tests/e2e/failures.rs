@@ -297,3 +297,29 @@ async fn clearnet_clients_are_rate_limited() {
     assert_eq!((limited.status, limited.error_code()), (429, "rate_limited"));
     assert!(limited.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
 }
+
+#[tokio::test]
+async fn sigterm_during_a_stream_ends_it_cleanly_and_settles() {
+    let mut h = Harness::start("sigterm-stream").await;
+    let key = h.key(100).await;
+    let resp = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-stand-in-chunks", "20")
+        .header("x-stand-in-delay-ms", "100")
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reader = tokio::spawn(async move { resp.text().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.node.stop().await;
+    // The 2 s stream fits in the drain time: it completes, with its cost, before the exit.
+    let text = reader.await.unwrap().expect("the stream ends cleanly");
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    assert!(text.contains("\"cost\""));
+    let t = h.assert_conserved().await;
+    assert_eq!(t.charged_msat, 3 + 20 * 2);
+}
