@@ -108,3 +108,62 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
     }
     Ok(())
 }
+
+/// Files of the data directory that are not databases: small, written once, copied as they are.
+const SECRET_FILES: &[&str] = &["wallet.seed", "key-secret", "nostr.key"];
+
+/// An online backup of the whole state: each SQLite database through `VACUUM INTO` (a
+/// consistent snapshot while the node writes), the secrets and the Tor state by copy.
+pub fn backup(settings: &Settings, dest: &std::path::Path) -> Result<(), NodeError> {
+    if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
+        return Err(NodeError::Config(format!("{} is not empty; choose a new directory", dest.display())));
+    }
+    std::fs::create_dir_all(dest)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let databases =
+        [(settings.ledger_path(), "ledger.sqlite"), (settings.data_dir.join("wallet.sqlite"), "wallet.sqlite")];
+    for (source, name) in databases {
+        if !source.exists() {
+            continue;
+        }
+        let conn = rusqlite::Connection::open_with_flags(&source, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| NodeError::Config(format!("cannot open {}: {e}", source.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(|e| NodeError::Config(e.to_string()))?;
+        let target = dest.join(name);
+        conn.execute("VACUUM INTO ?1", [target.to_string_lossy()])
+            .map_err(|e| NodeError::Config(format!("backup of {} failed: {e}", source.display())))?;
+        println!("{name}: online snapshot written");
+    }
+    for name in SECRET_FILES {
+        let source = settings.data_dir.join(name);
+        if source.exists() {
+            std::fs::copy(&source, dest.join(name))?;
+            println!("{name}: copied");
+        }
+    }
+    let tor = settings.data_dir.join("tor");
+    if tor.is_dir() {
+        copy_dir(&tor, &dest.join("tor"))?;
+        println!("tor/: copied");
+    }
+    println!("backup complete: start a node with DATA_DIR={} to restore it", dest.display());
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}

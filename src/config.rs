@@ -42,6 +42,12 @@ pub enum Command {
     /// Operate the node's Cashu wallet (safe while the node runs).
     #[command(subcommand)]
     Wallet(WalletCommand),
+    /// Copy all state (ledger, wallet, secrets) to DEST while the node runs, using SQLite's
+    /// online backup (`VACUUM INTO`), not a file copy. Restore by using DEST as DATA_DIR.
+    Backup {
+        /// A directory that does not exist yet (or is empty).
+        dest: PathBuf,
+    },
     /// Providers announced on Nostr, ranked: healthy first, then (with --model) cheapest, then
     /// fastest. Without --node, runs a one-shot discovery on the read relays (RELAYS, RELAYS_PATH
     /// or the built-in list) and health-checks each provider; with --node, asks that running
@@ -242,6 +248,10 @@ pub struct Settings {
     /// Burst allowed above ONION_INTRO_RATE at the introduction points.
     #[arg(long, env = "ONION_INTRO_BURST", default_value_t = 200)]
     pub onion_intro_burst: u32,
+    /// Send the node's own outbound HTTP (upstreams, price feeds, model listings) through Tor;
+    /// `.onion` upstreams then work. Loopback destinations stay direct.
+    #[arg(long, env = "TOR_OUTBOUND", default_value_t = false, action = clap::ArgAction::Set)]
+    pub tor_outbound: bool,
 
     // --- Nostr ---
     /// The node's Nostr secret key (nsec1… or hex). Default: generated on first start and kept

@@ -11,6 +11,7 @@ async fn main() -> std::process::ExitCode {
         #[cfg(feature = "demo")]
         Some(Command::Demo { serve }) => routstr_node::demo::walkthrough::run(args.settings, serve).await,
         Some(Command::Wallet(cmd)) => cli::wallet_command(&args.settings, cmd).await,
+        Some(Command::Backup { dest }) => cli::backup(&args.settings, &dest),
         Some(Command::Providers { model, node, json }) => {
             routstr_node::nostr::cli::providers_command(&args.settings, model.as_deref(), node.as_deref(), json).await
         }

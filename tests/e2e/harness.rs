@@ -48,6 +48,11 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 impl Node {
+    pub async fn start(env: Vec<(String, String)>) -> Node {
+        Node::start_on(free_port(), env).await
+    }
+
+    /// On a given port (when the node must know its own URL, e.g. for HTTP_URL).
     pub async fn start_on(port: u16, env: Vec<(String, String)>) -> Node {
         let mut node = Node { child: None, url: format!("http://127.0.0.1:{port}"), port, env };
         node.spawn().await;
@@ -104,6 +109,13 @@ impl Node {
             let status = tokio::time::timeout(Duration::from_secs(40), child.wait()).await;
             assert!(matches!(status, Ok(Ok(s)) if s.success()), "node did not exit cleanly: {status:?}");
         }
+    }
+
+    /// This node's environment with one variable replaced (to start another node like it).
+    pub fn env_with(&self, key: &str, value: &str) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = self.env.iter().filter(|(k, _)| k != key).cloned().collect();
+        env.push((key.to_owned(), value.to_owned()));
+        env
     }
 
     /// Runs an operator command (`routstr-node wallet …`) with the node's own environment.

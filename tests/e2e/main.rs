@@ -3,6 +3,7 @@
 #![cfg(feature = "demo")]
 
 mod concurrency;
+mod deployment;
 mod failures;
 mod harness;
 mod nostr;
