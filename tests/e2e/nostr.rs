@@ -320,11 +320,13 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     let b_pk = nostr_sdk::prelude::PublicKey::parse(&b_npub).unwrap();
     assert!(fetch(&client, Filter::new().author(b_pk)).await.is_empty());
 
-    // The command line: from the running node, and by a one-shot discovery of its own.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+    // The command line: from the running node, and by a one-shot discovery of its own (run
+    // asynchronously: the relay lives in this test's runtime).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
         .args(["providers", "--model", "gpt-test", "--node", &b.node.url])
         .env_clear()
         .output()
+        .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8(out.stdout).unwrap();
@@ -332,13 +334,14 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     assert!(row.starts_with("1 ") && row.contains(" ok ") && row.contains(&a.node.url), "{table}");
     assert!(!table.contains("third"), "third sells no gpt-test: {table}");
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
         .args(["providers", "--json"])
         .env_clear()
         .env("RELAYS", format!("{refused_url},{relay_url}"))
         .env("NOSTR_TIMEOUT_SECONDS", "3")
         .env("DATA_DIR", b.data_dir.join("cli").display().to_string())
         .output()
+        .await
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let found: Value = serde_json::from_slice(&out.stdout).unwrap();
