@@ -242,9 +242,17 @@ async fn publish(node: &Arc<Node>) {
     let mut announcement_out: Option<Outbox> = None;
     let mut models_out: Option<Outbox> = None;
     let mut said_no_url = false;
+    // The onion service's URL, announced once it has been reachable (and kept through brief
+    // outages: the address does not change, and flapping would re-publish every time).
+    let mut onion_seen: Option<String> = None;
     loop {
-        let urls: Vec<String> =
-            s.http_url.iter().cloned().chain(nostr.onion.borrow().clone()).filter(|u| !u.is_empty()).collect();
+        if let Some(tor) = node.tor.as_ref() {
+            if tor.status().state == crate::tor::TorState::Reachable {
+                onion_seen = tor.onion_url().or(onion_seen);
+            }
+        }
+        let onion = nostr.onion.borrow().clone().or_else(|| onion_seen.clone());
+        let urls: Vec<String> = s.http_url.iter().cloned().chain(onion).filter(|u| !u.is_empty()).collect();
         if urls.is_empty() {
             if !said_no_url {
                 tracing::info!("no HTTP_URL or onion URL to announce: not announcing on Nostr");

@@ -48,10 +48,6 @@ pub fn temp_dir(name: &str) -> PathBuf {
 }
 
 impl Node {
-    pub async fn start(env: Vec<(String, String)>) -> Node {
-        Node::start_on(free_port(), env).await
-    }
-
     /// On a given port (when the node must know its own URL, e.g. for HTTP_URL).
     pub async fn start_on(port: u16, env: Vec<(String, String)>) -> Node {
         let mut node = Node { child: None, url: format!("http://127.0.0.1:{port}"), port, env };

@@ -354,3 +354,77 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     a.assert_conserved().await;
     b.assert_conserved().await;
 }
+
+#[tokio::test]
+async fn price_list_follows_prices_beyond_the_threshold_at_most_once_per_interval() {
+    let (_relay, relay_url, _) = start_relay().await;
+    let client = client_for(&relay_url).await;
+    let dir = crate::harness::temp_dir("nostr-prices-file");
+    let models = dir.join("models.json");
+    let write_price = |usd_per_prompt_token: &str| {
+        let body = json!({ "data": [{ "id": "gpt-test",
+            "pricing": { "prompt": usd_per_prompt_token, "completion": "0.000002" } }] });
+        std::fs::write(&models, body.to_string()).unwrap();
+    };
+    write_price("0.000001");
+    let keys = Keys::generate();
+    let h = Harness::start_with(
+        "nostr-prices",
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("NOSTR_DISCOVERY", "false".into()),
+                ("RELAYS", relay_url.clone()),
+                ("NSEC", keys.secret_key().to_secret_hex()),
+                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
+                ("MODELS_PATH", models.display().to_string()),
+                ("MODELS_REFRESH_SECONDS", "10".into()),
+                ("NOSTR_CHECK_SECONDS", "1".into()),
+                ("NOSTR_PRICE_THRESHOLD", "0.05".into()),
+                ("NOSTR_MODELS_MIN_INTERVAL_SECONDS", "15".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let filter = Filter::new().author(keys.public_key()).kind(Kind::from(38450));
+    let prompt_on_relay = || async {
+        let lists = fetch(&client, filter.clone()).await;
+        let list = lists.first()?;
+        let content: Value = serde_json::from_str(&list.content).ok()?;
+        let gpt = content["models"].as_array()?.iter().find(|m| m["id"] == "gpt-test")?.clone();
+        gpt["sats_pricing"]["prompt"].as_f64()
+    };
+    let prompt_served = || async {
+        let models = h.get("/v1/models", None).await.json;
+        let gpt = models["data"].as_array()?.iter().find(|m| m["id"] == "gpt-test")?.clone();
+        gpt["sats_pricing"]["prompt"].as_f64()
+    };
+    let first = eventually("the first price list", 30, || async { prompt_on_relay().await }).await;
+    assert_eq!(first, 0.001);
+
+    // +2 %: below the threshold, served at once but not re-published.
+    write_price("0.00000102");
+    eventually("the +2 % price served", 30, || async { (prompt_served().await? == 0.00102).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(prompt_on_relay().await, Some(0.001));
+    assert_eq!(log_count(&h, "price list signed"), 1);
+
+    // +50 %: re-published (the interval since the first list has passed by now).
+    write_price("0.0000015");
+    eventually("the +50 % price list", 30, || async { (prompt_on_relay().await? == 0.0015).then_some(()) }).await;
+    let republished_at = Instant::now();
+    assert_eq!(log_count(&h, "price list signed"), 2);
+
+    // Doubled right after: served at the next refresh, published only once 15 s have passed.
+    write_price("0.000003");
+    eventually("the doubled price served", 30, || async { (prompt_served().await? == 0.003).then_some(()) }).await;
+    if republished_at.elapsed() < Duration::from_secs(12) {
+        assert_eq!(prompt_on_relay().await, Some(0.0015), "re-published within the interval");
+    }
+    eventually("the doubled price list", 30, || async { (prompt_on_relay().await? == 0.003).then_some(()) }).await;
+    // (Observed, so a little late; created_at has whole seconds.)
+    assert!(republished_at.elapsed() >= Duration::from_secs(13), "re-published within the interval");
+    assert_eq!(log_count(&h, "price list signed"), 3);
+    h.assert_conserved().await;
+}
