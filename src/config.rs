@@ -257,7 +257,7 @@ pub struct Settings {
     /// The node's Nostr secret key (nsec1… or hex). Default: generated on first start and kept
     /// in DATA_DIR/nostr.key (owner-only). Its npub shows in /v1/info.
     #[arg(long, env = "NSEC", hide_env_values = true)]
-    pub nsec: Option<String>,
+    pub nsec: Option<crate::secret::Secret>,
     /// Nostr relays, comma separated, each read and written (Routstr Core's name). Overrides
     /// RELAYS_PATH and the built-in relays.toml.
     #[arg(long, env = "RELAYS", value_delimiter = ',')]

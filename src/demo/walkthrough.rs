@@ -40,6 +40,9 @@ pub async fn start_stack(mut settings: Settings) -> DemoResult<DemoStack> {
     settings.btc_usd_price = Some(settings.btc_usd_price.unwrap_or(100_000.0));
     settings.database_url = None;
     settings.host = std::net::Ipv4Addr::LOCALHOST.into();
+    // Offline: no public relays, no onion service.
+    settings.nostr_enabled = false;
+    settings.onion_service = false;
     settings.data_dir = std::env::temp_dir().join(format!("routstr-demo-{}", std::process::id()));
     let node = node::start(settings).await?;
     Ok(DemoStack { mint, upstream, node })
