@@ -5,7 +5,8 @@
 //! file-backed ledger, funds a key with a real token, and drives both with the load generator
 //! below (keep-alive HTTP/1.1 connections, one request in flight per connection).
 //!
-//! Options (after `--`): `--quick` (a seconds-long smoke run, as CI does; asserts no timing),
+//! Options (after `--`): `--quick` (a seconds-long smoke run; CI runs it as
+//! `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`, asserting no timing),
 //! `--write` (write the table to docs/benchmarks.md), `--seconds N` per measurement,
 //! `--ledger-sync full|normal`.
 
@@ -34,7 +35,8 @@ struct Options {
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let quick = args.iter().any(|a| a == "--quick");
+    // CI runs `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`: a smoke run of the same code.
+    let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("ROUTSTR_BENCH_QUICK").is_some();
     Options {
         quick,
         write: args.iter().any(|a| a == "--write"),
@@ -209,6 +211,7 @@ async fn main() {
         .env("BTC_USD_PRICE", "100000")
         .env("LEDGER_SYNC", &opts.ledger_sync)
         .env("RATE_LIMIT_PER_MINUTE", "0")
+        .env("NOSTR_ENABLED", "false")
         .env("LOG_LEVEL", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
