@@ -87,7 +87,7 @@ pub struct Node {
     pub rates: RateFeed,
     pub client: reqwest::Client,
     catalog: RwLock<Arc<Catalog>>,
-    /// The onion service's status, when ONION_SERVICE is on.
+    /// Tor (onion service status, arti client), with ONION_SERVICE or TOR_OUTBOUND.
     pub tor: Option<Arc<crate::tor::Tor>>,
     /// The node's Nostr identity, announcement and discovery.
     pub nostr: Arc<crate::nostr::Nostr>,
@@ -142,7 +142,12 @@ impl Node {
                 "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail"
             );
         }
-        let client = reqwest::Client::builder()
+        let tor = match settings.onion_service || settings.tor_outbound {
+            true => Some(crate::tor::Tor::start(&settings).await.map_err(NodeError::Config)?),
+            false => None,
+        };
+        let client = crate::tor::route(reqwest::Client::builder(), tor.as_ref())
+            .map_err(NodeError::Config)?
             .connect_timeout(settings.connect_timeout())
             .read_timeout(settings.idle_timeout())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -168,7 +173,6 @@ impl Node {
             default_max_completion_tokens: settings.default_max_completion_tokens,
         };
         let nostr = Arc::new(crate::nostr::Nostr::new(&settings).map_err(NodeError::Config)?);
-        let settings_onion = settings.onion_service;
         let node = Arc::new(Node {
             inflight: Arc::default(),
             rate_limiter: crate::ratelimit::RateLimiter::new(settings.rate_limit_per_minute),
@@ -180,7 +184,7 @@ impl Node {
             rates,
             client,
             catalog: RwLock::new(Arc::new(Catalog::default())),
-            tor: settings_onion.then(crate::tor::Tor::new),
+            tor,
             nostr,
         });
         node.refresh_catalog().await?;
@@ -326,7 +330,8 @@ pub async fn start(settings: Settings) -> Result<RunningNode, NodeError> {
     let node = Node::build(settings).await?;
     node.spawn_background();
     let (shutdown, rx) = watch::channel(false);
-    let onion = node.tor.clone().map(|tor| crate::tor::spawn(node.clone(), tor, rx.clone()));
+    let onion = node.tor.clone().filter(|_| node.settings.onion_service);
+    let onion = onion.map(|tor| crate::tor::spawn(node.clone(), tor, rx.clone()));
     let clearnet = listener.map(|l| tokio::spawn(crate::server::serve(l, node.clone(), rx)));
     let server = tokio::spawn(async move {
         for task in [clearnet, onion].into_iter().flatten() {

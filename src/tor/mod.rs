@@ -14,13 +14,19 @@
 
 mod client_config;
 mod limits;
+mod outbound;
 mod service;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use arti_client::TorClient;
+use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::sync::watch;
+use tor_rtcompat::PreferredRuntime;
 
 use crate::config::Settings;
 
@@ -48,6 +54,8 @@ pub enum TorState {
     Reachable,
     /// Something is wrong (see `error`); arti keeps retrying where it can.
     Broken,
+    /// Bootstrapped, for outbound traffic only (no onion service).
+    Connected,
     /// Shut down.
     Stopped,
 }
@@ -78,14 +86,44 @@ impl Default for TorStatus {
     }
 }
 
-/// The node's handle on its Tor side: current status, and a way to watch it change.
+/// Pause between bootstrap attempts that failed.
+const BOOTSTRAP_RETRY: Duration = Duration::from_secs(15);
+
+/// The node's Tor side: the arti client (shared by the onion service and outbound traffic), its
+/// status, and the local proxy that carries outbound traffic with TOR_OUTBOUND.
 pub struct Tor {
     status: watch::Sender<TorStatus>,
+    client: Arc<TorClient<PreferredRuntime>>,
+    proxy: Option<SocketAddr>,
 }
 
 impl Tor {
-    pub fn new() -> Arc<Tor> {
-        Arc::new(Tor { status: watch::Sender::new(TorStatus::default()) })
+    /// Creates the Tor client and bootstraps it in the background (progress in the logs), and
+    /// with TOR_OUTBOUND starts the outbound proxy. Returns at once.
+    pub async fn start(settings: &Settings) -> Result<Arc<Tor>, String> {
+        // arti's TLS needs a process-wide rustls provider; another part may have installed one.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let config = client_config(settings)?;
+        tracing::info!(state_dir = %state_dir(settings).display(), "starting Tor (arti)");
+        let client =
+            TorClient::builder().config(config).create_unbootstrapped().map_err(|e| format!("Tor client: {e}"))?;
+        let proxy = match settings.tor_outbound {
+            true => Some(outbound::start(client.clone()).await.map_err(|e| format!("Tor outbound proxy: {e}"))?),
+            false => None,
+        };
+        let tor = Arc::new(Tor { status: watch::Sender::new(TorStatus::default()), client, proxy });
+        tor.spawn_bootstrap(settings.onion_service);
+        Ok(tor)
+    }
+
+    /// The arti client, e.g. to open a stream through Tor.
+    pub fn client(&self) -> Arc<TorClient<PreferredRuntime>> {
+        self.client.clone()
+    }
+
+    /// `http://127.0.0.1:<port>`: the proxy carrying outbound traffic through Tor (TOR_OUTBOUND).
+    pub fn outbound_proxy_url(&self) -> Option<String> {
+        self.proxy.map(|a| format!("http://{a}"))
     }
 
     pub fn status(&self) -> TorStatus {
@@ -109,4 +147,51 @@ impl Tor {
             *s != before
         });
     }
+}
+
+impl Tor {
+    /// Bootstraps (retrying) and mirrors the progress into the logs (each new 10 % step) and
+    /// the status.
+    fn spawn_bootstrap(self: &Arc<Self>, onion_service: bool) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            while let Err(e) = client.bootstrap().await {
+                tracing::warn!(error = %e, "Tor bootstrap failed; retrying");
+                tokio::time::sleep(BOOTSTRAP_RETRY).await;
+            }
+        });
+        let mut events = self.client.bootstrap_events();
+        let tor = self.clone();
+        tokio::spawn(async move {
+            let mut logged: Option<(u8, bool)> = None;
+            while let Some(status) = events.next().await {
+                let percent = (status.as_frac() * 100.0).round().clamp(0.0, 100.0) as u8;
+                let ready = status.ready_for_traffic();
+                let summary = status.to_string();
+                if logged.is_none_or(|(p, r)| percent / 10 > p / 10 || ready != r) {
+                    tracing::info!(percent, ready, "Tor bootstrap: {summary}");
+                    logged = Some((percent, ready));
+                }
+                tor.update(|s| {
+                    s.bootstrap_percent = percent;
+                    s.bootstrap = summary;
+                    if ready && s.state == TorState::Bootstrapping {
+                        s.state = if onion_service { TorState::Publishing } else { TorState::Connected };
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// With TOR_OUTBOUND, sends a reqwest client's traffic through Tor, except to loopback (a mint
+/// or upstream on the same host reveals nothing and is not reachable through Tor anyway).
+pub fn route(builder: reqwest::ClientBuilder, tor: Option<&Arc<Tor>>) -> Result<reqwest::ClientBuilder, String> {
+    let Some(url) = tor.and_then(|t| t.outbound_proxy_url()) else {
+        return Ok(builder);
+    };
+    let proxy = reqwest::Proxy::all(&url)
+        .map_err(|e| format!("Tor proxy: {e}"))?
+        .no_proxy(reqwest::NoProxy::from_string("localhost,127.0.0.1,::1"));
+    Ok(builder.proxy(proxy))
 }

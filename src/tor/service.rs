@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arti_client::config::onion_service::OnionServiceConfigBuilder;
-use arti_client::{DataStream, TorClient};
+use arti_client::DataStream;
 use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -26,8 +26,6 @@ use crate::server::{self, Origin};
 const ONION_PORT: u16 = 80;
 /// How long in-flight onion requests may take to finish once shutdown starts.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
-/// Pause between bootstrap attempts that failed.
-const BOOTSTRAP_RETRY: Duration = Duration::from_secs(15);
 
 /// Starts Tor and the onion service in the background; returns at once. The task ends when
 /// `shutdown` turns true, after in-flight onion requests have drained.
@@ -58,32 +56,9 @@ fn service_config(settings: &Settings) -> Result<OnionServiceConfig, String> {
 }
 
 async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
-    // arti's TLS needs a process-wide rustls provider; another part may have installed one.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let settings = &node.settings;
-    let config = super::client_config(settings)?;
     let svc_config = service_config(settings)?;
-    tracing::info!(state_dir = %super::state_dir(settings).display(), "starting Tor (arti)");
-    let client = TorClient::builder().config(config).create_unbootstrapped().map_err(|e| format!("Tor client: {e}"))?;
-
-    spawn_bootstrap_progress(&client, tor.clone());
-    let bootstrapping = client.clone();
-    let mut stop_bootstrap = shutdown.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = bootstrapping.bootstrap() => match r {
-                    Ok(()) => break,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "Tor bootstrap failed; retrying");
-                        tokio::time::sleep(BOOTSTRAP_RETRY).await;
-                    }
-                },
-                _ = stop_bootstrap.changed() => break,
-            }
-        }
-    });
-
+    let client = tor.client();
     let (service, rend_requests) = client
         .launch_onion_service(svc_config)
         .map_err(|e| format!("launching the onion service: {e}"))?
@@ -95,6 +70,9 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
     }
     tor.update(|s| s.onion_address = address.clone());
     spawn_service_status(&service, tor.clone());
+    if node.settings.onion_url.as_deref().unwrap_or("").is_empty() {
+        spawn_announce(node.clone(), tor.subscribe());
+    }
 
     // Admitted rendezvous circuits hand their accepted streams to this loop, which serves them
     // under one graceful-shutdown watch.
@@ -184,26 +162,22 @@ async fn accept_circuit(
     }
 }
 
-/// Logs bootstrap progress (each new 10 % step) and mirrors it into the status.
-fn spawn_bootstrap_progress<R: tor_rtcompat::Runtime>(client: &TorClient<R>, tor: Arc<Tor>) {
-    let mut events = client.bootstrap_events();
+/// Hands the onion URL to the Nostr announcement once the service is reachable.
+fn spawn_announce(node: Arc<Node>, mut status: watch::Receiver<super::TorStatus>) {
     tokio::spawn(async move {
-        let mut logged: Option<(u8, bool)> = None;
-        while let Some(status) = events.next().await {
-            let percent = (status.as_frac() * 100.0).round().clamp(0.0, 100.0) as u8;
-            let ready = status.ready_for_traffic();
-            let summary = status.to_string();
-            if logged.is_none_or(|(p, r)| percent / 10 > p / 10 || ready != r) {
-                tracing::info!(percent, ready, "Tor bootstrap: {summary}");
-                logged = Some((percent, ready));
+        let mut announced: Option<String> = None;
+        loop {
+            let url = {
+                let s = status.borrow_and_update();
+                s.onion_address.as_ref().filter(|_| s.state == TorState::Reachable).map(|a| format!("http://{a}"))
+            };
+            if url.is_some() && url != announced {
+                node.nostr.set_onion_url(url.clone());
+                announced = url;
             }
-            tor.update(|s| {
-                s.bootstrap_percent = percent;
-                s.bootstrap = summary;
-                if ready && s.state == TorState::Bootstrapping {
-                    s.state = TorState::Publishing;
-                }
-            });
+            if status.changed().await.is_err() {
+                break;
+            }
         }
     });
 }

@@ -1,8 +1,8 @@
 //! Tor end to end: a private Tor network on loopback (tests/tor/tornet.sh, Debian's `tor`), the
 //! built node hosting its onion service with arti, reached by C tor's client through curl
 //! `--socks5-hostname`. Paid requests over the onion settle; after a restart in onion-only mode
-//! (CLEARNET_LISTEN=false) the address is the same. When the network cannot come up the test
-//! fails; it never skips.
+//! (CLEARNET_LISTEN=false) the address is the same; with TOR_OUTBOUND the node reaches an onion
+//! upstream through arti. When the network cannot come up the test fails; it never skips.
 #![cfg(feature = "demo")]
 
 #[allow(dead_code)]
@@ -10,10 +10,14 @@
 mod harness;
 mod net;
 
+use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 use harness::{chat, Harness, Options};
@@ -30,12 +34,19 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     let net_dir = harness::temp_dir("tornet");
     let net = TorNet::start(&net_dir);
     let socks = net.socks_port();
+    // The C tor onion service's target: a static answer until the stand-in upstream exists.
+    let (forward_to, forwarded) = forward(net.hs_target_port()).await;
+    // First the network itself: C tor bootstrapped, and the C tor onion service reachable (so
+    // the HSDir ring has settled) before arti looks at it.
+    net.wait().await;
+    let c_onion = net.c_onion();
+    let (_, took) = get_until_ok(socks, &format!("http://{c_onion}/"), REACH_WITHIN).await;
+    eprintln!("tor test: network up, C tor onion reachable after {:?} ({took:?} of retries)", t0.elapsed());
     let tor_env = vec![
         ("ONION_SERVICE", "true".to_owned()),
         ("ARTI_CONFIG", net.arti_config().display().to_string()),
         ("LOG_LEVEL", "info,tor_netdir=error,tor_circmgr=error".to_owned()),
     ];
-    // The node starts right away: arti retries until the network has its first consensus.
     let mut h = Harness::start_with("tor", Options { env: tor_env.clone(), ..Options::default() }).await;
     eprintln!("tor test: network {} (base port {}), node data {}", net_dir.display(), net.base, h.data_dir.display());
 
@@ -51,9 +62,6 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     assert_eq!(onion_url, format!("http://{onion}"));
     assert_eq!(onion.len(), 56 + ".onion".len(), "a v3 onion address: {onion}");
     assert!(matches!(info["tor"]["state"].as_str(), Some("bootstrapping" | "publishing" | "reachable")), "{info}");
-
-    net.wait().await;
-    eprintln!("tor test: network bootstrapped after {:?}", t0.elapsed());
 
     // /v1/info over the onion: reachable, and nothing reveals the clearnet side.
     let (remote, took) = get_until_ok(socks, &format!("{onion_url}/v1/info"), REACH_WITHIN).await;
@@ -120,6 +128,7 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
         ("HOST".into(), "127.0.0.1".into()),
         ("PORT".into(), port.to_string()),
         ("CLEARNET_LISTEN".into(), "false".into()),
+        ("NOSTR_ENABLED".into(), "false".into()),
     ];
     env.extend(tor_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let mut child = spawn_node(&h, &env);
@@ -145,10 +154,83 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
         .expect("balance over the onion");
     assert_eq!(balance.json["balance"], 50_000 - 2 * CHAT_COST_MSAT, "{}", balance.text);
 
-    // A clean stop (SIGTERM drains the onion side too), then the books balance.
+    // A clean stop (SIGTERM drains the onion side too).
     stop(&mut child).await;
+
+    // TOR_OUTBOUND: the node, as a Tor client, reaches an onion upstream (the C tor onion
+    // service of the test network, forwarding to the stand-in upstream).
+    *forward_to.lock().unwrap() = Some(h.upstream.addr);
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "CLEARNET_LISTEN" | "ONION_SERVICE" | "UPSTREAM_BASE_URL"))
+        .collect();
+    env.push(("TOR_OUTBOUND".into(), "true".into()));
+    env.push(("UPSTREAM_BASE_URL".into(), format!("http://{c_onion}/v1")));
+    let t_outbound = Instant::now();
+    let mut child = spawn_node(&h, &env);
+    let node_url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let models = wait_for(REACH_WITHIN, || async {
+        let r = http.get(format!("{node_url}/v1/models")).send().await.ok()?;
+        let v: Value = r.json().await.ok()?;
+        (v["data"].as_array().is_some_and(|d| !d.is_empty())).then_some(v)
+    })
+    .await;
+    assert!(
+        models.is_some(),
+        "the node never listed the onion upstream's models (see {}/node.log)",
+        h.data_dir.display()
+    );
+    eprintln!("tor test: onion upstream listed {:?} after the outbound start", t_outbound.elapsed());
+    let answer = http
+        .post(format!("{node_url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("chat through the onion upstream");
+    assert_eq!(answer.status(), 200);
+    let answer: Value = answer.json().await.unwrap();
+    assert_eq!(answer["usage"]["cost"]["total_msats"], CHAT_COST_MSAT, "{answer}");
+    assert!(forwarded.load(Ordering::SeqCst) > 0, "the upstream was reached through the onion service");
+    let seen = h.upstream.last_request().expect("the stand-in saw the request");
+    assert_eq!(seen.header("host"), Some(c_onion.as_str()), "addressed to the onion");
+    stop(&mut child).await;
+
+    // The books balance.
     h.assert_conserved().await;
     eprintln!("tor test: done in {:?}", t0.elapsed());
+}
+
+type ForwardTo = Arc<Mutex<Option<SocketAddr>>>;
+
+/// Serves 127.0.0.1:`port` (where the C tor onion service sends its port 80): a static answer
+/// while the target is unset, then forwarding to it, counting forwarded connections.
+async fn forward(port: u16) -> (ForwardTo, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the onion target port");
+    let to: ForwardTo = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let (target, seen) = (to.clone(), count.clone());
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let Some(to) = *target.lock().unwrap() else {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = inbound.read(&mut buf).await;
+                    let _ =
+                        inbound.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
+                });
+                continue;
+            };
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    (to, count)
 }
 
 fn spawn_node(h: &Harness, env: &[(String, String)]) -> Child {
