@@ -119,12 +119,17 @@ impl Node {
         if released > 0 {
             tracing::warn!(released, "released reservations left open by the previous run");
         }
+        let tor = match settings.onion_service || settings.tor_outbound {
+            true => Some(crate::tor::Tor::start(&settings).await.map_err(NodeError::Config)?),
+            false => None,
+        };
         let wallet = WalletService::open_with_options(
             &settings.data_dir.join("wallet.sqlite"),
             &settings.data_dir.join("wallet.seed"),
             &settings.cashu_mints,
             WalletOptions {
                 op_timeout: Duration::from_secs(settings.mint_timeout_seconds),
+                proxy: tor.as_ref().and_then(|t| t.outbound_proxy_url()),
                 ..WalletOptions::default()
             },
         )
@@ -142,10 +147,6 @@ impl Node {
                 "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail"
             );
         }
-        let tor = match settings.onion_service || settings.tor_outbound {
-            true => Some(crate::tor::Tor::start(&settings).await.map_err(NodeError::Config)?),
-            false => None,
-        };
         let client = crate::tor::route(reqwest::Client::builder(), tor.as_ref())
             .map_err(NodeError::Config)?
             .connect_timeout(settings.connect_timeout())

@@ -129,11 +129,14 @@ pub struct WalletOptions {
     pub op_timeout: Duration,
     /// Target number of proofs of each denomination cdk keeps (cdk default 3).
     pub target_proof_count: usize,
+    /// HTTP proxy for mint requests (TOR_OUTBOUND: the node's Tor proxy). Loopback mints stay
+    /// direct.
+    pub proxy: Option<String>,
 }
 
 impl Default for WalletOptions {
     fn default() -> Self {
-        Self { op_timeout: Duration::from_secs(20), target_proof_count: 3 }
+        Self { op_timeout: Duration::from_secs(20), target_proof_count: 3, proxy: None }
     }
 }
 
@@ -214,6 +217,21 @@ fn to_msat(amount: Amount, unit: &CurrencyUnit) -> Result<u64, WalletError> {
 
 /// Normalise a mint URL the way cdk does (lower-case scheme and host, no trailing slash), and
 /// additionally drop a default port so `https://m:443/` and `https://m` are the same mint.
+/// A mint client through `proxy`, unless the mint is on loopback.
+fn proxied_client(
+    url: &MintUrl,
+    proxy: Option<&str>,
+) -> Result<Option<Arc<dyn cdk::wallet::MintConnector + Send + Sync>>, WalletError> {
+    let Some(proxy) = proxy else { return Ok(None) };
+    let host = url.to_string().parse::<reqwest::Url>().ok().and_then(|u| u.host_str().map(str::to_owned));
+    if matches!(host.as_deref(), Some("localhost" | "127.0.0.1" | "[::1]")) {
+        return Ok(None);
+    }
+    let proxy = proxy.parse::<reqwest::Url>().map_err(|e| WalletError::Other(format!("proxy URL: {e}")))?;
+    let client = cdk::wallet::HttpClient::with_proxy(url.clone(), proxy, None, false).map_err(map_cdk)?;
+    Ok(Some(Arc::new(client)))
+}
+
 pub fn normalize_mint_url(url: &str) -> Result<MintUrl, WalletError> {
     let trimmed = url.trim();
     let parsed = MintUrl::from_str(trimmed).map_err(|_| WalletError::Other(format!("invalid mint URL: {trimmed}")))?;
@@ -341,7 +359,7 @@ impl WalletService {
             if mints.contains_key(&key) {
                 continue;
             }
-            let sat = WalletBuilder::new()
+            let mut sat = WalletBuilder::new()
                 .mint_url(url.clone())
                 .unit(CurrencyUnit::Sat)
                 .localstore(db.clone())
@@ -349,9 +367,11 @@ impl WalletService {
                 .target_proof_count(opts.target_proof_count)
                 // cdk paces requests (20 burst + 20/min) by default; a payment node would
                 // queue behind that in seconds. The mint's own limits still apply.
-                .without_rate_limiting()
-                .build()
-                .map_err(map_cdk)?;
+                .without_rate_limiting();
+            if let Some(client) = proxied_client(&url, opts.proxy.as_deref())? {
+                sat = sat.shared_client(client);
+            }
+            let sat = sat.build().map_err(map_cdk)?;
             let msat = WalletBuilder::new()
                 .mint_url(url.clone())
                 .unit(CurrencyUnit::Msat)
