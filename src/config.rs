@@ -294,6 +294,26 @@ pub struct Settings {
     /// Bound on each relay query or publish, and on each provider health request, seconds.
     #[arg(long, env = "NOSTR_TIMEOUT_SECONDS", default_value_t = 10)]
     pub nostr_timeout_seconds: u64,
+
+    // --- Routing ---
+    /// Buy from providers discovered on Nostr when no local upstream serves a model (or all
+    /// failed before answering), paying them from the node's own wallet. A node without an
+    /// upstream of its own and a funded wallet is thereby a personal router.
+    #[arg(long, env = "REMOTE_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub remote_routing: bool,
+    /// The most the node pays a remote provider for one request, in sats (the token sent up
+    /// front; the provider returns the unused part as change). Dearer providers are skipped.
+    #[arg(long, env = "MAX_REMOTE_PRICE_SATS", default_value_t = 1000)]
+    pub max_remote_price_sats: u64,
+    /// What the client pays on top of what a remote provider kept (1.1 = +10 %).
+    #[arg(long, env = "REMOTE_MARKUP", default_value_t = 1.1)]
+    pub remote_markup: f64,
+    /// Most remote providers tried for one request.
+    #[arg(long, env = "REMOTE_MAX_ATTEMPTS", default_value_t = 3)]
+    pub remote_max_attempts: usize,
+    /// How often change still held by a remote provider is asked back, seconds.
+    #[arg(long, env = "REMOTE_RECOVERY_SECONDS", default_value_t = 60)]
+    pub remote_recovery_seconds: u64,
 }
 
 impl Settings {
@@ -335,6 +355,20 @@ mod tests {
         assert_eq!(strip_sqlite_scheme("sqlite+aiosqlite:///./keys.db"), "./keys.db");
         assert_eq!(strip_sqlite_scheme("sqlite:////var/lib/x.db"), "/var/lib/x.db");
         assert_eq!(strip_sqlite_scheme("/plain/path.db"), "/plain/path.db");
+    }
+
+    /// Every setting is in README.md's configuration table and in .env.example.
+    #[test]
+    fn every_setting_is_documented() {
+        let source = include_str!("config.rs");
+        let readme = include_str!("../README.md");
+        let example = include_str!("../.env.example");
+        let names: Vec<&str> = source.split("env = \"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+        assert!(names.len() > 40, "found the settings");
+        for name in names {
+            assert!(readme.contains(&format!("`{name}`")), "{name} is missing from README.md's configuration table");
+            assert!(example.contains(&format!("{name}=")), "{name} is missing from .env.example");
+        }
     }
 
     #[test]
