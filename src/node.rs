@@ -91,6 +91,8 @@ pub struct Node {
     pub tor: Option<Arc<crate::tor::Tor>>,
     /// The node's Nostr identity, announcement and discovery.
     pub nostr: Arc<crate::nostr::Nostr>,
+    /// Routing to discovered providers: which ones failed recently.
+    pub router: crate::proxy::remote::Router,
 }
 
 impl Node {
@@ -140,11 +142,18 @@ impl Node {
         if failed > 0 {
             tracing::warn!(failed, "payouts cut short by the previous run returned to their keys");
         }
+        let interrupted = payments.ledger.recover_interrupted_remote_spends().await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                interrupted,
+                "remote payments cut short by the previous run: their change will be recovered"
+            );
+        }
 
         let upstreams = load_upstreams(&settings)?;
         if upstreams.is_empty() {
             tracing::warn!(
-                "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): every model request will fail"
+                "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): model requests are bought from providers discovered on Nostr (REMOTE_ROUTING), or fail"
             );
         }
         let client = crate::tor::route(reqwest::Client::builder(), tor.as_ref())
@@ -187,6 +196,7 @@ impl Node {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             tor,
             nostr,
+            router: Default::default(),
         });
         node.refresh_catalog().await?;
         Ok(node)
@@ -241,6 +251,15 @@ impl Node {
                 }
                 node.pay_stranded_change().await;
                 tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        });
+        // Change still held by remote providers (a mint down, a stream cut short, a restart).
+        let node = self.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(node.settings.remote_recovery_seconds.max(1));
+            loop {
+                crate::proxy::remote::recover_all(&node, 5).await;
+                tokio::time::sleep(every).await;
             }
         });
     }

@@ -6,7 +6,13 @@
 //! - out: a payout (refund or change) debits the balance before the token is made, and keeps the
 //!   token once made, so it can be handed out again if the first answer was lost.
 //!
-//! Conservation, checked by `totals()`: credited = balances + charged + paid out.
+//! - remote spends (routing to discovered providers): a token from the node's own wallet is
+//!   recorded `pending` before it is made, `sent` (with the token) before it is sent, and
+//!   `settled` once its change is back in the wallet (or `recovering` until then).
+//!
+//! Conservation, checked by `totals()`: credited = balances + charged + paid out. The wallet
+//! holds credited − paid out − payout fees − (remote sent − remote change returned), plus
+//! whatever the operator put in or took out directly.
 
 mod schema;
 mod store;
@@ -148,6 +154,12 @@ pub struct Totals {
     pub payout_fees_msat: u64,
     pub open_reservations: u64,
     pub pending_redemptions: u64,
+    /// Tokens our wallet sent to remote providers (value + fees), once made.
+    pub remote_sent_msat: u64,
+    /// Change from remote providers credited back into our wallet.
+    pub remote_returned_msat: u64,
+    /// Remote spends whose change is not settled yet (`pending`, `sent` or `recovering`).
+    pub remote_open: u64,
 }
 
 impl Totals {
@@ -160,6 +172,39 @@ impl Totals {
     /// What the wallet must hold for users: every balance, reserved or not.
     pub fn liabilities_msat(&self) -> u64 {
         self.balances_msat
+    }
+
+    /// What remote providers kept: tokens sent minus change returned (includes change still
+    /// being recovered).
+    pub fn remote_net_msat(&self) -> u64 {
+        self.remote_sent_msat.saturating_sub(self.remote_returned_msat)
+    }
+}
+
+/// One token paid to a remote provider, as the ledger keeps it.
+#[derive(Clone)]
+pub struct RemoteSpend {
+    pub id: i64,
+    pub request_id: String,
+    pub provider: String,
+    pub url: String,
+    pub mint_url: String,
+    pub amount_msat: u64,
+    pub token: Option<String>,
+    pub change_token: Option<String>,
+    pub state: String,
+    pub attempts: u64,
+}
+
+impl std::fmt::Debug for RemoteSpend {
+    // Tokens are bearer money: never in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSpend")
+            .field("id", &self.id)
+            .field("provider", &self.provider)
+            .field("amount_msat", &self.amount_msat)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
     }
 }
 
@@ -598,11 +643,177 @@ impl Ledger {
     pub async fn totals(&self) -> Result<Totals, LedgerError> {
         self.store.run(read_totals).await
     }
+
+    /// Records a remote spend before its token is made (`pending`): a crash from here on cannot
+    /// lose track of it.
+    pub async fn begin_remote_spend(
+        &self,
+        request_id: &str,
+        provider: &str,
+        url: &str,
+        mint_url: &str,
+        amount_msat: u64,
+    ) -> Result<i64, LedgerError> {
+        let (request_id, provider, url, mint_url) =
+            (request_id.to_owned(), provider.to_owned(), url.to_owned(), mint_url.to_owned());
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "INSERT INTO remote_spends (request_id, provider, url, mint_url, amount_msat, state, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+                    params![request_id, provider, url, mint_url, to_i64(amount_msat), now_secs()],
+                )?;
+                Ok(c.last_insert_rowid())
+            })
+            .await
+    }
+
+    /// The token exists (it left our wallet): kept before it is sent, so it can recover change.
+    pub async fn remote_spend_sent(
+        &self,
+        id: i64,
+        token: &str,
+        amount_msat: u64,
+        fee_msat: u64,
+    ) -> Result<(), LedgerError> {
+        let token = token.to_owned();
+        self.store
+            .run(move |c| {
+                let updated = c.execute(
+                    "UPDATE remote_spends SET state = 'sent', token = ?2, amount_msat = ?3, fee_msat = ?4, updated_at = ?5
+                     WHERE id = ?1 AND state = 'pending'",
+                    params![id, token, to_i64(amount_msat), to_i64(fee_msat), now_secs()],
+                )?;
+                if updated != 1 {
+                    return Err(LedgerError::Schema(format!("remote spend {id} is not pending")));
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    /// No token was made: nothing left the wallet.
+    pub async fn fail_remote_spend(&self, id: i64, note: &str) -> Result<(), LedgerError> {
+        let note = note.to_owned();
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "UPDATE remote_spends SET state = 'failed', note = ?2, updated_at = ?3 WHERE id = ?1 AND state = 'pending'",
+                    params![id, note, now_secs()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The change is in our wallet (`change_msat` credited, 0 when there was none): settled.
+    /// Idempotent: a settled spend stays as it is.
+    pub async fn settle_remote_spend(
+        &self,
+        id: i64,
+        change_msat: u64,
+        change_fee_msat: u64,
+        note: &str,
+    ) -> Result<(), LedgerError> {
+        let note = note.to_owned();
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "UPDATE remote_spends SET state = 'settled', change_msat = ?2, change_fee_msat = ?3, change_token = NULL,
+                         note = ?4, updated_at = ?5
+                     WHERE id = ?1 AND state IN ('sent', 'recovering')",
+                    params![id, to_i64(change_msat), to_i64(change_fee_msat), note, now_secs()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The change could not be taken into our wallet now: recovered later, with the change
+    /// token when we have one, else with the original token at the provider.
+    pub async fn recovering_remote_spend(
+        &self,
+        id: i64,
+        change_token: Option<&str>,
+        note: &str,
+    ) -> Result<(), LedgerError> {
+        let (change_token, note) = (change_token.map(str::to_owned), note.to_owned());
+        self.store
+            .run(move |c| {
+                c.execute(
+                    "UPDATE remote_spends SET state = 'recovering', change_token = COALESCE(?2, change_token),
+                         attempts = attempts + 1, note = ?3, updated_at = ?4
+                     WHERE id = ?1 AND state IN ('sent', 'recovering')",
+                    params![id, change_token, note, now_secs()],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Remote spends whose change is still to be recovered, last touched at least
+    /// `min_age_secs` ago.
+    pub async fn remote_spends_to_recover(&self, min_age_secs: i64) -> Result<Vec<RemoteSpend>, LedgerError> {
+        self.store
+            .run(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT id, request_id, provider, url, mint_url, amount_msat, token, change_token, state, attempts
+                     FROM remote_spends WHERE state = 'recovering' AND updated_at <= ?1 ORDER BY id",
+                )?;
+                let rows = stmt.query_map([now_secs() - min_age_secs], |r| {
+                    Ok(RemoteSpend {
+                        id: r.get(0)?,
+                        request_id: r.get(1)?,
+                        provider: r.get(2)?,
+                        url: r.get(3)?,
+                        mint_url: r.get(4)?,
+                        amount_msat: to_u64(r.get(5)?),
+                        token: r.get(6)?,
+                        change_token: r.get(7)?,
+                        state: r.get(8)?,
+                        attempts: to_u64(r.get(9)?),
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    /// At start, before serving: a `pending` spend never made its token (the wallet's recovery
+    /// reclaims a send cut short), so it failed; a `sent` one died with its request, so its
+    /// change is to be recovered. Returns how many were left `sent`.
+    pub async fn recover_interrupted_remote_spends(&self) -> Result<u64, LedgerError> {
+        self.store
+            .run(|c| {
+                let now = now_secs();
+                c.execute(
+                    "UPDATE remote_spends SET state = 'failed', note = 'interrupted before the token was made', updated_at = ?1
+                     WHERE state = 'pending'",
+                    [now],
+                )?;
+                let sent = c.execute(
+                    "UPDATE remote_spends SET state = 'recovering', note = 'interrupted by restart', updated_at = ?1
+                     WHERE state = 'sent'",
+                    [now],
+                )?;
+                Ok(sent as u64)
+            })
+            .await
+    }
 }
 
 /// The conservation sums, from any connection (the node's writer, or a reader in another process).
 pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
     let sum = |sql: &str| -> Result<u64, LedgerError> { Ok(to_u64(c.query_row(sql, [], |r| r.get::<_, i64>(0))?)) };
+    // A reader (the CLI) may open a ledger the node has not migrated yet.
+    let has_remote = sum("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'remote_spends'")? > 0;
+    let remote = |sql: &str| -> Result<u64, LedgerError> {
+        if has_remote {
+            sum(sql)
+        } else {
+            Ok(0)
+        }
+    };
     Ok(Totals {
         credited_msat: sum("SELECT COALESCE(SUM(credited_msat), 0) FROM redemptions WHERE state = 'credited'")?,
         redemption_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM redemptions WHERE state = 'credited'")?,
@@ -616,6 +827,11 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         payout_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM payouts WHERE state = 'ready'")?,
         open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?,
         pending_redemptions: sum("SELECT COUNT(*) FROM redemptions WHERE state = 'pending'")?,
+        remote_sent_msat: remote(
+            "SELECT COALESCE(SUM(amount_msat + fee_msat), 0) FROM remote_spends WHERE state IN ('sent', 'settled', 'recovering')",
+        )?,
+        remote_returned_msat: remote("SELECT COALESCE(SUM(change_msat), 0) FROM remote_spends WHERE state = 'settled'")?,
+        remote_open: remote("SELECT COUNT(*) FROM remote_spends WHERE state IN ('pending', 'sent', 'recovering')")?,
     })
 }
 

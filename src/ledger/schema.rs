@@ -69,6 +69,29 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX payouts_source ON payouts(source_token_hash);
     CREATE INDEX payouts_key ON payouts(key_hash);
     "#,
+    // 2: remote spends: tokens from our wallet paying discovered providers (routing), recorded
+    // before the token is made and kept until its change is back in our wallet.
+    r#"
+    CREATE TABLE remote_spends (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id      TEXT NOT NULL,
+        provider        TEXT NOT NULL,                          -- the provider's pubkey (hex)
+        url             TEXT NOT NULL,                          -- its base URL, for recovery
+        mint_url        TEXT NOT NULL,
+        amount_msat     INTEGER NOT NULL DEFAULT 0,             -- the token's value
+        fee_msat        INTEGER NOT NULL DEFAULT 0,             -- what making it cost on top
+        token           TEXT,                                   -- the token sent (recovers change)
+        change_token    TEXT,                                   -- change not yet in our wallet
+        change_msat     INTEGER NOT NULL DEFAULT 0,             -- change credited to our wallet
+        change_fee_msat INTEGER NOT NULL DEFAULT 0,
+        state           TEXT NOT NULL,                          -- pending | sent | settled | recovering | failed
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        note            TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX remote_spends_open ON remote_spends(state) WHERE state IN ('pending', 'sent', 'recovering');
+    "#,
 ];
 
 pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {

@@ -66,6 +66,20 @@ pub struct Provider {
     pub health: Health,
 }
 
+/// A healthy provider's offer of one model, for routing.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    /// Hex public key.
+    pub pubkey: String,
+    pub name: String,
+    /// The URL that answered its health check.
+    pub url: String,
+    pub mints: Vec<String>,
+    /// The model's `sats_pricing` (`prompt`, `completion`, `request`, `max_completion_cost`…).
+    pub sats_pricing: Value,
+    pub latency_ms: u64,
+}
+
 #[derive(Debug, Clone)]
 struct PriceList {
     event_id: EventId,
@@ -222,6 +236,29 @@ impl Registry {
     /// A snapshot of the providers.
     pub fn providers(&self) -> Vec<Provider> {
         self.inner.read().map(|i| i.providers.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The healthy providers selling `model`, each with its price for it: the prices its
+    /// `/v1/models` showed at the last health check (what it charges), else its signed price list.
+    pub fn offers(&self, model: &str) -> Vec<Offer> {
+        let Ok(inner) = self.inner.read() else { return Vec::new() };
+        inner
+            .providers
+            .iter()
+            .filter(|(_, p)| p.health.status == HealthStatus::Ok)
+            .filter_map(|(key, p)| {
+                let listed = inner.prices.get(key).map(|l| l.models.as_slice()).unwrap_or_default();
+                let offer = p.health.models.iter().chain(listed).find(|o| o.id == model)?;
+                Some(Offer {
+                    pubkey: p.pubkey.to_hex(),
+                    name: p.announcement.name.clone(),
+                    url: p.health.url.clone().or_else(|| p.announcement.urls.first().cloned())?,
+                    mints: p.announcement.mints.clone(),
+                    sats_pricing: offer.sats_pricing.clone(),
+                    latency_ms: p.health.latency_ms.unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
     }
 
     /// Each provider as `/v1/providers` shows it.

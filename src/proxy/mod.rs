@@ -5,6 +5,7 @@
 //! Once the reservation is made, the rest runs in its own task, so a client that disconnects
 //! cannot leave a reservation open: the task always settles or releases.
 
+pub mod remote;
 pub mod usage;
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ const STRIPPED_REQUEST_HEADERS: &[&str] = &[
     "via",
     "origin",
     "referer",
+    remote::HOPS_HEADER,
 ];
 
 /// Upstream response headers not passed on.
@@ -72,6 +74,12 @@ const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
     "upgrade",
     "proxy-authenticate",
     "alt-svc",
+    // Ours to set: an upstream's (or a remote provider's) change and costs are not the client's.
+    "x-cashu",
+    "x-routstr-cost-msats",
+    "x-routstr-input-cost-msats",
+    "x-routstr-output-cost-msats",
+    "x-routstr-cost-usd",
 ];
 
 /// Where the request task sends its answer (the handler waits on the other end).
@@ -88,6 +96,8 @@ struct PricedRoute {
     route: ModelRoute,
     upstream: Arc<Upstream>,
     prices: MsatPrices,
+    /// Set when the route buys from a discovered provider (paid from our wallet).
+    remote: Option<remote::RemoteOffer>,
 }
 
 /// What the settling task needs to know about the request.
@@ -101,13 +111,15 @@ struct Metering {
 impl Metering {
     /// Charges `usage` (or releases everything when `None`), then pays `X-Cashu` change.
     async fn settle(&self, prices: &MsatPrices, usage: Option<Usage>, note: &str) -> (Option<Cost>, Option<PaidOut>) {
+        self.settle_cost(usage.map(|u| prices.cost(&u)), note).await
+    }
+
+    /// Charges `cost` (or releases everything when `None`), then pays `X-Cashu` change.
+    async fn settle_cost(&self, cost: Option<Cost>, note: &str) -> (Option<Cost>, Option<PaidOut>) {
         let ledger = self.node.ledger();
-        let cost = usage.map(|u| {
-            let cost = prices.cost(&u);
-            match &self.payer.xcashu {
-                Some(x) => cost.with_rounding(x.rounding_after(cost.total_msats)),
-                None => cost,
-            }
+        let cost = cost.map(|cost| match &self.payer.xcashu {
+            Some(x) => cost.with_rounding(x.rounding_after(cost.total_msats)),
+            None => cost,
         });
         let result = match cost {
             Some(c) => ledger.settle(&self.request_id, c.total_msats, note).await,
@@ -179,23 +191,71 @@ pub async fn handle(
     if choices > MAX_CHOICES {
         return Err(ApiError::BadRequest(format!("at most {MAX_CHOICES} completions per request")));
     }
-    let routes = price_routes(&node, &model)?;
+    let local = price_routes(&node, &model);
 
     let stream = json.as_ref().and_then(|j| j.get("stream")).and_then(Value::as_bool).unwrap_or(false);
-    let max_completion =
-        if path == "embeddings" { 0 } else { max_completion_tokens(json.as_ref(), &routes[0].route, &node) };
-    let prompt_estimate = (body.len() as u64).div_ceil(3);
-    let max_cost =
-        routes.iter().map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats).max().unwrap_or(0);
-
     let forward = Forward {
         method: parts.method,
         path,
         query: parts.uri.query().map(str::to_owned),
+        hops: remote::hops(&parts.headers),
         headers: parts.headers,
         json,
         raw: body,
         stream,
+    };
+    // Providers discovered on Nostr, when routing may use them (never for a request that
+    // already came through a router).
+    let remote_offers = || {
+        if forward.hops >= remote::MAX_HOPS || node.nostr.registry.is_empty() {
+            return Err(remote::NoOffer::Nobody);
+        }
+        let body_len = forward.body_for(&remote_route(&model)).len();
+        remote::offers(&node, &model, forward.json.as_ref(), &forward.path, body_len)
+    };
+    let (routes, max_cost) = match local {
+        Ok(mut routes) => {
+            let max_completion = if forward.path == "embeddings" {
+                0
+            } else {
+                max_completion_tokens(forward.json.as_ref(), &routes[0].route, &node)
+            };
+            let prompt_estimate = (forward.raw.len() as u64).div_ceil(3);
+            let max_cost = routes
+                .iter()
+                .map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats)
+                .max()
+                .unwrap_or(0);
+            // If every local upstream fails: the providers whose price fits this reservation.
+            if let Ok(offers) = remote_offers() {
+                let fitting = offers.into_iter().filter(|o| o.reserve_msat() <= max_cost);
+                routes.extend(fitting.filter_map(|o| remote_priced(&model, o)));
+            }
+            (routes, max_cost)
+        }
+        Err(
+            e @ (ApiError::UnknownModel(_)
+            | ApiError::Unavailable(_)
+            | ApiError::Unpriced(_)
+            | ApiError::PriceUnavailable),
+        ) => match remote_offers() {
+            Ok(offers) => {
+                let max_cost = offers.iter().map(remote::RemoteOffer::reserve_msat).max().unwrap_or(0);
+                let routes: Vec<PricedRoute> = offers.into_iter().filter_map(|o| remote_priced(&model, o)).collect();
+                if routes.is_empty() {
+                    return Err(e);
+                }
+                (routes, max_cost)
+            }
+            Err(remote::NoOffer::Refused(err)) => return Err(err),
+            Err(remote::NoOffer::Nobody) if node.upstreams.is_empty() && node.settings.remote_routing => {
+                return Err(ApiError::Unavailable(format!(
+                    "this node has no upstream of its own and no provider discovered on Nostr sells '{model}' right now"
+                )))
+            }
+            Err(remote::NoOffer::Nobody) => return Err(e),
+        },
+        Err(e) => return Err(e),
     };
     // From here on the work runs in its own task: a client that goes away (even while its token
     // is being redeemed) cannot leave a reservation behind.
@@ -254,7 +314,7 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
     for route in routes {
         let Some(upstream) = node.upstreams.get(route.upstream).cloned() else { continue };
         match node.policy.msat_prices(&route, upstream.markup, rate) {
-            Ok(prices) => priced.push(PricedRoute { route, upstream, prices }),
+            Ok(prices) => priced.push(PricedRoute { route, upstream, prices, remote: None }),
             Err(e) => last_err = Some(e),
         }
     }
@@ -264,6 +324,38 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
     // Healthy upstreams first; cooling ones stay as a last resort.
     priced.sort_by_key(|r| r.upstream.is_cooling_down());
     Ok(priced)
+}
+
+/// The route of a request bought from a discovered provider: the model under its own name.
+fn remote_route(model: &str) -> ModelRoute {
+    ModelRoute {
+        id: model.to_owned(),
+        upstream_model: model.to_owned(),
+        upstream: usize::MAX,
+        usd: None,
+        context_length: None,
+        max_completion_tokens: None,
+        raw: Arc::new(Value::Null),
+    }
+}
+
+fn remote_priced(model: &str, offer: remote::RemoteOffer) -> Option<PricedRoute> {
+    let spec = crate::upstream::UpstreamSpec {
+        name: if offer.name.is_empty() { offer.provider.chars().take(12).collect() } else { offer.name.clone() },
+        base_url: format!("{}/v1", offer.base_url),
+        api_key: None,
+        api_key_env: None,
+        models: Vec::new(),
+        aliases: Default::default(),
+        markup: 1.0,
+    };
+    let upstream = Upstream::from_spec(spec, crate::pricing::Markup::NONE).ok()?;
+    Some(PricedRoute {
+        route: remote_route(model),
+        upstream: Arc::new(upstream),
+        prices: offer.prices.clone(),
+        remote: Some(offer),
+    })
 }
 
 /// The most completion tokens a request can produce: the largest limit it gives (upstreams
@@ -286,6 +378,8 @@ struct Forward {
     json: Option<Value>,
     raw: Bytes,
     stream: bool,
+    /// Routers the request came through (`X-Routstr-Hops`).
+    hops: u64,
 }
 
 impl Forward {
@@ -356,23 +450,76 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
     let mut last_failure = None;
     for priced in &routes {
         let body = forward.body_for(&priced.route);
-        let sent = forward.request(&node.client, &priced.upstream, body).send().await;
-        let failure = match sent {
-            Ok(resp) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+        let mut req = forward.request(&node.client, &priced.upstream, body);
+        // A discovered provider is paid up front with a token from our wallet.
+        let mut spend = None;
+        if let Some(offer) = &priced.remote {
+            match remote::pay(&node, &metering.request_id, offer).await {
+                Ok(s) => {
+                    req = req
+                        .header(crate::payment::X_CASHU, s.token.as_str())
+                        .header(remote::HOPS_HEADER, (forward.hops + 1).to_string());
+                    spend = Some(s);
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %metering.request_id, provider = %offer.name, error = %e, "could not pay the provider");
+                    last_failure = Some(Failure::Transport(e));
+                    continue;
+                }
+            }
+        }
+        let sent = req.send().await;
+        let failure = match (sent, &spend, &priced.remote) {
+            (Ok(resp), Some(spend), Some(offer)) if !resp.status().is_success() => {
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
+                let change = remote::change_from_headers(&headers);
+                if !remote::refused(status, &body) {
+                    // The provider judged the request itself (a client error): passed on.
+                    remote::finish(&node, spend, change.as_deref(), false, None).await;
+                    node.router.record_success(&offer.provider);
+                    let (_, change) = metering.settle(&priced.prices, None, "the provider refused the request").await;
+                    let mut out = passthrough_error(status, &headers, body, &metering.request_id);
+                    add_change_header(&mut out, change.as_ref());
+                    let _ = respond.send(Ok(out));
+                    return;
+                }
+                remote::finish(&node, spend, change.as_deref(), false, None).await;
+                Failure::Transport(ApiError::Upstream(format!("provider {} answered {status}", offer.name)))
+            }
+            (Ok(resp), _, _) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
                 let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
                 Failure::Status(status, headers, body)
             }
-            Ok(resp) => {
-                priced.upstream.record_success();
-                deliver(metering, priced, resp, respond).await;
+            (Ok(resp), _, _) => {
+                match &priced.remote {
+                    Some(offer) => node.router.record_success(&offer.provider),
+                    None => priced.upstream.record_success(),
+                }
+                deliver(metering, priced, resp, respond, spend).await;
                 return;
             }
-            Err(e) if e.is_timeout() => Failure::Transport(ApiError::UpstreamTimeout),
-            Err(e) => Failure::Transport(ApiError::Upstream(describe(&e))),
+            (Err(e), spend, offer) => {
+                if let Some(spend) = spend {
+                    remote::finish(&node, spend, None, false, None).await;
+                }
+                match (offer, e.is_timeout()) {
+                    (Some(o), true) => Failure::Transport(ApiError::Upstream(format!("provider {} timed out", o.name))),
+                    (Some(o), false) => {
+                        Failure::Transport(ApiError::Upstream(format!("could not reach provider {}", o.name)))
+                    }
+                    (None, true) => Failure::Transport(ApiError::UpstreamTimeout),
+                    (None, false) => Failure::Transport(ApiError::Upstream(describe(&e))),
+                }
+            }
         };
-        priced.upstream.record_failure(threshold, cooldown);
+        match &priced.remote {
+            Some(offer) => node.router.record_failure(&offer.provider),
+            None => priced.upstream.record_failure(threshold, cooldown),
+        }
         tracing::warn!(request_id = %metering.request_id, upstream = %priced.upstream.name, "upstream failed; trying the next one if any");
         last_failure = Some(failure);
     }
@@ -446,7 +593,13 @@ fn add_change_header(resp: &mut Response<Body>, change: Option<&PaidOut>) {
 }
 
 /// An upstream answered (not 5xx/429): meter its answer and pass it on.
-async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: Respond) {
+async fn deliver(
+    metering: Metering,
+    priced: &PricedRoute,
+    resp: reqwest::Response,
+    respond: Respond,
+    spend: Option<remote::Spend>,
+) {
     let status = resp.status();
     let content_type = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     if !status.is_success() {
@@ -460,19 +613,35 @@ async fn deliver(metering: Metering, priced: &PricedRoute, resp: reqwest::Respon
         return;
     }
     if content_type.starts_with("text/event-stream") {
-        stream_answer(metering, priced, resp, respond).await;
+        stream_answer(metering, priced, resp, respond, spend).await;
     } else {
-        whole_answer(metering, priced, resp, respond).await;
+        whole_answer(metering, priced, resp, respond, spend).await;
     }
 }
 
 /// A non-streaming answer: read it whole, charge its usage, add the cost, send it.
-async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::Response, respond: Respond) {
+async fn whole_answer(
+    metering: Metering,
+    priced: &PricedRoute,
+    resp: reqwest::Response,
+    respond: Respond,
+    spend: Option<remote::Spend>,
+) {
     let status = resp.status();
     let head = response_head(status, resp.headers());
+    let remote_change = remote::change_from_headers(resp.headers());
+    let reported_cost = resp
+        .headers()
+        .get("x-routstr-cost-msats")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|total| json!({ "total_msats": total }));
     let body = match http::read_response(resp, MAX_UPSTREAM_BODY).await {
         Ok(body) => body,
         Err(err) => {
+            if let Some(spend) = &spend {
+                remote::finish(&metering.node, spend, remote_change.as_deref(), true, None).await;
+            }
             let (_, change) = metering.settle(&priced.prices, None, "upstream answer unreadable").await;
             let mut out = http::error_response(&err, &metering.request_id);
             add_change_header(&mut out, change.as_ref());
@@ -490,7 +659,25 @@ async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::R
     };
     let note =
         if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
-    let (cost, change) = metering.settle(&priced.prices, usage, note).await;
+    let (cost, change) = match (&spend, &priced.remote) {
+        (Some(spend), Some(offer)) => {
+            // Charged what the provider kept, with our markup; by usage at its prices (with our
+            // markup) when its change is not known yet.
+            let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
+            let due = remote::change_due(spend.amount_msat, theirs.as_ref());
+            let returned = remote::finish(&metering.node, spend, remote_change.as_deref(), true, due).await;
+            match returned {
+                Some(returned) => {
+                    let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
+                    metering.settle_cost(Some(cost), "remote provider").await
+                }
+                None => {
+                    metering.settle(&priced.prices, usage, "remote provider: change unknown, charged by usage").await
+                }
+            }
+        }
+        _ => metering.settle(&priced.prices, usage, note).await,
+    };
     let body = match (&mut parsed, &cost) {
         (Some(v), Some(cost)) => {
             usage::insert_cost(v, usage::cost_json(cost, metering.usd(cost)));
@@ -509,16 +696,27 @@ async fn whole_answer(metering: Metering, priced: &PricedRoute, resp: reqwest::R
 /// A streaming answer: every event goes out as it arrives. The event carrying usage is held
 /// until the stream's end so the cost can be added to it; `X-Cashu` change follows as a
 /// `cashu-change` event; then the terminal event.
-async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwest::Response, respond: Respond) {
+async fn stream_answer(
+    metering: Metering,
+    priced: &PricedRoute,
+    mut resp: reqwest::Response,
+    respond: Respond,
+    spend: Option<remote::Spend>,
+) {
     let (tx, body) = ChannelBody::new(STREAM_DEPTH);
     let head = response_head(resp.status(), resp.headers());
     let out = head.body(body.boxed()).unwrap_or_else(|_| Response::new(http::empty()));
     if respond.send(Ok(out)).is_err() {
         // The client left before the answer began.
         drop(resp);
+        if let Some(spend) = &spend {
+            remote::finish(&metering.node, spend, None, true, None).await;
+        }
         metering.settle(&priced.prices, None, "client left before the stream began").await;
         return;
     }
+    // A remote provider's change arrives as an event of its own, never shown to our client.
+    let mut remote_change: Option<String> = None;
     let mut splitter = usage::SseSplitter::default();
     let mut events = Vec::with_capacity(8);
     let mut held: Option<Bytes> = None;
@@ -540,6 +738,12 @@ async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwe
             Ok(Some(bytes)) => {
                 splitter.push(bytes, &mut events);
                 for event in events.drain(..) {
+                    if spend.is_some() {
+                        if let Some(token) = remote::change_event(&event) {
+                            remote_change = token.or(remote_change);
+                            continue;
+                        }
+                    }
                     let info = usage::inspect_event(&event);
                     if let Some(u) = info.usage {
                         seen_usage = Some(seen_usage.map_or(u, |s| usage::merge(s, u)));
@@ -587,7 +791,25 @@ async fn stream_answer(metering: Metering, priced: &PricedRoute, mut resp: reqwe
         (false, true) => "estimated: client left mid-stream",
         (false, false) => "estimated: no usage reported",
     };
-    let (cost, change) = metering.settle(&priced.prices, charged_usage, note).await;
+    let (cost, change) = match (&spend, &priced.remote) {
+        (Some(spend), Some(offer)) => {
+            let theirs = held.as_deref().and_then(usage::event_json).as_ref().and_then(remote::their_cost);
+            // The provider's cost is final only when its stream ended properly.
+            let due = if terminal.is_some() { remote::change_due(spend.amount_msat, theirs.as_ref()) } else { None };
+            let returned = remote::finish(&metering.node, spend, remote_change.as_deref(), true, due).await;
+            match returned {
+                Some(returned) => {
+                    let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
+                    metering.settle_cost(Some(cost), "remote provider").await
+                }
+                None => {
+                    let note = "remote provider: change unknown, charged by usage";
+                    metering.settle(&priced.prices, charged_usage, note).await
+                }
+            }
+        }
+        _ => metering.settle(&priced.prices, charged_usage, note).await,
+    };
     if client_gone {
         return;
     }

@@ -214,6 +214,11 @@ pub fn inspect_event(event: &[u8]) -> EventInfo {
     EventInfo { terminal: v.get("type").and_then(Value::as_str) == Some("message_stop"), usage: find_usage(&v) }
 }
 
+/// The JSON of an event's data, if it has any.
+pub fn event_json(event: &[u8]) -> Option<Value> {
+    serde_json::from_str(&data_payload(event)?).ok()
+}
+
 /// The event with `cost` added to its usage; the `event:` line is kept.
 pub fn event_with_cost(event: &[u8], cost: Value) -> Option<Bytes> {
     let data = data_payload(event)?;

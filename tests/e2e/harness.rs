@@ -28,12 +28,17 @@ pub struct Harness {
     pub data_dir: PathBuf,
     /// Token value this test handed the node that the node should have credited (msat).
     pub paid_in_msat: u64,
+    /// What the operator put straight into the node's wallet (`routstr-node wallet receive`).
+    pub operator_in_msat: u64,
 }
 
 #[derive(Default)]
 pub struct Options {
     pub stand_in: StandInConfig,
     pub env: Vec<(&'static str, String)>,
+    /// Variables left out of the node's environment (e.g. `UPSTREAM_BASE_URL` for a node
+    /// without an upstream of its own).
+    pub unset: Vec<&'static str>,
     pub mint_fee_ppk: u64,
 }
 
@@ -107,6 +112,12 @@ impl Node {
         }
     }
 
+    /// The mints the node trusts (its `CASHU_MINTS`).
+    pub fn mints(&self) -> Vec<String> {
+        let list = self.env.iter().find(|(k, _)| k == "CASHU_MINTS").map(|(_, v)| v.as_str()).unwrap_or_default();
+        list.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::to_owned).collect()
+    }
+
     /// This node's environment with one variable replaced (to start another node like it).
     pub fn env_with(&self, key: &str, value: &str) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = self.env.iter().filter(|(k, _)| k != key).cloned().collect();
@@ -157,14 +168,16 @@ impl Harness {
             // Hermetic: no public relays. The Nostr tests turn it on with their own relay.
             ("NOSTR_ENABLED".into(), "false".into()),
         ];
-        // `{PORT}` in a value becomes the node's port (e.g. HTTP_URL=http://127.0.0.1:{PORT}).
+        // `{PORT}` in a value becomes the node's port (e.g. HTTP_URL=http://127.0.0.1:{PORT}),
+        // `{MINT}` this harness's mint.
         let port = free_port();
         for (k, v) in options.env {
             env.retain(|(ek, _)| ek != k);
-            env.push((k.to_owned(), v.replace("{PORT}", &port.to_string())));
+            env.push((k.to_owned(), v.replace("{PORT}", &port.to_string()).replace("{MINT}", &mint.url)));
         }
+        env.retain(|(k, _)| !options.unset.contains(&k.as_str()));
         let node = Node::start_on(port, env).await;
-        Harness { mint, upstream, node, http: reqwest::Client::new(), data_dir, paid_in_msat: 0 }
+        Harness { mint, upstream, node, http: reqwest::Client::new(), data_dir, paid_in_msat: 0, operator_in_msat: 0 }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -226,13 +239,15 @@ impl Harness {
     }
 
     /// The conservation check: every msat paid in is a balance, a charge or a payout, the
-    /// wallet's proofs match, nothing is left reserved, and no secret reached the logs.
+    /// wallet's proofs match (net of what remote providers kept), nothing is left reserved or
+    /// unsettled, and no secret reached the logs.
     pub async fn assert_conserved(&self) -> Totals {
         let t = self.totals();
         assert!(t.conserved(), "ledger not conserved: {t:?}");
         assert_eq!(t.open_reservations, 0, "reservations left open: {t:?}");
         assert_eq!(t.reserved_msat, 0, "msat left reserved: {t:?}");
         assert_eq!(t.pending_redemptions, 0, "redemptions left pending: {t:?}");
+        assert_eq!(t.remote_open, 0, "remote payments left unsettled: {t:?}");
         assert_eq!(
             t.credited_msat + t.redemption_fees_msat,
             self.paid_in_msat,
@@ -241,15 +256,15 @@ impl Harness {
         let wallet = WalletService::open(
             &self.data_dir.join("wallet.sqlite"),
             &self.data_dir.join("wallet.seed"),
-            std::slice::from_ref(&self.mint.url),
+            &self.node.mints(),
         )
         .await
         .expect("open the node's wallet");
         let held: u64 = wallet.balances().await.expect("balances").iter().map(|b| b.balance_msat).sum();
         assert_eq!(
             held,
-            t.credited_msat - t.paid_out_msat - t.payout_fees_msat,
-            "wallet proofs = credited - paid out - payout fees: {t:?}"
+            t.credited_msat + self.operator_in_msat - t.paid_out_msat - t.payout_fees_msat - t.remote_net_msat(),
+            "wallet proofs = credited + operator's deposits - paid out - payout fees - kept by remote providers: {t:?}"
         );
         assert!(held >= t.liabilities_msat(), "the wallet must cover users' balances: {held} < {t:?}");
         self.assert_no_secrets_in_logs();

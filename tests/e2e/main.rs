@@ -8,3 +8,4 @@ mod failures;
 mod harness;
 mod nostr;
 mod paying;
+mod routing;

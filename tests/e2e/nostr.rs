@@ -18,7 +18,7 @@ use crate::harness::{Harness, Options};
 const ONION: &str = "http://aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.onion";
 
 /// A relay in process; `db` is the store it serves from (events can be put there directly).
-async fn start_relay() -> (LocalRelay, String, Arc<MemoryDatabase>) {
+pub async fn start_relay() -> (LocalRelay, String, Arc<MemoryDatabase>) {
     let db = Arc::new(MemoryDatabase::with_opts(MemoryDatabaseOptions { events: true, max_events: None }));
     let relay = LocalRelay::new(RelayBuilder::default().database(db.clone()));
     relay.run().await.expect("relay runs");
@@ -54,7 +54,7 @@ async fn fetch(client: &Client, filter: Filter) -> Vec<Event> {
     client.fetch_events(filter, Duration::from_secs(5)).await.expect("fetch").into_iter().collect()
 }
 
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,

@@ -1,0 +1,194 @@
+//! Routing to discovered providers: node A sells through its upstream and announces itself on
+//! an in-process relay; node B has no upstream, discovers A, and serves its own paying clients
+//! by buying from A with eCash from its wallet. Money is conserved on each node and between them.
+
+use routstr_node::demo::mint::mint_token;
+use routstr_node::ledger::open_reader;
+use serde_json::{json, Value};
+
+use crate::harness::{chat, Harness, Options};
+use crate::nostr::{eventually, start_relay};
+
+/// B's remote payments: (token value, change credited back, state), oldest first.
+fn remote_spends(h: &Harness) -> Vec<(u64, u64, String)> {
+    let conn = open_reader(&h.data_dir.join("ledger.sqlite")).expect("ledger");
+    let mut stmt = conn.prepare("SELECT amount_msat, change_msat, state FROM remote_spends ORDER BY id").unwrap();
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get(2)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+fn chat_with_limit(stream: bool, max_tokens: u64) -> Value {
+    let mut body = chat(stream);
+    body["max_tokens"] = json!(max_tokens);
+    body
+}
+
+/// 110 % of what the provider kept, rounded up to the msat.
+fn marked_up(kept_msat: u64) -> u64 {
+    (kept_msat * 11).div_ceil(10)
+}
+
+/// Money between the nodes: what B sent A (less the tokens A never redeemed, which B took back
+/// itself) is what A credited; the change A paid back is what B got back; what B spent is what
+/// A charged.
+async fn assert_conserved_between(a: &mut Harness, b: &Harness, never_redeemed_msat: u64) {
+    let tb = b.totals();
+    let spends = remote_spends(b);
+    let sent: u64 = spends.iter().filter(|s| s.2 != "failed").map(|s| s.0).sum();
+    a.paid_in_msat = sent - never_redeemed_msat;
+    let ta = a.assert_conserved().await;
+    b.assert_conserved().await;
+    assert_eq!(tb.remote_sent_msat, sent, "no wallet fees at these mints: {tb:?}");
+    assert_eq!(
+        ta.credited_msat + ta.redemption_fees_msat,
+        tb.remote_sent_msat - never_redeemed_msat,
+        "B sent = A credited: {ta:?} {tb:?}"
+    );
+    let taken_back_by_b: u64 = spends.iter().filter(|s| s.2 == "settled").map(|s| s.1).sum();
+    assert_eq!(tb.remote_returned_msat, taken_back_by_b);
+    assert_eq!(
+        tb.remote_returned_msat,
+        ta.paid_out_msat + never_redeemed_msat,
+        "B got back what A returned: {ta:?} {tb:?}"
+    );
+    assert_eq!(tb.remote_net_msat(), ta.charged_msat, "what B spent is what A charged: {ta:?} {tb:?}");
+}
+
+#[tokio::test]
+async fn a_node_without_upstream_buys_from_a_discovered_provider() {
+    let (_relay, relay_url, _) = start_relay().await;
+    let mut a = Harness::start_with(
+        "route-a",
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("RELAYS", relay_url.clone()),
+                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
+                ("NAME", "node-a".into()),
+                ("NOSTR_CHECK_SECONDS", "1".into()),
+                ("NOSTR_DISCOVERY", "false".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    // B: no upstream; trusts its own mint (where its clients pay) and A's (where it pays A).
+    let mut b = Harness::start_with(
+        "route-b",
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("RELAYS", relay_url.clone()),
+                ("NAME", "node-b".into()),
+                ("CASHU_MINTS", format!("{{MINT}},{}", a.mint.url)),
+                // Checked once when discovered, then not again during the test (A going down
+                // later must be found out by paying it, not by a health check).
+                ("NOSTR_HEALTH_SECONDS", "3600".into()),
+                ("REMOTE_MARKUP", "1.1".into()),
+                ("MAX_REMOTE_PRICE_SATS", "1000".into()),
+            ],
+            unset: vec!["UPSTREAM_BASE_URL", "UPSTREAM_API_KEY"],
+            ..Default::default()
+        },
+    )
+    .await;
+    eventually("B discovers A selling gpt-test", 40, || async {
+        let list = b.get("/v1/providers?model=gpt-test", None).await.json;
+        let first = list["providers"].as_array()?.first()?.clone();
+        (first["name"] == "node-a" && first["health"] == "ok").then_some(())
+    })
+    .await;
+
+    // Unfunded, B cannot buy: a clear error, and the client's X-Cashu comes back whole.
+    let token = b.token(20, false).await;
+    let r = b.post_with("/v1/chat/completions", &[("X-Cashu", &token)], &chat_with_limit(false, 2000)).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert!(r.json["error"]["message"].as_str().unwrap().contains("wallet cannot pay"), "{}", r.text);
+    let change = r.header("x-cashu").expect("full change").to_owned();
+    assert_eq!(b.redeem(&change).await * 1000, 20_000);
+    b.paid_in_msat += 20_000;
+    assert!(remote_spends(&b).iter().all(|s| s.2 == "failed"));
+
+    // The operator funds B's wallet at A's mint.
+    let funds = mint_token(&a.mint.url, 200, false).await.unwrap();
+    let out = b.node.cli(&["wallet", "receive", &funds]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    b.operator_in_msat += 200_000;
+
+    // JSON, paid from a key at B: B buys from A, keeps its markup, the client sees one answer.
+    let key = b.key(100).await;
+    let r = b.post("/v1/chat/completions", Some(&key), &chat_with_limit(false, 2000)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.json["choices"][0]["message"]["content"].as_str().unwrap().starts_with("Hello from the stand-in"));
+    assert!(r.header("x-cashu").is_none(), "A's change must not reach B's client");
+    let spends = remote_spends(&b);
+    let (sent, back, state) = spends.last().unwrap().clone();
+    assert_eq!(state, "settled");
+    // 2000 completion tokens at 2 msat + the prompt: a 5-sat token; A used a few msat of it.
+    assert_eq!(sent, 5_000);
+    assert_eq!(back, 4_000, "A returned the unused whole sats");
+    let cost = marked_up(sent - back);
+    assert_eq!(r.header("x-routstr-cost-msats"), Some(cost.to_string().as_str()));
+    assert_eq!(r.json["usage"]["cost"]["total_msats"], cost);
+    assert_eq!(b.balance(&key).await, (100_000 - cost, 0));
+    let ta = a.totals();
+    assert_eq!((ta.credited_msat, ta.paid_out_msat, ta.charged_msat), (5_000, 4_000, 1_000));
+    assert_eq!(a.upstream.requests(), 1, "A's upstream served it");
+    assert_conserved_between(&mut a, &b, 0).await;
+
+    // Streaming, paid with X-Cashu at B: real SSE through both nodes; A's change event is taken
+    // by B, B's own change event goes to the client.
+    let token = b.token(50, false).await;
+    let r = b.post_with("/v1/chat/completions", &[("X-Cashu", &token)], &chat_with_limit(true, 2000)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    b.paid_in_msat += 50_000;
+    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    let words: String =
+        r.sse_data().iter().filter_map(|d| d["choices"][0]["delta"]["content"].as_str().map(str::to_owned)).collect();
+    assert!(words.starts_with("Hello from the stand-in"), "{}", r.text);
+    assert_eq!(r.text.matches("event: cashu-change").count(), 1, "only B's change event: {}", r.text);
+    assert!(r.text.trim_end().ends_with("data: [DONE]"));
+    let (sent, back, state) = remote_spends(&b).last().unwrap().clone();
+    assert_eq!((sent, back, state.as_str()), (5_000, 4_000, "settled"));
+    let cost = marked_up(sent - back);
+    let cost_chunk = r.sse_data().into_iter().find(|d| d["usage"]["cost"].is_object()).expect("a cost chunk");
+    let charged = cost_chunk["usage"]["cost"]["total_msats"].as_u64().unwrap();
+    // B's client pays in whole sats too: B's rounding on top of its markup.
+    assert_eq!(charged, cost + cost_chunk["usage"]["cost"]["rounding_msats"].as_u64().unwrap_or(0));
+    let change_event = r
+        .text
+        .split("\n\n")
+        .find(|e| e.starts_with("event: cashu-change"))
+        .and_then(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .unwrap();
+    let redeemed = b.redeem(change_event["token"].as_str().unwrap()).await * 1000;
+    assert_eq!(redeemed, change_event["msats"].as_u64().unwrap());
+    assert_eq!(redeemed + charged, 50_000, "the client got everything it did not pay for");
+    assert_conserved_between(&mut a, &b, 0).await;
+
+    // Over MAX_REMOTE_PRICE_SATS (1,000,000 tokens at 2 msat = 2000 sats): refused up front.
+    let before = (b.balance(&key).await, remote_spends(&b).len(), a.totals());
+    let r = b.post("/v1/chat/completions", Some(&key), &chat_with_limit(false, 1_000_000)).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    let message = r.json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("MAX_REMOTE_PRICE_SATS") && message.contains("2001 sats"), "{message}");
+    assert_eq!((b.balance(&key).await, remote_spends(&b).len(), a.totals()), before, "nothing moved");
+
+    // A goes down: B fails cleanly, releases the client's reservation, takes its token back.
+    a.node.kill().await;
+    let token = b.token(20, false).await;
+    let r = b.post_with("/v1/chat/completions", &[("X-Cashu", &token)], &chat_with_limit(false, 2000)).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(r.json["error"]["message"].as_str().unwrap().contains("could not reach provider node-a"), "{}", r.text);
+    let change = r.header("x-cashu").expect("full change").to_owned();
+    assert_eq!(b.redeem(&change).await * 1000, 20_000);
+    b.paid_in_msat += 20_000;
+    let (sent, back, state) = remote_spends(&b).last().unwrap().clone();
+    assert_eq!((sent, back, state.as_str()), (5_000, 5_000, "settled"), "B took its unredeemed token back");
+    let r = b.post("/v1/chat/completions", Some(&key), &chat_with_limit(false, 2000)).await;
+    assert_eq!(r.status, 503, "A cools down after failing: nobody sells gpt-test now: {}", r.text);
+    assert!(r.json["error"]["message"].as_str().unwrap().contains("no provider discovered on Nostr sells"));
+    assert_eq!(b.balance(&key).await.1, 0);
+    assert_conserved_between(&mut a, &b, 5_000).await;
+}
