@@ -292,25 +292,33 @@ async fn main() {
     n_stream.headers.push(("x-stand-in-chunks".into(), chunks.into()));
     n_stream.headers.push(("x-stand-in-delay-ms".into(), "1".into()));
     d_stream.headers.push(("x-stand-in-delay-ms".into(), "1".into()));
-    let runs = if opts.quick { 2 } else { 10 };
-    let (mut dt, mut dg, mut nt, mut ng) = (0.0, 0.0, 0.0, 0.0);
+    let runs = if opts.quick { 3 } else { 21 };
+    let (mut dt, mut dg, mut nt, mut ng) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let (t, g, _) = stream_timing(&d_stream).await;
-        dt += t;
-        dg += g;
+        dt.push(t);
+        dg.push(g);
         let (t, g, frames) = stream_timing(&n_stream).await;
-        nt += t;
-        ng += g;
+        nt.push(t);
+        ng.push(g);
         assert!(frames > 10, "the node streamed chunk by chunk ({frames} frames)");
     }
-    let runs_f = runs as f64;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
     rows.push(Row {
-        what: format!("stream time to first byte ({chunks} chunks, 1 ms apart)"),
-        direct: dt / runs_f,
-        node: nt / runs_f,
+        what: format!("stream time to first byte, median ({chunks} chunks, 1 ms apart)"),
+        direct: median(dt),
+        node: median(nt),
         unit: "ms",
     });
-    rows.push(Row { what: "stream gap between chunks".into(), direct: dg / runs_f, node: ng / runs_f, unit: "ms" });
+    rows.push(Row {
+        what: "stream gap between chunks, median".into(),
+        direct: median(dg),
+        node: median(ng),
+        unit: "ms",
+    });
 
     // X-Cashu: each request redeems a fresh token and pays change; compare to the mint's own swap.
     let xruns = if opts.quick { 3 } else { 20 };
