@@ -103,6 +103,9 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         );
         return Ok(resp);
     }
+    if crate::admin::is_admin_path(&path) {
+        return crate::admin::handle(node, req, request_id).await;
+    }
     match (&method, rest) {
         (&Method::GET, "" | "info") => Ok(info(node, onion)),
         (&Method::GET, "health") => Ok(http::json_response(StatusCode::OK, &json!({ "status": "ok" }))),
@@ -117,7 +120,14 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         }
         (_, r) if versioned || BARE_PROXY_PATHS.contains(&r) => {
             let r = r.to_owned();
-            crate::proxy::handle(node.clone(), req, r, request_id.to_owned()).await
+            // The proxy names the model in the slot; the request is counted for /metrics.
+            let (slot, started) = (crate::admin::ModelSlot::default(), std::time::Instant::now());
+            let mut req = req;
+            req.extensions_mut().insert(slot.clone());
+            let result = crate::proxy::handle(node.clone(), req, r.clone(), request_id.to_owned()).await;
+            let status = result.as_ref().map(|resp| resp.status()).unwrap_or_else(|e| e.status());
+            node.admin.metrics.record(request_id, &r, slot.get().unwrap_or(""), status.as_u16(), started.elapsed());
+            result
         }
         _ => Err(ApiError::NotFound(path)),
     }

@@ -11,9 +11,12 @@ pub fn init_logging(settings: &Settings) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(&settings.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // The dashboard keeps the latest lines that name a request (admin::logs).
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let _ = match settings.log_format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().finish().with(crate::admin::logs::CaptureLayer).try_init(),
+        LogFormat::Text => builder.finish().with(crate::admin::logs::CaptureLayer).try_init(),
     };
 }
 

@@ -314,6 +314,27 @@ pub struct Settings {
     /// How often change still held by a remote provider is asked back, seconds.
     #[arg(long, env = "REMOTE_RECOVERY_SECONDS", default_value_t = 60)]
     pub remote_recovery_seconds: u64,
+
+    // --- Admin ---
+    /// The admin dashboard's password. Unset: one is generated at first start and printed once
+    /// to stderr. Only its argon2 hash is stored (DATA_DIR/admin-password); changing this
+    /// variable replaces the password and ends every admin session.
+    #[arg(long, env = "ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<crate::secret::Secret>,
+    /// Serve the dashboard, the admin API and /metrics on the onion service too (behind the same
+    /// login; /metrics needs none). Clearnet serves them to loopback clients only.
+    #[arg(long, env = "ADMIN_ONION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub admin_onion: bool,
+    /// Client IPs besides loopback allowed to reach /admin and /metrics (comma separated, e.g. a
+    /// Prometheus host or a Docker bridge gateway).
+    #[arg(long, env = "ADMIN_ALLOW_IPS", value_delimiter = ',')]
+    pub admin_allow_ips: Vec<IpAddr>,
+    /// How long an admin login lasts, in hours (sessions survive restarts).
+    #[arg(long, env = "ADMIN_SESSION_HOURS", default_value_t = 168)]
+    pub admin_session_hours: u64,
+    /// Login attempts allowed per client per minute (wrong or right); more get 429.
+    #[arg(long, env = "ADMIN_LOGIN_ATTEMPTS_PER_MINUTE", default_value_t = 5)]
+    pub admin_login_attempts_per_minute: u32,
 }
 
 impl Settings {

@@ -8,6 +8,7 @@
 //! change), `proxy` (the metered request path), `api` (routing and the node's own endpoints),
 //! `server` (the listener), `node` (wiring), `cli` (operator commands).
 
+pub mod admin;
 pub mod api;
 pub mod catalog;
 pub mod cli;

@@ -93,6 +93,8 @@ pub struct Node {
     pub nostr: Arc<crate::nostr::Nostr>,
     /// Routing to discovered providers: which ones failed recently.
     pub router: crate::proxy::remote::Router,
+    /// The operator's dashboard, admin API and metrics.
+    pub admin: crate::admin::Admin,
 }
 
 impl Node {
@@ -183,6 +185,7 @@ impl Node {
             default_max_completion_tokens: settings.default_max_completion_tokens,
         };
         let nostr = Arc::new(crate::nostr::Nostr::new(&settings).map_err(NodeError::Config)?);
+        let admin = crate::admin::Admin::open(&settings).map_err(NodeError::Config)?;
         let node = Arc::new(Node {
             inflight: Arc::default(),
             rate_limiter: crate::ratelimit::RateLimiter::new(settings.rate_limit_per_minute),
@@ -197,6 +200,7 @@ impl Node {
             tor,
             nostr,
             router: Default::default(),
+            admin,
         });
         node.refresh_catalog().await?;
         Ok(node)

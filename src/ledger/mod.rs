@@ -14,6 +14,7 @@
 //! holds credited − paid out − payout fees − (remote sent − remote change returned), plus
 //! whatever the operator put in or took out directly.
 
+mod admin;
 mod schema;
 mod store;
 
@@ -23,6 +24,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
+pub use admin::*;
 pub use store::open_reader;
 use store::Store;
 

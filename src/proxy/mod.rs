@@ -184,6 +184,9 @@ pub async fn handle(
         }
     };
     let model = json.as_ref().and_then(|j| j.get("model")).and_then(Value::as_str).unwrap_or_default().to_owned();
+    if let Some(slot) = parts.extensions.get::<crate::admin::ModelSlot>() {
+        slot.set(&model); // the label of this request in /metrics
+    }
     if parts.method == Method::POST && model.is_empty() && BODY_NEEDS_MODEL.contains(&path.as_str()) {
         return Err(ApiError::BadRequest("the request has no \"model\"".into()));
     }

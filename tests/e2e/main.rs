@@ -2,6 +2,7 @@
 //! Every test ends with the conservation check.
 #![cfg(feature = "demo")]
 
+mod admin;
 mod concurrency;
 mod deployment;
 mod failures;

@@ -1,0 +1,454 @@
+//! `/admin/api/…`: JSON for the dashboard. Every route but `login` and `session` needs a live
+//! session; POSTs must be JSON and, when the browser says where they come from (`Origin`), come
+//! from this very host.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE, HOST, ORIGIN, SET_COOKIE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+
+use super::auth::{self, LoginError, MIN_PASSWORD_LEN, SESSION_COOKIE};
+use crate::error::ApiError;
+use crate::http::{self, Body};
+use crate::node::Node;
+use crate::pricing::msat_to_sats;
+use crate::server::{ClientIp, Origin};
+
+const BODY_LIMIT: usize = 16 * 1024;
+
+fn ok(value: Value) -> Result<Response<Body>, ApiError> {
+    Ok(http::json_response(StatusCode::OK, &value))
+}
+
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    let raw = query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })?;
+    // Hex hashes, numbers and request ids: %-decoding of ASCII is all that is needed.
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let decoded =
+            (bytes[i] == b'%').then(|| raw.get(i + 1..i + 3)).flatten().and_then(|h| u8::from_str_radix(h, 16).ok());
+        match decoded {
+            Some(b) => {
+                out.push(b);
+                i += 3;
+            }
+            None => {
+                out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+fn number(query: Option<&str>, name: &str, default: u32, max: u32) -> u32 {
+    query_param(query, name).and_then(|v| v.parse().ok()).unwrap_or(default).min(max)
+}
+
+/// Who is logging in, for the attempt limit.
+fn client_of(req: &Request<Incoming>) -> String {
+    match (req.extensions().get::<Origin>(), req.extensions().get::<ClientIp>()) {
+        (Some(Origin::Onion), _) => "onion".to_owned(),
+        (_, Some(ClientIp(ip))) => ip.to_string(),
+        _ => "unknown".to_owned(),
+    }
+}
+
+/// A POST must be JSON (a cross-site form cannot send that without CORS) and, if the browser
+/// names its origin, be same-origin.
+fn check_post(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let headers = req.headers();
+    let json = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json"));
+    if !json {
+        return Err(ApiError::BadRequest("admin POSTs must be application/json".into()));
+    }
+    if let Some(origin) = headers.get(ORIGIN).and_then(|v| v.to_str().ok()) {
+        let host = headers.get(HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+        if origin_host != host {
+            return Err(ApiError::Conflict("cross-origin admin request refused".into()));
+        }
+    }
+    Ok(())
+}
+
+async fn json_body(req: Request<Incoming>) -> Result<Value, ApiError> {
+    let body = http::read_limited(req.into_body(), BODY_LIMIT).await?;
+    if body.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+fn session_cookie(token: &str, max_age: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={token}; Path=/admin; HttpOnly; SameSite=Strict; Max-Age={max_age}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn login_error(e: LoginError) -> ApiError {
+    match e {
+        LoginError::RateLimited(secs) => ApiError::RateLimited { retry_after_secs: secs },
+        LoginError::WrongPassword => ApiError::InvalidKey,
+        LoginError::Internal(e) => ApiError::Internal(e),
+    }
+}
+
+pub async fn handle(
+    node: &Arc<Node>,
+    req: Request<Incoming>,
+    rest: &str,
+    _request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let admin = &node.admin;
+    let method = req.method().clone();
+    let query = req.uri().query().map(str::to_owned);
+    let query = query.as_deref();
+    if method == Method::POST {
+        check_post(&req)?;
+    }
+    let token = auth::session_token(req.headers());
+    let authenticated = token.as_deref().is_some_and(|t| admin.auth.is_valid(t));
+    match (&method, rest) {
+        (&Method::POST, "login") => {
+            let client = client_of(&req);
+            let body = json_body(req).await?;
+            let password = body.get("password").and_then(Value::as_str).unwrap_or_default();
+            let token = admin.auth.login(&client, password).await.map_err(login_error)?;
+            tracing::info!(client = %client, "admin login");
+            let mut resp = http::json_response(StatusCode::OK, &json!({ "ok": true, "token": token }));
+            resp.headers_mut().insert(SET_COOKIE, session_cookie(&token, admin.auth.session_secs()));
+            return Ok(resp);
+        }
+        (&Method::GET, "session") => return ok(json!({ "authenticated": authenticated })),
+        _ => {}
+    }
+    if !authenticated {
+        return Err(ApiError::InvalidKey);
+    }
+    match (&method, rest) {
+        (&Method::POST, "logout") => {
+            if let Some(t) = &token {
+                admin.auth.logout(t);
+            }
+            let mut resp = http::json_response(StatusCode::OK, &json!({ "ok": true }));
+            resp.headers_mut().insert(SET_COOKIE, session_cookie("", 0));
+            Ok(resp)
+        }
+        (&Method::POST, "password") => {
+            let client = client_of(&req);
+            let body = json_body(req).await?;
+            let current = body.get("current").and_then(Value::as_str).unwrap_or_default();
+            let new = body.get("new").and_then(Value::as_str).unwrap_or_default();
+            if new.chars().count() < MIN_PASSWORD_LEN {
+                return Err(ApiError::BadRequest(format!(
+                    "the new password needs at least {MIN_PASSWORD_LEN} characters"
+                )));
+            }
+            let token = admin.auth.change_password(&client, current, new).await.map_err(login_error)?;
+            tracing::info!("admin password changed; other sessions ended");
+            let mut resp = http::json_response(StatusCode::OK, &json!({ "ok": true, "token": token }));
+            resp.headers_mut().insert(SET_COOKIE, session_cookie(&token, admin.auth.session_secs()));
+            Ok(resp)
+        }
+        (&Method::GET, "overview") => overview(node).await,
+        (&Method::GET, "wallet") => ok(wallet(node).await?),
+        (&Method::POST, "withdraw") => {
+            let body = json_body(req).await?;
+            withdraw(node, &body).await
+        }
+        (&Method::GET, "keys") => {
+            let q = query_param(query, "q").unwrap_or_default().to_ascii_lowercase();
+            if !q.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(ApiError::BadRequest("q is the start of a key hash (hex)".into()));
+            }
+            let limit = number(query, "limit", 50, 500);
+            let offset = number(query, "offset", 0, u32::MAX);
+            let (keys, total) = node.ledger().admin_keys(q, limit, offset).await?;
+            ok(json!({ "keys": keys, "total": total }))
+        }
+        (&Method::GET, r) if r.starts_with("keys/") && !r[5..].contains('/') => {
+            let hash = r[5..].to_owned();
+            let (key, requests) =
+                node.ledger().admin_key(hash).await?.ok_or_else(|| ApiError::NotFoundResource("no such key".into()))?;
+            ok(json!({ "key": key, "requests": requests }))
+        }
+        (&Method::POST, r) if r.starts_with("keys/") && r.ends_with("/adjust") => {
+            let hash = r[5..r.len() - "/adjust".len()].to_owned();
+            let body = json_body(req).await?;
+            adjust(node, hash, &body).await
+        }
+        (&Method::POST, r) if r.starts_with("keys/") && r.ends_with("/revoke") => {
+            let hash = r[5..r.len() - "/revoke".len()].to_owned();
+            let body = json_body(req).await?;
+            let revoked = body.get("revoked").and_then(Value::as_bool).unwrap_or(true);
+            let key = node.ledger().admin_set_revoked(hash, revoked).await.map_err(not_found_key)?;
+            tracing::info!(revoked, "admin changed a key's revocation");
+            ok(json!({ "key": key }))
+        }
+        (&Method::GET, "transactions") => {
+            let limit = number(query, "limit", 100, 1000);
+            let before = query_param(query, "before").and_then(|v| v.parse::<i64>().ok());
+            ok(json!({ "transactions": node.ledger().admin_transactions(limit, before).await? }))
+        }
+        (&Method::GET, "upstreams") => ok(upstreams(node)),
+        (&Method::GET, "models") => ok(node.catalog().to_json(&node.upstreams, &node.policy, node.rates.get())),
+        (&Method::GET, "nostr") => ok(nostr(node)),
+        (&Method::GET, "tor") => ok(json!({
+            "onion_service": node.settings.onion_service,
+            "tor_outbound": node.settings.tor_outbound,
+            "clearnet_listen": node.settings.clearnet_listen,
+            "onion_url": node.settings.onion_url.clone().or_else(|| node.tor.as_ref()?.onion_url()),
+            "status": node.tor.as_ref().map(|t| t.status()),
+            "admin_onion": node.settings.admin_onion,
+        })),
+        (&Method::GET, "settings") => ok(json!({ "settings": settings(&node.settings) })),
+        (&Method::GET, "requests") => {
+            let limit = number(query, "limit", 100, 1000) as usize;
+            ok(json!({ "requests": admin.metrics.recent(limit) }))
+        }
+        (&Method::GET, "logs") => {
+            let id = query_param(query, "request_id")
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| ApiError::BadRequest("request_id is required".into()))?;
+            ok(json!({
+                "request_id": id,
+                "request": admin.metrics.find(&id),
+                "ledger": node.ledger().admin_request(id.clone()).await?,
+                "lines": super::logs::for_request(&id),
+            }))
+        }
+        (_, r) if KNOWN.iter().any(|k| r == *k || r.starts_with("keys/")) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound(format!("/admin/api/{rest}"))),
+    }
+}
+
+const KNOWN: &[&str] = &[
+    "login",
+    "logout",
+    "session",
+    "password",
+    "overview",
+    "wallet",
+    "withdraw",
+    "keys",
+    "transactions",
+    "upstreams",
+    "models",
+    "nostr",
+    "tor",
+    "settings",
+    "requests",
+    "logs",
+];
+
+fn not_found_key(e: crate::ledger::LedgerError) -> ApiError {
+    match e {
+        crate::ledger::LedgerError::KeyNotFound => ApiError::NotFoundResource("no such key".into()),
+        other => other.into(),
+    }
+}
+
+/// The money: per mint, next to users' balances, and the operator's earnings.
+async fn wallet(node: &Node) -> Result<Value, ApiError> {
+    let balances = node.wallet().balances().await?;
+    let totals = node.ledger().totals().await?;
+    let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
+    let earnings = held.saturating_sub(totals.liabilities_msat());
+    Ok(json!({
+        "mints": balances.iter().map(|b| json!({
+            "mint_url": b.mint_url, "unit": b.unit, "balance_msat": b.balance_msat, "pending_msat": b.pending_msat,
+        })).collect::<Vec<_>>(),
+        "wallet_msat": held,
+        "user_balances_msat": totals.balances_msat,
+        "reserved_msat": totals.reserved_msat,
+        "earnings_msat": earnings,
+        "earnings_sat": msat_to_sats(earnings),
+        "undercovered": held < totals.liabilities_msat(),
+        "totals": totals,
+    }))
+}
+
+async fn overview(node: &Node) -> Result<Response<Body>, ApiError> {
+    let money = wallet(node).await?;
+    let now = crate::ledger::now_secs();
+    let since = now - now.rem_euclid(3600) - 23 * 3600;
+    let usage = node.ledger().admin_usage(since, 3600).await?;
+    let (requests, errors) = node.admin.metrics.counts();
+    ok(json!({
+        "node": {
+            "name": node.settings.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "npub": node.nostr.npub(),
+            "uptime_seconds": node.admin.metrics.uptime().as_secs(),
+            "models": node.catalog().len(),
+            "upstreams": node.upstreams.len(),
+        },
+        "money": money,
+        "requests_since_start": requests,
+        "errors_since_start": errors,
+        "in_flight": node.inflight.count(),
+        "usage": { "since": since, "bucket_seconds": 3600, "buckets": usage },
+        "hours": node.admin.metrics.hours(),
+    }))
+}
+
+/// `POST /admin/api/withdraw {"amount_sat": N, "mint": "…"?}`: earnings out as a Cashu token.
+/// Refused when N is more than the earnings: the wallet minus every user's balance (reserved
+/// included), counted once over all mints.
+async fn withdraw(node: &Node, body: &Value) -> Result<Response<Body>, ApiError> {
+    let amount_sat = body
+        .get("amount_sat")
+        .and_then(Value::as_u64)
+        .filter(|a| *a > 0)
+        .ok_or_else(|| ApiError::BadRequest("amount_sat (a positive number of sats) is required".into()))?;
+    let amount_msat = amount_sat.saturating_mul(1000);
+    let _one_at_a_time = node.admin.earnings_lock.lock().await;
+    let balances = node.wallet().balances().await?;
+    let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
+    let totals = node.ledger().totals().await?;
+    let earnings = held.saturating_sub(totals.liabilities_msat());
+    if amount_msat > earnings {
+        return Err(ApiError::Conflict(format!(
+            "refused: {amount_sat} sat is more than the operator's earnings ({} sat); the rest backs users' balances",
+            earnings / 1000
+        )));
+    }
+    let mint = match body.get("mint").and_then(Value::as_str).filter(|m| !m.is_empty()) {
+        Some(m) => m.to_owned(),
+        None => balances
+            .iter()
+            .max_by_key(|b| b.balance_msat)
+            .map(|b| b.mint_url.clone())
+            .ok_or_else(|| ApiError::Conflict("the wallet is empty".into()))?,
+    };
+    let sent = node.wallet().send(&mint, amount_msat).await?;
+    tracing::info!(amount_sat, mint = %sent.mint_url, fee_msat = sent.fee_msat, "admin withdrew earnings");
+    ok(json!({
+        "token": sent.token,
+        "amount_sat": amount_sat,
+        "mint": sent.mint_url,
+        "fee_msat": sent.fee_msat,
+    }))
+}
+
+/// `POST /admin/api/keys/{hash}/adjust {"delta_msat": ±N, "note": "…"}`. A credit comes out
+/// of the operator's earnings and is refused beyond them.
+async fn adjust(node: &Node, hash: String, body: &Value) -> Result<Response<Body>, ApiError> {
+    let delta = body
+        .get("delta_msat")
+        .and_then(Value::as_i64)
+        .filter(|d| *d != 0)
+        .ok_or_else(|| ApiError::BadRequest("delta_msat (a non-zero number of msat) is required".into()))?;
+    let note = body.get("note").and_then(Value::as_str).unwrap_or("").chars().take(200).collect::<String>();
+    let _one_at_a_time = node.admin.earnings_lock.lock().await;
+    if delta > 0 {
+        let held: u64 = node.wallet().balances().await?.iter().map(|b| b.balance_msat).sum();
+        let earnings = held.saturating_sub(node.ledger().totals().await?.liabilities_msat());
+        if delta.unsigned_abs() > earnings {
+            return Err(ApiError::Conflict(format!(
+                "refused: a credit of {delta} msat is more than the operator's earnings ({earnings} msat)"
+            )));
+        }
+    }
+    let key = node.ledger().admin_adjust(hash, delta, note).await.map_err(not_found_key)?;
+    tracing::info!(delta_msat = delta, "admin adjusted a key's balance");
+    ok(json!({ "key": key }))
+}
+
+fn upstreams(node: &Node) -> Value {
+    let list: Vec<Value> = node
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "name": u.name,
+                "base_url": u.base_url,
+                "has_api_key": u.api_key.is_some(),
+                "markup": u.markup.factor(),
+                "models": u.models,
+                "aliases": u.aliases,
+                "health": u.health(),
+            })
+        })
+        .collect();
+    json!({
+        "upstreams": list,
+        "exchange_fee": node.settings.exchange_fee,
+        "fixed_pricing": node.settings.fixed_pricing,
+        "btc_usd": node.rates.get().map(|r| r.usd_per_btc()),
+    })
+}
+
+fn nostr(node: &Node) -> Value {
+    let stats = node.nostr.stats();
+    json!({
+        "enabled": node.settings.nostr_enabled,
+        "discovery": node.settings.nostr_discovery,
+        "npub": node.nostr.npub(),
+        "provider_id": stats.d,
+        "relays": node.nostr.relays.iter().map(|r| json!({ "url": r.url, "read": r.read, "write": r.write })).collect::<Vec<_>>(),
+        "announcements_signed": stats.announcements_signed,
+        "price_lists_signed": stats.price_lists_signed,
+        "providers": node.nostr.providers_json(None)["providers"].clone(),
+    })
+}
+
+/// The settings as `--help` names them, from their debug form (secrets print redacted).
+fn settings(settings: &crate::config::Settings) -> Vec<Value> {
+    let text = format!("{settings:#?}");
+    let mut out: Vec<Value> = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines().skip(1) {
+        let top = line.starts_with("    ") && !line[4..].starts_with(' ');
+        if top {
+            if let Some((name, value)) = current.take() {
+                out.push(json!({ "name": name.to_ascii_uppercase(), "value": value.trim_end_matches(',') }));
+            }
+            if let Some((name, value)) = line.trim().split_once(": ") {
+                current = Some((name.to_owned(), value.to_owned()));
+            }
+        } else if let Some((_, value)) = current.as_mut() {
+            if line != "}" {
+                value.push(' ');
+                value.push_str(line.trim());
+            }
+        }
+    }
+    if let Some((name, value)) = current.take() {
+        out.push(json!({ "name": name.to_ascii_uppercase(), "value": value.trim_end_matches(',') }));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_listed_and_secrets_redacted() {
+        let mut s = crate::config::Settings::from_env().unwrap();
+        s.upstream_api_key = Some(crate::secret::Secret::new("sk-upstream-very-secret"));
+        s.admin_password = Some(crate::secret::Secret::new("hunter2hunter2"));
+        let list = settings(&s);
+        let text = serde_json::to_string(&list).unwrap();
+        assert!(!text.contains("very-secret") && !text.contains("hunter2"));
+        assert!(list.iter().any(|v| v["name"] == "PORT"));
+        assert!(list.iter().any(|v| v["name"] == "CASHU_MINTS"));
+    }
+
+    #[test]
+    fn query_params() {
+        assert_eq!(query_param(Some("q=ab&limit=5"), "limit").as_deref(), Some("5"));
+        assert_eq!(query_param(Some("request_id=req%2D1"), "request_id").as_deref(), Some("req-1"));
+        assert_eq!(query_param(Some("x=%4"), "x").as_deref(), Some("%4"));
+    }
+}
