@@ -26,7 +26,7 @@ use serde::Serialize;
 
 pub use admin::*;
 pub use store::open_reader;
-use store::Store;
+use store::{Answer, Store};
 
 use crate::config::LedgerSync;
 
@@ -235,13 +235,17 @@ impl Ledger {
         model: &str,
     ) -> Result<(), LedgerError> {
         let (key_hash, request_id, model) = (key_hash.to_owned(), request_id.to_owned(), model.to_owned());
+        // Visible, not durable: later jobs see the reservation at once, and it reaches the disk
+        // with its batch. Lost to a crash before that, it is as if released at the next start,
+        // which is what happens to every open reservation anyway.
         self.store
-            .run(move |c| {
-                let updated = c.execute(
-                    "UPDATE keys SET reserved_msat = reserved_msat + ?1
-                     WHERE key_hash = ?2 AND revoked = 0 AND balance_msat - reserved_msat >= ?1",
-                    params![to_i64(amount_msat), key_hash],
-                )?;
+            .submit(Answer::Visible, move |c| {
+                let updated = c
+                    .prepare_cached(
+                        "UPDATE keys SET reserved_msat = reserved_msat + ?1
+                         WHERE key_hash = ?2 AND revoked = 0 AND balance_msat - reserved_msat >= ?1",
+                    )?
+                    .execute(params![to_i64(amount_msat), key_hash])?;
                 if updated == 0 {
                     return Err(match read_key(c, &key_hash)? {
                         None => LedgerError::KeyNotFound,
@@ -249,11 +253,11 @@ impl Ledger {
                         Some(k) => LedgerError::Insufficient { required: amount_msat, available: k.available_msat() },
                     });
                 }
-                c.execute(
+                c.prepare_cached(
                     "INSERT INTO reservations (request_id, key_hash, amount_msat, state, model, created_at)
                      VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
-                    params![request_id, key_hash, to_i64(amount_msat), model, now_secs()],
-                )?;
+                )?
+                .execute(params![request_id, key_hash, to_i64(amount_msat), model, now_secs()])?;
                 Ok(())
             })
             .await
@@ -263,14 +267,25 @@ impl Ledger {
     /// from the balance. A cost above the reservation is taken from the free balance as far as it
     /// goes; the rest is recorded as uncollected. Runs at most once per reservation.
     pub async fn settle(&self, request_id: &str, cost_msat: u64, note: &str) -> Result<Settled, LedgerError> {
-        let (request_id, note) = (request_id.to_owned(), note.to_owned());
-        self.store.run(move |c| end_reservation(c, &request_id, Some(cost_msat), &note)).await
+        self.end(request_id, Some(cost_msat), note).await
     }
 
     /// Ends a reservation charging nothing. Idempotent.
     pub async fn release(&self, request_id: &str, note: &str) -> Result<Settled, LedgerError> {
+        self.end(request_id, None, note).await
+    }
+
+    /// Ends a reservation (`Some(cost)` charges it, `None` releases it), queued NOW: every ledger
+    /// job submitted after this call sees the result, so a caller may answer its client before
+    /// awaiting the returned future, which resolves once the change is durable.
+    pub fn end(
+        &self,
+        request_id: &str,
+        cost_msat: Option<u64>,
+        note: &str,
+    ) -> impl std::future::Future<Output = Result<Settled, LedgerError>> + Send + 'static {
         let (request_id, note) = (request_id.to_owned(), note.to_owned());
-        self.store.run(move |c| end_reservation(c, &request_id, None, &note)).await
+        self.store.submit(Answer::Durable, move |c| end_reservation(c, &request_id, cost_msat, &note))
     }
 
     /// Whether a reservation is still open (a request using it is running).
@@ -838,32 +853,30 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
 }
 
 fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
-    Ok(c.query_row(
+    Ok(c.prepare_cached(
         "SELECT balance_msat, reserved_msat, spent_msat, requests, mint_url, refund_address, expiry_time, revoked
          FROM keys WHERE key_hash = ?1",
-        [key_hash],
-        |r| {
-            Ok(KeyInfo {
-                balance_msat: to_u64(r.get(0)?),
-                reserved_msat: to_u64(r.get(1)?),
-                spent_msat: to_u64(r.get(2)?),
-                requests: to_u64(r.get(3)?),
-                mint_url: r.get(4)?,
-                refund_address: r.get(5)?,
-                expiry_time: r.get(6)?,
-                revoked: r.get::<_, i64>(7)? != 0,
-            })
-        },
-    )
+    )?
+    .query_row([key_hash], |r| {
+        Ok(KeyInfo {
+            balance_msat: to_u64(r.get(0)?),
+            reserved_msat: to_u64(r.get(1)?),
+            spent_msat: to_u64(r.get(2)?),
+            requests: to_u64(r.get(3)?),
+            mint_url: r.get(4)?,
+            refund_address: r.get(5)?,
+            expiry_time: r.get(6)?,
+            revoked: r.get::<_, i64>(7)? != 0,
+        })
+    })
     .optional()?)
 }
 
 /// Ends an open reservation exactly once: `Some(cost)` charges, `None` releases.
 fn end_reservation(c: &Connection, request_id: &str, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
     let row: Option<(String, i64, String)> = c
-        .query_row("SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1", [request_id], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
+        .prepare_cached("SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1")?
+        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((key_hash, amount, state)) = row else {
         return Err(LedgerError::Schema(format!("no reservation for request {request_id}")));
@@ -880,27 +893,28 @@ fn end_reservation(c: &Connection, request_id: &str, cost: Option<u64>, note: &s
     let collectable = amount.saturating_add(key.available_msat());
     let charged = wanted.min(collectable);
     let uncollected = wanted - charged;
-    let updated = c.execute(
-        "UPDATE reservations SET state = ?2, charged_msat = ?3, uncollected_msat = ?4, note = ?5, ended_at = ?6
-         WHERE request_id = ?1 AND state = 'open'",
-        params![
+    let updated = c
+        .prepare_cached(
+            "UPDATE reservations SET state = ?2, charged_msat = ?3, uncollected_msat = ?4, note = ?5, ended_at = ?6
+             WHERE request_id = ?1 AND state = 'open'",
+        )?
+        .execute(params![
             request_id,
             if cost.is_some() { "charged" } else { "released" },
             to_i64(charged),
             to_i64(uncollected),
             note,
             now_secs()
-        ],
-    )?;
+        ])?;
     if updated != 1 {
         return Err(LedgerError::Schema(format!("reservation {request_id} changed underneath")));
     }
-    c.execute(
+    c.prepare_cached(
         "UPDATE keys SET reserved_msat = reserved_msat - ?2, balance_msat = balance_msat - ?3,
              spent_msat = spent_msat + ?3, requests = requests + ?4
          WHERE key_hash = ?1",
-        params![key_hash, to_i64(amount), to_i64(charged), i64::from(cost.is_some())],
-    )?;
+    )?
+    .execute(params![key_hash, to_i64(amount), to_i64(charged), i64::from(cost.is_some())])?;
     if uncollected > 0 {
         tracing::warn!(request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
     }

@@ -1,9 +1,14 @@
 //! The ledger's writer thread: one SQLite connection, jobs from a queue, group commit.
 //!
 //! Every job runs inside its own savepoint of a shared transaction; the transaction commits once
-//! for the whole batch, and only after that commit are the jobs' results sent back. So a caller
-//! that got `Ok` knows its change is durable (to the `synchronous` level configured), while a busy
-//! node pays one fsync per batch instead of one per request.
+//! for the whole batch, so a busy node pays one fsync per batch instead of one per request.
+//!
+//! Jobs run strictly in the order they were submitted, and each sees every earlier job's
+//! changes. A `Durable` job is answered after the batch committed: its caller knows the change is
+//! on disk (to the `synchronous` level configured). A `Visible` job is answered as soon as it ran:
+//! later jobs see its change, which reaches the disk with the batch. Reservations are `Visible`
+//! (losing one to a crash is the same as releasing it at the next start, which happens to every
+//! open reservation anyway); everything that moves money for good is `Durable`.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -15,7 +20,21 @@ use tokio::sync::oneshot;
 use super::LedgerError;
 use crate::config::LedgerSync;
 
-type Job = Box<dyn FnOnce(&Connection) -> Box<dyn FnOnce() + Send> + Send>;
+type Reply = Box<dyn FnOnce() + Send>;
+
+struct Job {
+    run: Box<dyn FnOnce(&Connection) -> Reply + Send>,
+    durable: bool,
+}
+
+/// When a job's caller hears back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// After the batch's commit.
+    Durable,
+    /// As soon as the job ran (its change is visible to later jobs, durable with the batch).
+    Visible,
+}
 
 /// Most jobs in one commit; bounds the latency of the first job of a batch.
 const MAX_BATCH: usize = 256;
@@ -52,27 +71,42 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
     {
+        self.submit(Answer::Durable, f).await
+    }
+
+    /// Queues `f` now (so its place in the order is fixed when this returns) and gives a future
+    /// of its result, answered as `answer` says.
+    pub fn submit<T, F>(&self, answer: Answer, f: F) -> impl std::future::Future<Output = Result<T, LedgerError>> + Send
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
         let (reply_tx, reply_rx) = oneshot::channel::<Result<T, LedgerError>>();
-        let job: Job = Box::new(move |conn: &Connection| {
-            let result = in_savepoint(conn, f);
-            Box::new(move || {
-                let _ = reply_tx.send(result);
-            }) as Box<dyn FnOnce() + Send>
-        });
-        let jobs = self.jobs.clone();
-        // The queue is bounded: a full queue blocks, so hand the send to the blocking pool only
-        // when it would block.
-        match jobs.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(job)) => {
+        let job = Job {
+            run: Box::new(move |conn: &Connection| {
+                let result = in_savepoint(conn, f);
+                Box::new(move || {
+                    let _ = reply_tx.send(result);
+                }) as Reply
+            }),
+            durable: answer == Answer::Durable,
+        };
+        // The queue is bounded: a full queue blocks, so only then is the send handed to the
+        // blocking pool (under such backpressure the order among those callers is not kept).
+        let queued = match self.jobs.try_send(job) {
+            Ok(()) => Ok(None),
+            Err(mpsc::TrySendError::Full(job)) => Ok(Some((self.jobs.clone(), job))),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(LedgerError::Closed),
+        };
+        async move {
+            if let Some((jobs, job)) = queued? {
                 tokio::task::spawn_blocking(move || jobs.send(job))
                     .await
                     .map_err(|_| LedgerError::Closed)?
                     .map_err(|_| LedgerError::Closed)?;
             }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(LedgerError::Closed),
+            reply_rx.await.map_err(|_| LedgerError::Closed)?
         }
-        reply_rx.await.map_err(|_| LedgerError::Closed)?
     }
 }
 
@@ -86,6 +120,7 @@ fn open_connection(path: &Path, sync: LedgerSync) -> Result<Connection, LedgerEr
     };
     conn.pragma_update(None, "synchronous", level)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
 
@@ -106,10 +141,11 @@ fn restrict_permissions(path: &Path) {
 fn restrict_permissions(_path: &Path) {}
 
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-    conn.execute_batch("SAVEPOINT job")?;
+    // Cached statements: these run twice per job, on the hot path.
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {
@@ -141,7 +177,15 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) -> Vec<Box<dyn FnOnce() + Send>
         // The jobs are dropped unanswered: their callers get LedgerError::Closed, not a false Ok.
         return Vec::new();
     }
-    let replies: Vec<_> = batch.into_iter().map(|job| job(conn)).collect();
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        let reply = (job.run)(conn);
+        if job.durable {
+            replies.push(reply);
+        } else {
+            reply();
+        }
+    }
     match conn.execute_batch("COMMIT") {
         Ok(()) => replies,
         Err(e) => {

@@ -53,7 +53,8 @@ pub struct Stats {
 impl Nostr {
     /// Loads (or creates) the identity and reads the relay list. Connects nothing yet.
     pub fn new(settings: &Settings) -> Result<Nostr, String> {
-        let keys = identity::load_or_create(settings.nsec.as_ref().map(|s| s.expose()), &settings.data_dir.join("nostr.key"))?;
+        let keys =
+            identity::load_or_create(settings.nsec.as_ref().map(|s| s.expose()), &settings.data_dir.join("nostr.key"))?;
         let relays = relays::resolve(&settings.relays, settings.relays_path.as_deref())?;
         let timeout = Duration::from_secs(settings.nostr_timeout_seconds.max(1));
         Ok(Nostr {

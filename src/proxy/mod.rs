@@ -100,6 +100,11 @@ struct PricedRoute {
     remote: Option<remote::RemoteOffer>,
 }
 
+/// A settlement queued in the ledger, resolving once durable.
+type QueuedSettlement = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<crate::ledger::Settled, crate::ledger::LedgerError>> + Send>,
+>;
+
 /// What the settling task needs to know about the request.
 struct Metering {
     node: Arc<Node>,
@@ -116,16 +121,27 @@ impl Metering {
 
     /// Charges `cost` (or releases everything when `None`), then pays `X-Cashu` change.
     async fn settle_cost(&self, cost: Option<Cost>, note: &str) -> (Option<Cost>, Option<PaidOut>) {
-        let ledger = self.node.ledger();
+        let (cost, queued) = self.queue_settlement(cost, note);
+        let cost = self.settled(cost, queued).await;
+        let change = self.pay_change().await;
+        (cost, change)
+    }
+
+    /// Queues the charge (or release) in the ledger now: every later ledger job, such as the
+    /// client's next balance query, already sees it. Returns the cost as charged (with the
+    /// rounding of a stateless payment) and the settlement to await.
+    fn queue_settlement(&self, cost: Option<Cost>, note: &str) -> (Option<Cost>, QueuedSettlement) {
         let cost = cost.map(|cost| match &self.payer.xcashu {
             Some(x) => cost.with_rounding(x.rounding_after(cost.total_msats)),
             None => cost,
         });
-        let result = match cost {
-            Some(c) => ledger.settle(&self.request_id, c.total_msats, note).await,
-            None => ledger.release(&self.request_id, note).await,
-        };
-        let cost = match result {
+        let queued = Box::pin(self.node.ledger().end(&self.request_id, cost.map(|c| c.total_msats), note));
+        (cost, queued)
+    }
+
+    /// Waits for a queued settlement to be durable; the cost actually charged.
+    async fn settled(&self, cost: Option<Cost>, queued: QueuedSettlement) -> Option<Cost> {
+        match queued.await {
             Ok(settled) => cost.map(|c| {
                 if settled.charged_msat < c.total_msats {
                     // Only part could be collected: report what was charged.
@@ -142,9 +158,7 @@ impl Metering {
                 tracing::error!(request_id = %self.request_id, error = %e, "settlement failed; the reservation stays open until restart");
                 cost
             }
-        };
-        let change = self.pay_change().await;
-        (cost, change)
+        }
     }
 
     async fn pay_change(&self) -> Option<PaidOut> {
@@ -662,6 +676,7 @@ async fn whole_answer(
     };
     let note =
         if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
+    let mut pending: Option<QueuedSettlement> = None;
     let (cost, change) = match (&spend, &priced.remote) {
         (Some(spend), Some(offer)) => {
             // Charged what the provider kept, with our markup; by usage at its prices (with our
@@ -679,6 +694,13 @@ async fn whole_answer(
                 }
             }
         }
+        _ if metering.payer.xcashu.is_none() => {
+            // A key pays: the charge is queued (every later ledger read sees it) and the answer
+            // goes out now; the charge reaches the disk with its batch, awaited below.
+            let (cost, queued) = metering.queue_settlement(usage.map(|u| priced.prices.cost(&u)), note);
+            pending = Some(queued);
+            (cost, None)
+        }
         _ => metering.settle(&priced.prices, usage, note).await,
     };
     let body = match (&mut parsed, &cost) {
@@ -694,6 +716,9 @@ async fn whole_answer(
     }
     add_change_header(&mut out, change.as_ref());
     let _ = respond.send(Ok(out));
+    if let Some(queued) = pending {
+        metering.settled(cost, queued).await;
+    }
 }
 
 /// A streaming answer: every event goes out as it arrives. The event carrying usage is held
