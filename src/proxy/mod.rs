@@ -690,7 +690,8 @@ async fn whole_answer(
                     metering.settle_cost(Some(cost), "remote provider").await
                 }
                 None => {
-                    metering.settle(&priced.prices, usage, "remote provider: change unknown, charged by usage").await
+                    let cost = usage.map(|u| remote::estimated_charge(offer, &u));
+                    metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
                 }
             }
         }
@@ -831,8 +832,8 @@ async fn stream_answer(
                     metering.settle_cost(Some(cost), "remote provider").await
                 }
                 None => {
-                    let note = "remote provider: change unknown, charged by usage";
-                    metering.settle(&priced.prices, charged_usage, note).await
+                    let cost = charged_usage.map(|u| remote::estimated_charge(offer, &u));
+                    metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
                 }
             }
         }

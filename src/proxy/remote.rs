@@ -63,8 +63,10 @@ pub struct RemoteOffer {
     /// The token's value: the provider's maximum cost for this request, in whole sats.
     pub token_msat: u64,
     pub markup: Markup,
-    /// The provider's prices with our markup, for charging by usage when the change is unknown.
+    /// The provider's prices with our markup (what the request is shown to cost per token).
     pub prices: MsatPrices,
+    /// The provider's own prices, for estimating what it keeps when its change is unknown.
+    pub provider_prices: MsatPrices,
     latency_ms: u64,
 }
 
@@ -231,6 +233,7 @@ pub fn offers(
             token_msat,
             markup,
             prices: with_markup(&prices, markup),
+            provider_prices: prices,
             latency_ms: offer.latency_ms,
         });
     }
@@ -448,6 +451,14 @@ pub fn charge(offer: &RemoteOffer, sent_msat: u64, change_msat: u64, theirs: Opt
     Cost::new(total.saturating_sub(input + output), input, output)
 }
 
+/// What the client pays when the provider's change is not known yet (it is recovered later):
+/// the provider's price for `usage`, rounded up to whole sats as a stateless payment is, with our
+/// markup.
+pub fn estimated_charge(offer: &RemoteOffer, usage: &crate::pricing::Usage) -> Cost {
+    let kept = offer.provider_prices.cost(usage).total_msats.div_ceil(1000).saturating_mul(1000);
+    charge(offer, kept.min(offer.token_msat), 0, None)
+}
+
 /// The provider's `usage.cost` in an answer or event.
 pub fn their_cost(v: &Value) -> Option<Value> {
     ["/usage/cost", "/message/usage/cost", "/response/usage/cost"].iter().find_map(|p| v.pointer(p)).cloned()
@@ -580,6 +591,7 @@ mod tests {
             token_msat: 10_000,
             markup: Markup::from_factor(1.1).unwrap(),
             prices: MsatPrices::default(),
+            provider_prices: MsatPrices { completion_per_mtok: 2_000_000, ..MsatPrices::default() },
             latency_ms: 0,
         };
         assert_eq!(offer.reserve_msat(), 11_000);
@@ -589,6 +601,8 @@ mod tests {
         let c = charge(&offer, 10_000, 7_000, Some(&theirs));
         assert_eq!((c.input_msats, c.output_msats, c.total_msats), (1_100, 2_200, 3_300));
         assert_eq!(change_due(5_000, Some(&theirs)), Some(2_000));
+        let usage = crate::pricing::Usage { output_tokens: 17, ..Default::default() };
+        assert_eq!(estimated_charge(&offer, &usage).total_msats, 1_100, "34 msat → 1 sat kept → 1.1 sat");
         assert_eq!(change_due(1_000, Some(&json!({"total_msats": 1_000}))), Some(0));
         assert!(refused(reqwest::StatusCode::PAYMENT_REQUIRED, b""));
         assert!(refused(reqwest::StatusCode::BAD_REQUEST, br#"{"error":{"code":"token_already_spent"}}"#));

@@ -54,6 +54,102 @@ async fn assert_conserved_between(a: &mut Harness, b: &Harness, never_redeemed_m
     assert_eq!(tb.remote_net_msat(), ta.charged_msat, "what B spent is what A charged: {ta:?} {tb:?}");
 }
 
+/// Node A (upstream, announced) and node B (no upstream, discovering A, trusting A's mint).
+async fn start_pair(
+    name: &str,
+    b_env: Vec<(&'static str, String)>,
+) -> (nostr_relay_builder::prelude::LocalRelay, Harness, Harness) {
+    let (relay, relay_url, _) = start_relay().await;
+    let a = Harness::start_with(
+        &format!("{name}-a"),
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("RELAYS", relay_url.clone()),
+                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
+                ("NAME", "node-a".into()),
+                ("NOSTR_CHECK_SECONDS", "1".into()),
+                ("NOSTR_DISCOVERY", "false".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut env = vec![
+        ("NOSTR_ENABLED", "true".into()),
+        ("RELAYS", relay_url.clone()),
+        ("NAME", "node-b".into()),
+        ("CASHU_MINTS", format!("{{MINT}},{}", a.mint.url)),
+        ("NOSTR_HEALTH_SECONDS", "3600".into()),
+    ];
+    env.extend(b_env);
+    let b = Harness::start_with(
+        &format!("{name}-b"),
+        Options { env, unset: vec!["UPSTREAM_BASE_URL", "UPSTREAM_API_KEY"], ..Default::default() },
+    )
+    .await;
+    eventually("B discovers A selling gpt-test", 40, || async {
+        let list = b.get("/v1/providers?model=gpt-test", None).await.json;
+        let first = list["providers"].as_array()?.first()?.clone();
+        (first["name"] == "node-a" && first["health"] == "ok").then_some(())
+    })
+    .await;
+    (relay, a, b)
+}
+
+async fn fund(a: &Harness, b: &mut Harness, sats: u64) {
+    let funds = mint_token(&a.mint.url, sats, false).await.unwrap();
+    let out = b.node.cli(&["wallet", "receive", &funds]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    b.operator_in_msat += sats * 1000;
+}
+
+/// B's client leaves mid-stream: B drops A's stream, so A's change never arrives with the
+/// answer. B charges its client by usage, keeps the spend `recovering`, and its background task
+/// gets the change back from A's /v1/balance/refund with the original token.
+#[tokio::test]
+async fn change_left_at_the_provider_is_recovered() {
+    let (_relay, mut a, mut b) = start_pair("route-recover", vec![("REMOTE_RECOVERY_SECONDS", "1".into())]).await;
+    fund(&a, &mut b, 200).await;
+    let key = b.key(100).await;
+    let mut resp = b
+        .http
+        .post(b.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-stand-in-chunks", "40")
+        .header("x-stand-in-delay-ms", "100")
+        .json(&chat_with_limit(true, 2000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().expect("the stream began");
+    assert!(!first.is_empty());
+    drop(resp);
+    b.wait_until_settled().await;
+    let (_, reserved) = b.balance(&key).await;
+    assert_eq!(reserved, 0);
+    // Not settled with the answer…
+    let spends = remote_spends(&b);
+    assert_eq!(spends.len(), 1);
+    assert_eq!(spends[0].0, 5_000);
+    // …but recovered from A.
+    let (sent, back) = eventually("B recovers the change A kept", 40, || async {
+        let s = remote_spends(&b).pop()?;
+        (s.2 == "settled").then_some((s.0, s.1))
+    })
+    .await;
+    assert_eq!(sent, 5_000);
+    assert!(back >= 3_000 && back % 1000 == 0, "A charged a few tokens of 2000 and returned whole sats: {back}");
+    let ta = a.totals();
+    assert_eq!(ta.paid_out_msat, back, "the change A made is the change B got");
+    // Charged before the change was known: A's price for what streamed, in whole sats as A
+    // keeps them, with B's markup; here exactly what A turned out to keep, marked up.
+    let spent_by_client = 100_000 - b.balance(&key).await.0;
+    assert_eq!(spent_by_client, marked_up(sent - back));
+    assert_conserved_between(&mut a, &b, 0).await;
+}
+
 #[tokio::test]
 async fn a_node_without_upstream_buys_from_a_discovered_provider() {
     let (_relay, relay_url, _) = start_relay().await;
