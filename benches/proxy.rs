@@ -64,12 +64,16 @@ impl Target {
     }
 }
 
-async fn connect(addr: &str) -> http1::SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
+async fn try_connect(addr: &str) -> Option<http1::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(addr).await.ok()?;
     stream.set_nodelay(true).ok();
-    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.ok()?;
     tokio::spawn(conn);
-    sender
+    Some(sender)
+}
+
+async fn connect(addr: &str) -> http1::SendRequest<Full<Bytes>> {
+    try_connect(addr).await.expect("connect")
 }
 
 /// Latencies (ns) of every request completed in `duration` over `connections` connections.
@@ -80,9 +84,9 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u
         let target = target.clone();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let mut sender = connect(&target.addr).await;
             let mut latencies = Vec::with_capacity(4096);
             let mut errors = 0u64;
+            let Some(mut sender) = try_connect(&target.addr).await else { return (latencies, 1) };
             while !stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 match sender.send_request(target.request()).await {
@@ -97,7 +101,10 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u
                     }
                     Err(_) => {
                         errors += 1;
-                        sender = connect(&target.addr).await;
+                        match try_connect(&target.addr).await {
+                            Some(s) => sender = s,
+                            None => break,
+                        }
                     }
                 }
             }
@@ -260,7 +267,7 @@ async fn main() {
 
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for conns in [1usize, 64] {
+    for conns in [1usize, 64, 1024] {
         // Warm up both paths.
         load(&direct, conns, Duration::from_millis(200)).await;
         load(&via_node, conns, Duration::from_millis(200)).await;
