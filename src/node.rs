@@ -184,7 +184,7 @@ impl Node {
             ),
             default_max_completion_tokens: settings.default_max_completion_tokens,
         };
-        let nostr = Arc::new(crate::nostr::Nostr::new(&settings).map_err(NodeError::Config)?);
+        let nostr = Arc::new(crate::nostr::Nostr::new(&settings, tor.as_ref()).map_err(NodeError::Config)?);
         let admin = crate::admin::Admin::open(&settings).map_err(NodeError::Config)?;
         let node = Arc::new(Node {
             inflight: Arc::default(),

@@ -71,6 +71,6 @@ async fn one_shot(settings: &Settings, timeout: Duration) -> Result<Vec<Value>, 
     for event in events.iter() {
         registry.ingest(event, now);
     }
-    registry.check_all(&discovery::health_client(timeout), timeout).await;
+    registry.check_all(&discovery::health_client(timeout, None), timeout, false).await;
     Ok(registry.to_json())
 }

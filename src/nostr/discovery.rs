@@ -5,7 +5,8 @@
 //! are dropped, and only the newest event per `(pubkey, d)` is kept (ties: the lowest id, as
 //! NIP-01 says). Health checks fetch `/v1/info` and `/v1/models` of each announced `u`: only
 //! `http(s)` URLs, no redirects, bounded time and bounded body size, since any announcer picks
-//! those URLs.
+//! those URLs. `.onion` URLs are checked through Tor when the node has a Tor client (ONION_SERVICE
+//! or TOR_OUTBOUND), with a longer time bound (a first circuit to an onion service is slow).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -25,6 +26,8 @@ pub const MAX_PROVIDERS: usize = 2000;
 const INFO_BODY_LIMIT: usize = 256 * 1024;
 const MODELS_BODY_LIMIT: usize = 4 * 1024 * 1024;
 const CHECK_CONCURRENCY: usize = 8;
+/// The least time an onion health request gets (descriptor, introduction, rendezvous).
+const ONION_MIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HealthStatus {
@@ -205,15 +208,16 @@ impl Registry {
         }
     }
 
-    /// Checks every provider's health now (a few at a time).
-    pub async fn check_all(&self, http: &reqwest::Client, timeout: Duration) {
+    /// Checks every provider's health now (a few at a time); `.onion` URLs too when `onion`
+    /// (`http` then reaches them through Tor, see [`health_client`]).
+    pub async fn check_all(&self, http: &reqwest::Client, timeout: Duration, onion: bool) {
         let targets: Vec<(Key, Vec<String>)> = match self.inner.read() {
             Ok(inner) => inner.providers.iter().map(|(k, p)| (k.clone(), p.announcement.urls.clone())).collect(),
             Err(_) => return,
         };
         let results: Vec<(Key, Vec<String>, Health)> = futures_util::stream::iter(targets)
             .map(|(key, urls)| async move {
-                let health = probe(http, &urls, timeout).await;
+                let health = probe(http, &urls, timeout, onion).await;
                 (key, urls, health)
             })
             .buffer_unordered(CHECK_CONCURRENCY)
@@ -375,9 +379,18 @@ pub fn table(providers: &[Value], model: Option<&str>) -> String {
     out
 }
 
-/// The HTTP client for health checks: no redirects, bounded connect and total time.
-pub fn health_client(timeout: Duration) -> reqwest::Client {
-    reqwest::Client::builder()
+/// The HTTP client for health checks: no redirects, bounded connect and total time. With a Tor
+/// client, `.onion` hosts (and, with TOR_OUTBOUND, all but loopback) go through Tor.
+pub fn health_client(timeout: Duration, tor: Option<&std::sync::Arc<crate::tor::Tor>>) -> reqwest::Client {
+    let builder = reqwest::Client::builder();
+    let builder = match crate::tor::route(builder, tor) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "health checks without Tor");
+            reqwest::Client::builder()
+        }
+    };
+    builder
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(timeout)
         .timeout(timeout)
@@ -387,10 +400,13 @@ pub fn health_client(timeout: Duration) -> reqwest::Client {
 }
 
 /// The base of an announced URL: `https://x/`, `https://x/v1` → `https://x`. `None` for anything
-/// but http(s), and for onion hosts (they need Tor).
-pub fn probe_base(url: &str) -> Option<String> {
+/// but http(s), and for onion hosts unless `onion` (they need Tor).
+pub fn probe_base(url: &str, onion: bool) -> Option<String> {
     let parsed = reqwest::Url::parse(url).ok()?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str()?.ends_with(".onion") {
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return None;
+    }
+    if !onion && crate::tor::is_onion(&parsed) {
         return None;
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -400,13 +416,17 @@ pub fn probe_base(url: &str) -> Option<String> {
     Some(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned())
 }
 
-async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration) -> Health {
+async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration, onion: bool) -> Health {
     let now = Timestamp::now().as_secs();
     let mut error = None;
     for url in urls {
-        let Some(base) = probe_base(url) else {
+        let Some(base) = probe_base(url, onion) else {
             error.get_or_insert_with(|| format!("{url}: not reachable without Tor or not http(s)"));
             continue;
+        };
+        let timeout = match reqwest::Url::parse(&base).is_ok_and(|u| crate::tor::is_onion(&u)) {
+            true => timeout.max(ONION_MIN_TIMEOUT),
+            false => timeout,
         };
         let started = Instant::now();
         match get_json(http, &format!("{base}/v1/info"), INFO_BODY_LIMIT, timeout).await {
@@ -430,14 +450,15 @@ async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration) -> He
             Err(e) => error = Some(format!("{url}: {e}")),
         }
     }
-    let status = if urls.iter().any(|u| probe_base(u).is_some()) { HealthStatus::Down } else { HealthStatus::Unknown };
+    let status =
+        if urls.iter().any(|u| probe_base(u, onion).is_some()) { HealthStatus::Down } else { HealthStatus::Unknown };
     Health { status, error, checked_at: Some(now), ..Health::default() }
 }
 
 /// GET a JSON document of at most `limit` bytes within `timeout`.
 pub async fn get_json(http: &reqwest::Client, url: &str, limit: usize, timeout: Duration) -> Result<Value, String> {
     let fetch = async {
-        let mut resp = http.get(url).send().await.map_err(|e| short_error(&e))?;
+        let mut resp = http.get(url).timeout(timeout).send().await.map_err(|e| short_error(&e))?;
         if !resp.status().is_success() {
             return Err(format!("HTTP {}", resp.status().as_u16()));
         }
@@ -560,11 +581,16 @@ mod tests {
         let names: Vec<&str> = list.iter().map(|p| p["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["cheap", "fast", "slow", "down"]);
         assert!(table(&list, Some("m")).contains("cheap"));
-        assert_eq!(probe_base("https://x.example/v1/").as_deref(), Some("https://x.example"));
-        assert_eq!(probe_base("http://127.0.0.1:8000").as_deref(), Some("http://127.0.0.1:8000"));
-        assert_eq!(probe_base(&format!("http://{}.onion", "a".repeat(56))), None);
-        assert_eq!(probe_base("file:///etc/passwd"), None);
-        assert_eq!(probe_base("ftp://x.example"), None);
-        assert_eq!(probe_base("http://user:pw@x.example"), None);
+        for tor in [false, true] {
+            assert_eq!(probe_base("https://x.example/v1/", tor).as_deref(), Some("https://x.example"));
+            assert_eq!(probe_base("http://127.0.0.1:8000", tor).as_deref(), Some("http://127.0.0.1:8000"));
+            assert_eq!(probe_base("file:///etc/passwd", tor), None);
+            assert_eq!(probe_base("ftp://x.example", tor), None);
+            assert_eq!(probe_base("http://user:pw@x.example", tor), None);
+        }
+        let onion = format!("http://{}.onion", "a".repeat(56));
+        assert_eq!(probe_base(&onion, false), None, "onion needs Tor");
+        assert_eq!(probe_base(&format!("{onion}/v1"), true), Some(onion.clone()));
+        assert_eq!(probe_base(&format!("https://{}.ONION/", "b".repeat(56)), false), None);
     }
 }

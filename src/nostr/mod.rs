@@ -2,6 +2,8 @@
 //! (kind 38450), and discovery of other providers. PROTOCOL.md §5; docs/nips/routstr-models.md.
 //!
 //! Relays are handled by nostr-sdk's pool, which reconnects each relay on its own with backoff.
+//! With a Tor client, `.onion` relays are reached through its SOCKS5 proxy; with TOR_OUTBOUND,
+//! every relay is (the proxy connects loopback relays directly).
 //! Publishing goes to each write relay separately, each send bounded in time; a relay that
 //! fails is retried later with exponential backoff, never holding up the others.
 
@@ -16,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nostr_sdk::prelude::{
-    Client, Event, Filter, Keys, Kind, PublicKey, RelayPoolNotification, RelayStatus, RelayUrl, Timestamp, ToBech32,
+    Client, ClientOptions, Connection, ConnectionTarget, Event, Filter, Keys, Kind, PublicKey, RelayPoolNotification,
+    RelayStatus, RelayUrl, Timestamp, ToBech32,
 };
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, watch};
@@ -38,6 +41,8 @@ pub struct Nostr {
     pub registry: Arc<Registry>,
     onion: watch::Sender<Option<String>>,
     http: reqwest::Client,
+    /// Whether `http` reaches `.onion` providers (the node has a Tor client).
+    onion_checks: bool,
     timeout: Duration,
     stats: Mutex<Stats>,
 }
@@ -51,17 +56,22 @@ pub struct Stats {
 }
 
 impl Nostr {
-    /// Loads (or creates) the identity and reads the relay list. Connects nothing yet.
-    pub fn new(settings: &Settings) -> Result<Nostr, String> {
+    /// Loads (or creates) the identity and reads the relay list. Connects nothing yet. With
+    /// `tor`, relays and health checks go through Tor where they must (see [`relay_connection`]).
+    pub fn new(settings: &Settings, tor: Option<&Arc<crate::tor::Tor>>) -> Result<Nostr, String> {
         let keys =
             identity::load_or_create(settings.nsec.as_ref().map(|s| s.expose()), &settings.data_dir.join("nostr.key"))?;
         let relays = relays::resolve(&settings.relays, settings.relays_path.as_deref())?;
         let timeout = Duration::from_secs(settings.nostr_timeout_seconds.max(1));
         Ok(Nostr {
-            client: Client::new(keys.clone()),
+            client: Client::builder()
+                .signer(keys.clone())
+                .opts(ClientOptions::new().connection(relay_connection(tor)))
+                .build(),
             registry: Arc::new(Registry::new(Some(keys.public_key()))),
             onion: watch::Sender::new(settings.onion_url.clone().filter(|u| !u.is_empty())),
-            http: discovery::health_client(timeout),
+            http: discovery::health_client(timeout, tor),
+            onion_checks: tor.is_some(),
             keys,
             relays,
             timeout,
@@ -118,6 +128,18 @@ impl Nostr {
     }
 }
 
+/// How the relay pool connects: through Tor's SOCKS5 proxy for every relay with TOR_OUTBOUND,
+/// for `.onion` relays only with just ONION_SERVICE; directly without Tor.
+pub fn relay_connection(tor: Option<&Arc<crate::tor::Tor>>) -> Connection {
+    match tor {
+        None => Connection::new(),
+        Some(tor) => Connection::new().proxy(tor.socks_proxy()).target(match tor.outbound() {
+            true => ConnectionTarget::All,
+            false => ConnectionTarget::Onion,
+        }),
+    }
+}
+
 async fn add_relays(client: &Client, relays: &[RelaySpec]) {
     for r in relays {
         let added = match (r.read, r.write) {
@@ -155,7 +177,7 @@ async fn discover(nostr: &Nostr) {
 async fn check_health(nostr: &Nostr, settings: &Settings) {
     let every = Duration::from_secs(settings.nostr_health_seconds.max(1));
     loop {
-        nostr.registry.check_all(&nostr.http, nostr.timeout).await;
+        nostr.registry.check_all(&nostr.http, nostr.timeout, nostr.onion_checks).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = nostr.registry.changed.notified() => {

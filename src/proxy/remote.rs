@@ -207,7 +207,7 @@ pub fn offers(
         if node.router.is_cooling(&offer.pubkey) {
             continue;
         }
-        let Some(base_url) = base_url(&offer.url, s.tor_outbound) else { continue };
+        let Some(base_url) = crate::nostr::discovery::probe_base(&offer.url, node.tor.is_some()) else { continue };
         let Some(prices) = prices_from_sats(&offer.sats_pricing) else { continue };
         let shared = offer
             .mints
@@ -264,19 +264,6 @@ fn with_markup(p: &MsatPrices, markup: Markup) -> MsatPrices {
         cache_write_per_mtok: m(p.cache_write_per_mtok),
         request_msat: mark_up(p.request_msat, markup),
     }
-}
-
-/// An announced URL as a base for requests: http(s) only, onion only with Tor outbound.
-fn base_url(url: &str, tor: bool) -> Option<String> {
-    if let Some(base) = crate::nostr::discovery::probe_base(url) {
-        return Some(base);
-    }
-    let parsed = reqwest::Url::parse(url).ok()?;
-    if tor && parsed.scheme() == "http" && parsed.host_str()?.ends_with(".onion") {
-        let trimmed = url.trim_end_matches('/');
-        return Some(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned());
-    }
-    None
 }
 
 /// A token sent to a provider for one request.

@@ -90,16 +90,19 @@ impl Default for TorStatus {
 const BOOTSTRAP_RETRY: Duration = Duration::from_secs(15);
 
 /// The node's Tor side: the arti client (shared by the onion service and outbound traffic), its
-/// status, and the local proxy that carries outbound traffic with TOR_OUTBOUND.
+/// status, and the local proxies (HTTP and SOCKS5) that carry traffic through it: `.onion`
+/// destinations always, everything else (but loopback) with TOR_OUTBOUND.
 pub struct Tor {
     status: watch::Sender<TorStatus>,
     client: Arc<TorClient<PreferredRuntime>>,
-    proxy: Option<SocketAddr>,
+    http_proxy: SocketAddr,
+    socks_proxy: SocketAddr,
+    outbound: bool,
 }
 
 impl Tor {
     /// Creates the Tor client and bootstraps it in the background (progress in the logs), and
-    /// with TOR_OUTBOUND starts the outbound proxy. Returns at once.
+    /// starts the local proxies. Returns at once.
     pub async fn start(settings: &Settings) -> Result<Arc<Tor>, String> {
         // arti's TLS needs a process-wide rustls provider; another part may have installed one.
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -107,11 +110,17 @@ impl Tor {
         tracing::info!(state_dir = %state_dir(settings).display(), "starting Tor (arti)");
         let client =
             TorClient::builder().config(config).create_unbootstrapped().map_err(|e| format!("Tor client: {e}"))?;
-        let proxy = match settings.tor_outbound {
-            true => Some(outbound::start(client.clone()).await.map_err(|e| format!("Tor outbound proxy: {e}"))?),
-            false => None,
-        };
-        let tor = Arc::new(Tor { status: watch::Sender::new(TorStatus::default()), client, proxy });
+        let http_proxy = outbound::start(client.clone()).await.map_err(|e| format!("Tor HTTP proxy: {e}"))?;
+        let socks_proxy = outbound::start_socks(outbound::tor_connector(client.clone()))
+            .await
+            .map_err(|e| format!("Tor SOCKS proxy: {e}"))?;
+        let tor = Arc::new(Tor {
+            status: watch::Sender::new(TorStatus::default()),
+            client,
+            http_proxy,
+            socks_proxy,
+            outbound: settings.tor_outbound,
+        });
         tor.spawn_bootstrap(settings.onion_service);
         Ok(tor)
     }
@@ -121,9 +130,25 @@ impl Tor {
         self.client.clone()
     }
 
+    /// Whether all outbound traffic (but loopback) goes through Tor (TOR_OUTBOUND).
+    pub fn outbound(&self) -> bool {
+        self.outbound
+    }
+
     /// `http://127.0.0.1:<port>`: the proxy carrying outbound traffic through Tor (TOR_OUTBOUND).
     pub fn outbound_proxy_url(&self) -> Option<String> {
-        self.proxy.map(|a| format!("http://{a}"))
+        self.outbound.then(|| self.http_proxy_url())
+    }
+
+    /// `http://127.0.0.1:<port>`: the HTTP proxy through Tor, e.g. for `.onion` hosts.
+    pub fn http_proxy_url(&self) -> String {
+        format!("http://{}", self.http_proxy)
+    }
+
+    /// `127.0.0.1:<port>`: the SOCKS5 proxy through Tor (names resolved by Tor; loopback direct),
+    /// for the Nostr relay pool.
+    pub fn socks_proxy(&self) -> SocketAddr {
+        self.socks_proxy
     }
 
     pub fn status(&self) -> TorStatus {
@@ -184,14 +209,25 @@ impl Tor {
     }
 }
 
-/// With TOR_OUTBOUND, sends a reqwest client's traffic through Tor, except to loopback (a mint
-/// or upstream on the same host reveals nothing and is not reachable through Tor anyway).
+/// Whether a URL's host is an onion address (reachable only through Tor).
+pub fn is_onion(url: &reqwest::Url) -> bool {
+    url.host_str().is_some_and(|h| h.trim_end_matches('.').to_ascii_lowercase().ends_with(".onion"))
+}
+
+/// Routes a reqwest client's traffic through Tor where it must go: `.onion` hosts whenever the
+/// node has a Tor client (ONION_SERVICE or TOR_OUTBOUND), and with TOR_OUTBOUND everything
+/// except loopback (a mint or upstream on the same host reveals nothing and is not reachable
+/// through Tor anyway). Without Tor the builder is unchanged.
 pub fn route(builder: reqwest::ClientBuilder, tor: Option<&Arc<Tor>>) -> Result<reqwest::ClientBuilder, String> {
-    let Some(url) = tor.and_then(|t| t.outbound_proxy_url()) else {
+    let Some(tor) = tor else {
         return Ok(builder);
     };
-    let proxy = reqwest::Proxy::all(&url)
-        .map_err(|e| format!("Tor proxy: {e}"))?
-        .no_proxy(reqwest::NoProxy::from_string("localhost,127.0.0.1,::1"));
+    let url = tor.http_proxy_url();
+    let proxy = match tor.outbound {
+        true => reqwest::Proxy::all(&url)
+            .map_err(|e| format!("Tor proxy: {e}"))?
+            .no_proxy(reqwest::NoProxy::from_string("localhost,127.0.0.1,::1")),
+        false => reqwest::Proxy::custom(move |target| is_onion(target).then(|| url.clone())),
+    };
     Ok(builder.proxy(proxy))
 }

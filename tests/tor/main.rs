@@ -2,7 +2,10 @@
 //! built node hosting its onion service with arti, reached by C tor's client through curl
 //! `--socks5-hostname`. Paid requests over the onion settle; after a restart in onion-only mode
 //! (CLEARNET_LISTEN=false) the address is the same; with TOR_OUTBOUND the node reaches an onion
-//! upstream through arti. When the network cannot come up the test fails; it never skips.
+//! upstream through arti. Discovery health-checks an onion provider through arti (with the onion
+//! service alone, and with TOR_OUTBOUND), and with TOR_OUTBOUND the relay pool reaches a relay
+//! behind an onion service through the node's SOCKS proxy while a loopback relay stays direct.
+//! When the network cannot come up the test fails; it never skips.
 #![cfg(feature = "demo")]
 
 #[allow(dead_code)]
@@ -16,6 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nostr_relay_builder::prelude::{LocalRelay, RelayBuilder};
+use nostr_sdk::prelude::{Client, Event, EventBuilder, Keys, Kind, Tag};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
@@ -34,8 +39,13 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     let net_dir = harness::temp_dir("tornet");
     let net = TorNet::start(&net_dir);
     let socks = net.socks_port();
-    // The C tor onion service's target: a static answer until the stand-in upstream exists.
-    let (forward_to, forwarded) = forward(net.hs_target_port()).await;
+    // Two Nostr relays: one on loopback, one only reachable behind the C tor onion service.
+    let (_loopback_relay, loopback_relay_url, _) = start_relay().await;
+    let (_onion_relay, _, onion_relay) = start_relay().await;
+    // The C tor onion service's target: WebSocket upgrades go to the onion relay, `/v1/info` gets
+    // a static JSON answer (a provider's health check), everything else a static answer until
+    // the stand-in upstream exists.
+    let (forward_to, forwarded) = forward(net.hs_target_port(), onion_relay).await;
     // First the network itself: C tor bootstrapped, and the C tor onion service reachable (so
     // the HSDir ring has settled) before arti looks at it.
     net.wait().await;
@@ -47,7 +57,17 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
         ("ARTI_CONFIG", net.arti_config().display().to_string()),
         ("LOG_LEVEL", "info,tor_netdir=error,tor_circmgr=error".to_owned()),
     ];
-    let mut h = Harness::start_with("tor", Options { env: tor_env.clone(), ..Options::default() }).await;
+    let mut h_env = tor_env.clone();
+    h_env.extend([
+        ("NOSTR_ENABLED", "true".to_owned()),
+        ("RELAYS", loopback_relay_url.clone()),
+        ("NOSTR_HEALTH_SECONDS", "5".to_owned()),
+    ]);
+    let mut h = Harness::start_with("tor", Options { env: h_env, ..Options::default() }).await;
+    // A provider announced at the C tor onion service's URL, on the loopback relay.
+    let c_onion_url = format!("http://{c_onion}");
+    let provider_a = Keys::generate();
+    publish(&loopback_relay_url, announcement(&provider_a, "onion-a", &c_onion_url)).await;
     eprintln!("tor test: network {} (base port {}), node data {}", net_dir.display(), net.base, h.data_dir.display());
 
     // The address is known as soon as the keys exist, long before it is reachable.
@@ -71,6 +91,18 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     assert!(!remote.text.contains(&format!("127.0.0.1:{}", h.node.port)), "{}", remote.text);
     let info = h.get("/v1/info", None).await.json;
     assert_eq!(info["tor"]["state"], "reachable", "served over the onion, so reachable: {info}");
+
+    // ONION_SERVICE alone (no TOR_OUTBOUND): the onion provider is health-checked through arti.
+    let provider = wait_for(Duration::from_secs(90), || async {
+        let v = h.get("/v1/providers", None).await.json;
+        healthy(&v, &provider_a)
+    })
+    .await;
+    let Some(provider) = provider else {
+        panic!("onion provider never healthy: {}", h.get("/v1/providers", None).await.json);
+    };
+    assert_eq!(provider["endpoint_url"], c_onion_url.as_str(), "{provider}");
+    eprintln!("tor test: onion provider healthy ({}) after {:?}", provider["latency_ms"], t0.elapsed());
 
     // A paid request per request (X-Cashu) over the onion: charged, change handed back.
     let token = h.token(30, false).await;
@@ -162,10 +194,19 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     *forward_to.lock().unwrap() = Some(h.upstream.addr);
     let mut env: Vec<(String, String)> = env
         .into_iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "CLEARNET_LISTEN" | "ONION_SERVICE" | "UPSTREAM_BASE_URL"))
+        .filter(|(k, _)| {
+            !matches!(k.as_str(), "CLEARNET_LISTEN" | "ONION_SERVICE" | "UPSTREAM_BASE_URL" | "NOSTR_ENABLED")
+        })
         .collect();
     env.push(("TOR_OUTBOUND".into(), "true".into()));
     env.push(("UPSTREAM_BASE_URL".into(), format!("http://{c_onion}/v1")));
+    // Relays: the one behind the onion (through the SOCKS proxy and arti) and the loopback one
+    // (direct). A second onion provider is announced only on the onion relay.
+    env.push(("NOSTR_ENABLED".into(), "true".into()));
+    env.push(("RELAYS".into(), format!("ws://{c_onion},{loopback_relay_url}")));
+    env.push(("NOSTR_HEALTH_SECONDS".into(), "5".into()));
+    let provider_b = Keys::generate();
+    publish(&format!("ws://{onion_relay}"), announcement(&provider_b, "onion-b", &c_onion_url)).await;
     let t_outbound = Instant::now();
     let mut child = spawn_node(&h, &env);
     let node_url = format!("http://127.0.0.1:{port}");
@@ -195,6 +236,22 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
     assert!(forwarded.load(Ordering::SeqCst) > 0, "the upstream was reached through the onion service");
     let seen = h.upstream.last_request().expect("the stand-in saw the request");
     assert_eq!(seen.header("host"), Some(c_onion.as_str()), "addressed to the onion");
+
+    // Discovery with TOR_OUTBOUND: provider B, only on the relay behind the onion, proves the
+    // relay pool went through Tor; provider A, only on the loopback relay, that loopback stayed
+    // reachable (direct). Both onion providers healthy through arti.
+    let providers = wait_for(Duration::from_secs(90), || async {
+        let r = http.get(format!("{node_url}/v1/providers")).send().await.ok()?;
+        let v: Value = r.json().await.ok()?;
+        (healthy(&v, &provider_a).is_some() && healthy(&v, &provider_b).is_some()).then_some(v)
+    })
+    .await;
+    assert!(
+        providers.is_some(),
+        "providers A (loopback relay) and B (onion relay) not both healthy through Tor (see {}/node.log)",
+        h.data_dir.display()
+    );
+    eprintln!("tor test: relays and onion providers through Tor after {:?}", t_outbound.elapsed());
     stop(&mut child).await;
 
     // The books balance.
@@ -204,33 +261,93 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
 
 type ForwardTo = Arc<Mutex<Option<SocketAddr>>>;
 
-/// Serves 127.0.0.1:`port` (where the C tor onion service sends its port 80): a static answer
-/// while the target is unset, then forwarding to it, counting forwarded connections.
-async fn forward(port: u16) -> (ForwardTo, Arc<AtomicUsize>) {
+/// Serves 127.0.0.1:`port` (where the C tor onion service sends its port 80): WebSocket
+/// upgrades go to `relay`; `GET /v1/info` and, while the target is unset, anything else get a
+/// static JSON object; the rest is forwarded to the target, counting forwarded connections.
+async fn forward(port: u16, relay: SocketAddr) -> (ForwardTo, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the onion target port");
     let to: ForwardTo = Arc::default();
     let count = Arc::new(AtomicUsize::new(0));
     let (target, seen) = (to.clone(), count.clone());
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = listener.accept().await {
-            let Some(to) = *target.lock().unwrap() else {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 4096];
-                    let _ = inbound.read(&mut buf).await;
-                    let _ =
-                        inbound.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok").await;
-                });
-                continue;
-            };
-            seen.fetch_add(1, Ordering::SeqCst);
+            let (target, seen) = (target.clone(), seen.clone());
             tokio::spawn(async move {
+                // The request head (one HTTP/1.1 request per connection through the node's proxy).
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match inbound.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let lower = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let to = if lower.contains("upgrade: websocket") {
+                    Some(relay)
+                } else if lower.starts_with("get /v1/info ") {
+                    None
+                } else {
+                    *target.lock().unwrap()
+                };
+                let Some(to) = to else {
+                    let body = r#"{"name":"c tor onion service"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = inbound.write_all(answer.as_bytes()).await;
+                    return;
+                };
+                if to != relay {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
                 if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    if outbound.write_all(&head).await.is_ok() {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
                 }
             });
         }
     });
     (to, count)
+}
+
+/// A Nostr relay in process on loopback: the relay (keep it), its URL and address.
+async fn start_relay() -> (LocalRelay, String, SocketAddr) {
+    let relay = LocalRelay::new(RelayBuilder::default());
+    relay.run().await.expect("relay runs");
+    let url = relay.url().await.to_string().trim_end_matches('/').to_owned();
+    let addr = url.trim_start_matches("ws://").parse().expect("relay address");
+    (relay, url, addr)
+}
+
+/// A provider's announcement (kind 38421) at `url`.
+fn announcement(keys: &Keys, d: &str, url: &str) -> Event {
+    EventBuilder::new(Kind::from(38421), json!({ "name": d, "about": "" }).to_string())
+        .tags([
+            Tag::parse(["d", d]).unwrap(),
+            Tag::parse(["u", url]).unwrap(),
+            Tag::parse(["version", "9.9.9"]).unwrap(),
+        ])
+        .sign_with_keys(keys)
+        .unwrap()
+}
+
+async fn publish(relay_url: &str, event: Event) {
+    let client = Client::default();
+    client.add_relay(relay_url).await.expect("relay url");
+    client.connect().await;
+    client.wait_for_connection(Duration::from_secs(5)).await;
+    client.send_event(&event).await.expect("publish the announcement");
+    client.shutdown().await;
+}
+
+/// The provider announced by `keys` in a `/v1/providers` answer, if healthy with a latency.
+fn healthy(providers: &Value, keys: &Keys) -> Option<Value> {
+    let pubkey = keys.public_key().to_hex();
+    let p = providers["providers"].as_array()?.iter().find(|p| p["pubkey"] == pubkey.as_str())?;
+    (p["health"] == "ok" && p["latency_ms"].as_u64().is_some()).then(|| p.clone())
 }
 
 fn spawn_node(h: &Harness, env: &[(String, String)]) -> Child {
