@@ -265,7 +265,12 @@ async fn a_killed_node_releases_its_reservations_on_restart() {
         .await
         .unwrap();
     resp.chunk().await.unwrap();
-    assert_eq!(h.totals().open_reservations, 1);
+    // The reservation is on disk once its batch committed, a moment after the stream began.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while h.totals().open_reservations != 1 {
+        assert!(std::time::Instant::now() < deadline, "the stream's reservation reached the disk");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     h.node.restart().await;
     let (balance, reserved) = h.balance(&key).await;
     assert_eq!((balance, reserved), (100_000, 0));

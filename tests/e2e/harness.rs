@@ -242,6 +242,9 @@ impl Harness {
     /// wallet's proofs match (net of what remote providers kept), nothing is left reserved or
     /// unsettled, and no secret reached the logs.
     pub async fn assert_conserved(&self) -> Totals {
+        // This reads the ledger file from outside the node, which sees a request's charge once
+        // its batch has committed (the node answers before that): let the last batch land.
+        self.wait_until_settled().await;
         let t = self.totals();
         assert!(t.conserved(), "ledger not conserved: {t:?}");
         assert_eq!(t.open_reservations, 0, "reservations left open: {t:?}");
