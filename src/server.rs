@@ -59,11 +59,10 @@ fn clearnet_service(
     Error = Infallible,
     Future = impl std::future::Future<Output = Result<hyper::Response<crate::http::Body>, Infallible>> + Send,
 > + Clone {
+    let inner = service(node, Origin::Clearnet);
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        let node = node.clone();
-        req.extensions_mut().insert(Origin::Clearnet);
         req.extensions_mut().insert(ClientIp(peer));
-        async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
+        hyper::service::Service::call(&inner, req)
     })
 }
 

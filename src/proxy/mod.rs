@@ -679,21 +679,9 @@ async fn whole_answer(
     let mut pending: Option<QueuedSettlement> = None;
     let (cost, change) = match (&spend, &priced.remote) {
         (Some(spend), Some(offer)) => {
-            // Charged what the provider kept, with our markup; by usage at its prices (with our
-            // markup) when its change is not known yet.
             let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
             let due = remote::change_due(spend.amount_msat, theirs.as_ref());
-            let returned = remote::finish(&metering.node, spend, remote_change.as_deref(), true, due).await;
-            match returned {
-                Some(returned) => {
-                    let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
-                    metering.settle_cost(Some(cost), "remote provider").await
-                }
-                None => {
-                    let cost = usage.map(|u| remote::estimated_charge(offer, &u));
-                    metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
-                }
-            }
+            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage).await
         }
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
@@ -719,6 +707,30 @@ async fn whole_answer(
     let _ = respond.send(Ok(out));
     if let Some(queued) = pending {
         metering.settled(cost, queued).await;
+    }
+}
+
+/// Settles a request bought from a remote provider: the client pays what the provider kept,
+/// with our markup, once its change is back; by usage at the provider's prices (with our markup)
+/// while the change is not known yet.
+async fn settle_remote(
+    metering: &Metering,
+    spend: &remote::Spend,
+    offer: &remote::RemoteOffer,
+    theirs: Option<Value>,
+    change_token: Option<&str>,
+    due: Option<u64>,
+    usage: Option<Usage>,
+) -> (Option<Cost>, Option<PaidOut>) {
+    match remote::finish(&metering.node, spend, change_token, true, due).await {
+        Some(returned) => {
+            let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
+            metering.settle_cost(Some(cost), "remote provider").await
+        }
+        None => {
+            let cost = usage.map(|u| remote::estimated_charge(offer, &u));
+            metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
+        }
     }
 }
 
@@ -825,17 +837,7 @@ async fn stream_answer(
             let theirs = held.as_deref().and_then(usage::event_json).as_ref().and_then(remote::their_cost);
             // The provider's cost is final only when its stream ended properly.
             let due = if terminal.is_some() { remote::change_due(spend.amount_msat, theirs.as_ref()) } else { None };
-            let returned = remote::finish(&metering.node, spend, remote_change.as_deref(), true, due).await;
-            match returned {
-                Some(returned) => {
-                    let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
-                    metering.settle_cost(Some(cost), "remote provider").await
-                }
-                None => {
-                    let cost = charged_usage.map(|u| remote::estimated_charge(offer, &u));
-                    metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
-                }
-            }
+            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage).await
         }
         _ => metering.settle(&priced.prices, charged_usage, note).await,
     };
