@@ -149,14 +149,17 @@ fn info(node: &Node, onion: bool) -> Response<Body> {
             "http_url": http_url,
             "onion_url": s.onion_url.clone().or_else(|| node.tor.as_ref()?.onion_url()).unwrap_or_default(),
             "models": node.catalog().len(),
-            "upstreams": node.upstreams.iter().map(|u| u.health()).collect::<Vec<_>>(),
+            "upstreams": node.upstreams().iter().map(|u| u.health()).collect::<Vec<_>>(),
             "tor": node.tor.as_ref().map(|t| t.status()),
         }),
     )
 }
 
 fn models(node: &Node) -> Response<Body> {
-    let body = node.catalog().to_json(&node.upstreams, &node.policy, node.rates.get());
+    let body = {
+        let c = node.catalog();
+        c.to_json(c.upstreams(), &node.policy, node.rates.get())
+    };
     http::json_response(StatusCode::OK, &body)
 }
 

@@ -71,6 +71,8 @@ pub struct Catalog {
     order: Vec<String>,
     /// Upstreams whose model list is unknown (it could not be fetched): they get any model.
     open_upstreams: Vec<usize>,
+    /// The upstreams the routes' indices point into (swapped together with the routes).
+    upstreams: Arc<Vec<Arc<Upstream>>>,
 }
 
 fn model_id(v: &Value) -> Option<&str> {
@@ -141,6 +143,35 @@ impl Catalog {
             }
         }
         catalog
+    }
+
+    /// Keeps the upstreams this catalog was built from, so routes and upstreams swap as one.
+    pub fn with_upstreams(mut self, upstreams: Arc<Vec<Arc<Upstream>>>) -> Catalog {
+        self.upstreams = upstreams;
+        self
+    }
+
+    pub fn upstreams(&self) -> &Arc<Vec<Arc<Upstream>>> {
+        &self.upstreams
+    }
+
+    /// The operator's price overrides (model id → OpenRouter `pricing`, USD per token), over
+    /// every other source. Overrides of models not served are ignored.
+    pub fn apply_prices(&mut self, prices: &serde_json::Map<String, Value>) {
+        for (id, pricing) in prices {
+            let Some(usd) = UsdPrices::from_json(pricing) else { continue };
+            if let Some(routes) = self.routes.get_mut(id) {
+                for r in routes.iter_mut() {
+                    let mut raw = (*r.raw).clone();
+                    if !raw.is_object() {
+                        raw = json!({ "id": id });
+                    }
+                    raw["pricing"] = pricing.clone();
+                    r.raw = Arc::new(raw);
+                    r.usd = Some(usd.clone());
+                }
+            }
+        }
     }
 
     fn add(&mut self, route: ModelRoute) {

@@ -113,7 +113,15 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
 }
 
 /// Files of the data directory that are not databases: small, written once, copied as they are.
-const SECRET_FILES: &[&str] = &["wallet.seed", "key-secret", "nostr.key", "admin-password", "admin-sessions.json"];
+const SECRET_FILES: &[&str] = &[
+    "wallet.seed",
+    "key-secret",
+    "nostr.key",
+    "admin-password",
+    "admin-sessions.json",
+    crate::layers::UPSTREAMS_FILE,
+    crate::layers::MODELS_FILE,
+];
 
 /// An online backup of the whole state: each SQLite database through `VACUUM INTO` (a
 /// consistent snapshot while the node writes), the secrets and the Tor state by copy.

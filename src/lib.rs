@@ -16,6 +16,7 @@ pub mod config;
 pub mod error;
 mod fsutil;
 pub mod http;
+pub mod layers;
 pub mod ledger;
 pub mod node;
 pub mod nostr;

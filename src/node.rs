@@ -10,6 +10,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::catalog::{self, Catalog, PricePolicy};
 use crate::config::Settings;
+use crate::error::ApiError;
 use crate::ledger::{Ledger, LedgerError};
 use crate::payment::Payments;
 use crate::pricing::{BtcRate, Markup, MsatPrices};
@@ -82,7 +83,15 @@ pub struct Node {
     stopping: watch::Sender<bool>,
     pub settings: Settings,
     pub payments: Payments,
-    pub upstreams: Vec<Arc<Upstream>>,
+    /// The enabled upstreams as configured (environment + admin layer); requests use the
+    /// catalog's snapshot ([`Node::upstreams`]), swapped with the routes at each refresh.
+    configured: RwLock<Arc<Vec<Arc<Upstream>>>>,
+    /// Environment upstreams, the admin layer over them, and admin price overrides.
+    pub layers: std::sync::Mutex<crate::layers::Layers>,
+    /// EXCHANGE_FEE, applied on top of every upstream's markup.
+    exchange: Markup,
+    /// One catalog refresh at a time, so a slow one cannot overwrite a newer one.
+    refresh_lock: tokio::sync::Mutex<()>,
     pub policy: PricePolicy,
     pub rates: RateFeed,
     pub client: reqwest::Client,
@@ -113,6 +122,45 @@ impl Node {
 
     pub fn catalog(&self) -> Arc<Catalog> {
         self.catalog.read().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The upstreams requests go to, consistent with the catalog's routes.
+    pub fn upstreams(&self) -> Arc<Vec<Arc<Upstream>>> {
+        self.catalog().upstreams().clone()
+    }
+
+    /// Changes the admin layer with `edit`, validates and saves it, swaps the upstreams and
+    /// rebuilds the catalog. On any error nothing changes.
+    pub async fn edit_layers<T>(
+        &self,
+        edit: impl FnOnce(&mut crate::layers::Layers) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let out = {
+            let mut layers = self.layers.lock().map_err(|_| ApiError::Internal("layers lock".into()))?;
+            let (admin, prices) = (layers.admin.clone(), layers.prices.clone());
+            let result = edit(&mut layers).and_then(|t| {
+                let built = layers.build(self.exchange).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                layers.save().map_err(ApiError::Internal)?;
+                Ok((t, built))
+            });
+            match result {
+                Ok((t, built)) => {
+                    if let Ok(mut c) = self.configured.write() {
+                        *c = Arc::new(built);
+                    }
+                    t
+                }
+                Err(e) => {
+                    layers.admin = admin;
+                    layers.prices = prices;
+                    return Err(e);
+                }
+            }
+        };
+        if let Err(e) = self.refresh_catalog().await {
+            tracing::warn!(error = %e, "model refresh after an admin edit failed");
+        }
+        Ok(out)
     }
 
     /// Opens the ledger and wallet, loads upstreams and models. Does not listen yet.
@@ -152,7 +200,12 @@ impl Node {
             );
         }
 
-        let upstreams = load_upstreams(&settings)?;
+        let exchange = Markup::from_factor(settings.exchange_fee)
+            .ok_or_else(|| NodeError::Config("EXCHANGE_FEE must be between 1.0 and 100".into()))?;
+        let layers = crate::layers::Layers::load(&settings.data_dir, env_upstreams(&settings)?)
+            .map_err(|e| NodeError::Config(format!("admin layer: {e}")))?;
+        let upstreams = layers.build(exchange)?;
+        layers.log();
         if upstreams.is_empty() {
             tracing::warn!(
                 "no upstream configured (UPSTREAM_BASE_URL or UPSTREAMS_PATH): model requests are bought from providers discovered on Nostr (REMOTE_ROUTING), or fail"
@@ -192,7 +245,10 @@ impl Node {
             stopping: watch::channel(false).0,
             settings,
             payments,
-            upstreams,
+            configured: RwLock::new(Arc::new(upstreams)),
+            layers: std::sync::Mutex::new(layers),
+            exchange,
+            refresh_lock: tokio::sync::Mutex::new(()),
             policy,
             rates,
             client,
@@ -208,14 +264,19 @@ impl Node {
 
     /// Reloads models and prices from the models file and every upstream.
     pub async fn refresh_catalog(&self) -> Result<(), NodeError> {
+        let _one_at_a_time = self.refresh_lock.lock().await;
+        let upstreams = self.configured.read().map(|u| u.clone()).unwrap_or_default();
         let file_models = match &self.settings.models_path {
             Some(path) => catalog::load_models_file(path).map_err(NodeError::Config)?,
             None => Vec::new(),
         };
         let listings =
-            futures_util::future::join_all(self.upstreams.iter().map(|u| catalog::fetch_listing(&self.client, u)))
-                .await;
-        let built = Catalog::build(&self.upstreams, &listings, &file_models);
+            futures_util::future::join_all(upstreams.iter().map(|u| catalog::fetch_listing(&self.client, u))).await;
+        let mut built = Catalog::build(&upstreams, &listings, &file_models);
+        if let Ok(layers) = self.layers.lock() {
+            built.apply_prices(&layers.prices);
+        }
+        let built = built.with_upstreams(upstreams);
         tracing::info!(models = built.len(), "model catalog loaded");
         if let Ok(mut c) = self.catalog.write() {
             *c = Arc::new(built);
@@ -288,9 +349,8 @@ impl Node {
     }
 }
 
-fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> {
-    let exchange = Markup::from_factor(settings.exchange_fee)
-        .ok_or_else(|| NodeError::Config("EXCHANGE_FEE must be between 1.0 and 100".into()))?;
+/// The upstreams the environment defines (UPSTREAMS_PATH, then UPSTREAM_BASE_URL as "default").
+fn env_upstreams(settings: &Settings) -> Result<Vec<UpstreamSpec>, NodeError> {
     let mut specs = match &settings.upstreams_path {
         Some(path) => upstream::load_file(path)?,
         None => Vec::new(),
@@ -306,7 +366,7 @@ fn load_upstreams(settings: &Settings) -> Result<Vec<Arc<Upstream>>, NodeError> 
             markup: settings.upstream_provider_fee,
         });
     }
-    specs.into_iter().map(|spec| Upstream::from_spec(spec, exchange).map(Arc::new).map_err(NodeError::from)).collect()
+    Ok(specs)
 }
 
 /// A node listening, as tests and the demo use it.

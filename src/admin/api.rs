@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::auth::{self, LoginError, MIN_PASSWORD_LEN, SESSION_COOKIE};
 use crate::error::ApiError;
 use crate::http::{self, Body};
+use crate::layers::AdminUpstream;
 use crate::node::Node;
 use crate::pricing::msat_to_sats;
 use crate::server::{ClientIp, Origin};
@@ -112,7 +113,7 @@ pub async fn handle(
     let method = req.method().clone();
     let query = req.uri().query().map(str::to_owned);
     let query = query.as_deref();
-    if method == Method::POST {
+    if method == Method::POST || method == Method::DELETE {
         check_post(&req)?;
     }
     let token = auth::session_token(req.headers());
@@ -199,8 +200,30 @@ pub async fn handle(
             let before = query_param(query, "before").and_then(|v| v.parse::<i64>().ok());
             ok(json!({ "transactions": node.ledger().admin_transactions(limit, before).await? }))
         }
-        (&Method::GET, "upstreams") => ok(upstreams(node)),
-        (&Method::GET, "models") => ok(node.catalog().to_json(&node.upstreams, &node.policy, node.rates.get())),
+        (&Method::GET, "upstreams") => ok(upstreams(node)?),
+        (&Method::POST, "upstreams") => {
+            let body = json_body(req).await?;
+            add_upstream(node, &body).await
+        }
+        (&Method::POST, r) if r.starts_with("upstreams/") => {
+            let name = r["upstreams/".len()..].to_owned();
+            let body = json_body(req).await?;
+            edit_upstream(node, name, &body).await
+        }
+        (&Method::DELETE, r) if r.starts_with("upstreams/") => {
+            delete_upstream(node, r["upstreams/".len()..].to_owned()).await
+        }
+        (&Method::GET, "models") => ok(models(node)),
+        (&Method::POST, r) if r.starts_with("models/") && r.ends_with("/price") => {
+            let id = r["models/".len()..r.len() - "/price".len()].to_owned();
+            let body = json_body(req).await?;
+            let pricing =
+                body.get("pricing").cloned().ok_or_else(|| ApiError::BadRequest("pricing is required".into()))?;
+            set_price(node, id, Some(pricing)).await
+        }
+        (&Method::DELETE, r) if r.starts_with("models/") && r.ends_with("/price") => {
+            set_price(node, r["models/".len()..r.len() - "/price".len()].to_owned(), None).await
+        }
         (&Method::GET, "nostr") => ok(nostr(node)),
         (&Method::GET, "tor") => ok(json!({
             "onion_service": node.settings.onion_service,
@@ -210,7 +233,10 @@ pub async fn handle(
             "status": node.tor.as_ref().map(|t| t.status()),
             "admin_onion": node.settings.admin_onion,
         })),
-        (&Method::GET, "settings") => ok(json!({ "settings": settings(&node.settings) })),
+        (&Method::GET, "settings") => ok(json!({
+            "settings": settings(&node.settings),
+            "admin_layer": node.layers.lock().map(|l| l.to_json()).unwrap_or(Value::Null),
+        })),
         (&Method::GET, "requests") => {
             let limit = number(query, "limit", 100, 1000) as usize;
             ok(json!({ "requests": admin.metrics.recent(limit) }))
@@ -226,7 +252,13 @@ pub async fn handle(
                 "lines": super::logs::for_request(&id),
             }))
         }
-        (_, r) if KNOWN.iter().any(|k| r == *k || r.starts_with("keys/")) => Err(ApiError::MethodNotAllowed),
+        (_, r)
+            if KNOWN.iter().any(|k| {
+                r == *k || r.starts_with("keys/") || r.starts_with("upstreams/") || r.starts_with("models/")
+            }) =>
+        {
+            Err(ApiError::MethodNotAllowed)
+        }
         _ => Err(ApiError::NotFound(format!("/admin/api/{rest}"))),
     }
 }
@@ -290,7 +322,7 @@ async fn overview(node: &Node) -> Result<Response<Body>, ApiError> {
             "npub": node.nostr.npub(),
             "uptime_seconds": node.admin.metrics.uptime().as_secs(),
             "models": node.catalog().len(),
-            "upstreams": node.upstreams.len(),
+            "upstreams": node.upstreams().len(),
         },
         "money": money,
         "requests_since_start": requests,
@@ -364,28 +396,161 @@ async fn adjust(node: &Node, hash: String, body: &Value) -> Result<Response<Body
     ok(json!({ "key": key }))
 }
 
-fn upstreams(node: &Node) -> Value {
-    let list: Vec<Value> = node
-        .upstreams
+fn upstreams(node: &Node) -> Result<Value, ApiError> {
+    let active = node.upstreams();
+    let layers = node.layers.lock().map_err(|_| ApiError::Internal("layers lock".into()))?;
+    let layered = layers.layered().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let list: Vec<Value> = layered
         .iter()
-        .map(|u| {
+        .map(|l| {
+            let live = active.iter().find(|u| u.name == l.spec.name);
             json!({
-                "name": u.name,
-                "base_url": u.base_url,
-                "has_api_key": u.api_key.is_some(),
-                "markup": u.markup.factor(),
-                "models": u.models,
-                "aliases": u.aliases,
-                "health": u.health(),
+                "name": l.spec.name,
+                "base_url": l.spec.base_url.trim_end_matches('/'),
+                "has_api_key": l.spec.api_key.is_some() || l.spec.api_key_env.is_some(),
+                "markup": l.spec.markup,
+                "effective_markup": live.map(|u| u.markup.factor()),
+                "models": l.spec.models,
+                "aliases": l.spec.aliases,
+                "source": l.source,
+                "disabled": l.disabled,
+                "health": live.map(|u| u.health()),
             })
         })
         .collect();
-    json!({
+    Ok(json!({
         "upstreams": list,
+        "layers": layers.to_json(),
         "exchange_fee": node.settings.exchange_fee,
         "fixed_pricing": node.settings.fixed_pricing,
         "btc_usd": node.rates.get().map(|r| r.usd_per_btc()),
+    }))
+}
+
+fn field<T: serde::de::DeserializeOwned>(body: &Value, name: &str) -> Result<Option<T>, ApiError> {
+    match body.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            serde_json::from_value(v.clone()).map(Some).map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
+        }
+    }
+}
+
+/// Fills `entry` from the fields `body` sets. An empty `api_key` leaves the key as it is.
+fn edit_entry(entry: &mut AdminUpstream, body: &Value) -> Result<(), ApiError> {
+    if let Some(v) = field::<String>(body, "base_url")? {
+        entry.base_url = Some(v);
+    }
+    if let Some(v) = field::<String>(body, "api_key")?.filter(|k| !k.is_empty()) {
+        entry.api_key = Some(v);
+    }
+    if let Some(v) = field(body, "models")? {
+        entry.models = Some(v);
+    }
+    if let Some(v) = field(body, "aliases")? {
+        entry.aliases = Some(v);
+    }
+    if let Some(v) = field(body, "markup")? {
+        entry.markup = Some(v);
+    }
+    if let Some(v) = field(body, "disabled")? {
+        entry.disabled = v;
+    }
+    Ok(())
+}
+
+/// `POST /admin/api/upstreams {name, base_url, api_key?, models?, aliases?, markup?}`.
+async fn add_upstream(node: &Node, body: &Value) -> Result<Response<Body>, ApiError> {
+    let name = field::<String>(body, "name")?
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)))
+        .ok_or_else(|| ApiError::BadRequest("name (letters, digits, '.', '_', '-') is required".into()))?;
+    if field::<String>(body, "base_url")?.is_none() {
+        return Err(ApiError::BadRequest("base_url is required".into()));
+    }
+    node.edit_layers(|layers| {
+        if layers.is_env(&name) || layers.admin.iter().any(|a| a.name == name) {
+            return Err(ApiError::Conflict(format!("an upstream named '{name}' exists; edit it instead")));
+        }
+        let mut entry = AdminUpstream { name: name.clone(), ..AdminUpstream::default() };
+        edit_entry(&mut entry, body)?;
+        layers.admin.push(entry);
+        Ok(())
     })
+    .await?;
+    tracing::info!(upstream = %name, "admin added an upstream");
+    ok(upstreams(node)?)
+}
+
+/// `POST /admin/api/upstreams/{name}`: changes the fields given (`disabled` included). An
+/// environment upstream gets an admin entry over it.
+async fn edit_upstream(node: &Node, name: String, body: &Value) -> Result<Response<Body>, ApiError> {
+    node.edit_layers(|layers| {
+        let known = layers.is_env(&name);
+        match layers.admin.iter_mut().find(|a| a.name == name) {
+            Some(entry) => edit_entry(entry, body),
+            None if known => {
+                let mut entry = AdminUpstream { name: name.clone(), ..AdminUpstream::default() };
+                edit_entry(&mut entry, body)?;
+                layers.admin.push(entry);
+                Ok(())
+            }
+            None => Err(ApiError::NotFoundResource(format!("no upstream named '{name}'"))),
+        }
+    })
+    .await?;
+    tracing::info!(upstream = %name, "admin edited an upstream");
+    ok(upstreams(node)?)
+}
+
+/// `DELETE /admin/api/upstreams/{name}`: removes the admin entry (an environment upstream
+/// comes back as the environment defines it; disable it to stop using it).
+async fn delete_upstream(node: &Node, name: String) -> Result<Response<Body>, ApiError> {
+    node.edit_layers(|layers| {
+        let before = layers.admin.len();
+        layers.admin.retain(|a| a.name != name);
+        match (before != layers.admin.len(), layers.is_env(&name)) {
+            (true, _) => Ok(()),
+            (false, true) => Err(ApiError::Conflict(format!(
+                "'{name}' comes from the environment (UPSTREAM_* / UPSTREAMS_PATH): disable it here, or remove it there"
+            ))),
+            (false, false) => Err(ApiError::NotFoundResource(format!("no upstream named '{name}'"))),
+        }
+    })
+    .await?;
+    tracing::info!(upstream = %name, "admin deleted an upstream");
+    ok(upstreams(node)?)
+}
+
+/// `POST /admin/api/models/{id}/price {"pricing": {"prompt": "…", "completion": "…", …}}`
+/// (USD per token, OpenRouter fields) or `DELETE` to drop the override.
+async fn set_price(node: &Node, id: String, pricing: Option<Value>) -> Result<Response<Body>, ApiError> {
+    if let Some(p) = &pricing {
+        crate::layers::check_pricing(p).map_err(ApiError::BadRequest)?;
+    }
+    let removed = node
+        .edit_layers(|layers| {
+            Ok(match &pricing {
+                Some(p) => {
+                    layers.prices.insert(id.clone(), p.clone());
+                    false
+                }
+                None => layers.prices.remove(&id).is_some(),
+            })
+        })
+        .await?;
+    if pricing.is_none() && !removed {
+        return Err(ApiError::NotFoundResource(format!("no price override for '{id}'")));
+    }
+    tracing::info!(model = %id, set = pricing.is_some(), "admin changed a model's price override");
+    ok(models(node))
+}
+
+fn models(node: &Node) -> Value {
+    let c = node.catalog();
+    let mut v = c.to_json(c.upstreams(), &node.policy, node.rates.get());
+    v["price_overrides"] = node.layers.lock().map(|l| Value::Object(l.prices.clone())).unwrap_or(Value::Null);
+    v
 }
 
 fn nostr(node: &Node) -> Value {
@@ -398,6 +563,8 @@ fn nostr(node: &Node) -> Value {
         "relays": node.nostr.relays.iter().map(|r| json!({ "url": r.url, "read": r.read, "write": r.write })).collect::<Vec<_>>(),
         "announcements_signed": stats.announcements_signed,
         "price_lists_signed": stats.price_lists_signed,
+        "last_announcement_at": stats.last_announcement_at,
+        "last_price_list_at": stats.last_price_list_at,
         "providers": node.nostr.providers_json(None)["providers"].clone(),
     })
 }

@@ -265,12 +265,12 @@ pub async fn render(node: &Arc<Node>) -> Response<Body> {
     }
 
     family(&mut out, "routstr_upstream_up", "gauge", "1 when the upstream is not cooling down after failures.");
-    for u in &node.upstreams {
+    for u in node.upstreams().iter() {
         let _ =
             writeln!(out, "routstr_upstream_up{{upstream=\"{}\"}} {}", label(&u.name), u8::from(!u.is_cooling_down()));
     }
     family(&mut out, "routstr_upstream_consecutive_failures", "gauge", "Failures in a row of each upstream.");
-    for u in &node.upstreams {
+    for u in node.upstreams().iter() {
         let failures = u.health().get("consecutive_failures").and_then(serde_json::Value::as_u64).unwrap_or(0);
         let _ = writeln!(out, "routstr_upstream_consecutive_failures{{upstream=\"{}\"}} {failures}", label(&u.name));
     }

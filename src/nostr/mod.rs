@@ -52,6 +52,9 @@ pub struct Nostr {
 pub struct Stats {
     pub announcements_signed: u64,
     pub price_lists_signed: u64,
+    /// When the last announcement / price list was signed (Unix seconds, its `created_at`).
+    pub last_announcement_at: Option<u64>,
+    pub last_price_list_at: Option<u64>,
     pub d: Option<String>,
 }
 
@@ -342,17 +345,22 @@ async fn publish(node: &Arc<Node>) {
             match announcement.builder(next_timestamp(last_announcement.as_ref())).sign_with_keys(&nostr.keys) {
                 Ok(event) => {
                     tracing::info!(d = %d, id = %event.id, "announcement signed");
+                    let signed_at = event.created_at.as_secs();
                     announcement_out = Some(Outbox::new(event.clone(), &write_relays));
                     last_announcement = Some(event);
                     if let Ok(mut stats) = nostr.stats.lock() {
                         stats.announcements_signed += 1;
+                        stats.last_announcement_at = Some(signed_at);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "could not sign the announcement"),
             }
         }
 
-        let listing = node.catalog().to_json(&node.upstreams, &node.policy, node.rates.get());
+        let listing = {
+            let c = node.catalog();
+            c.to_json(c.upstreams(), &node.policy, node.rates.get())
+        };
         let offers = events::offers_from_listing(&listing);
         let models_due = match &last_models {
             None => !offers.is_empty(),
@@ -371,10 +379,12 @@ async fn publish(node: &Arc<Node>) {
             match builder.sign_with_keys(&nostr.keys) {
                 Ok(event) => {
                     tracing::info!(d = %d, models = offers.len(), id = %event.id, "price list signed");
+                    let signed_at = event.created_at.as_secs();
                     models_out = Some(Outbox::new(event.clone(), &write_relays));
                     last_models = Some(event);
                     if let Ok(mut stats) = nostr.stats.lock() {
                         stats.price_lists_signed += 1;
+                        stats.last_price_list_at = Some(signed_at);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "could not sign the price list"),

@@ -265,7 +265,7 @@ pub async fn handle(
                 (routes, max_cost)
             }
             Err(remote::NoOffer::Refused(err)) => return Err(err),
-            Err(remote::NoOffer::Nobody) if node.upstreams.is_empty() && node.settings.remote_routing => {
+            Err(remote::NoOffer::Nobody) if node.upstreams().is_empty() && node.settings.remote_routing => {
                 return Err(ApiError::Unavailable(format!(
                     "this node has no upstream of its own and no provider discovered on Nostr sells '{model}' right now"
                 )))
@@ -302,9 +302,10 @@ fn is_json(headers: &HeaderMap) -> bool {
 
 fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> {
     let catalog = node.catalog();
+    let upstreams = catalog.upstreams();
     let routes = if model.is_empty() {
         // No model (other upstream paths): any upstream, at the fixed prices.
-        (0..node.upstreams.len())
+        (0..upstreams.len())
             .map(|i| ModelRoute {
                 id: String::new(),
                 upstream_model: String::new(),
@@ -319,7 +320,7 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
         catalog.routes(model)
     };
     if routes.is_empty() {
-        return Err(if node.upstreams.is_empty() {
+        return Err(if upstreams.is_empty() {
             ApiError::Unavailable("this node has no upstream configured".into())
         } else {
             ApiError::UnknownModel(model.to_owned())
@@ -329,7 +330,7 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
     let mut priced = Vec::with_capacity(routes.len());
     let mut last_err = None;
     for route in routes {
-        let Some(upstream) = node.upstreams.get(route.upstream).cloned() else { continue };
+        let Some(upstream) = upstreams.get(route.upstream).cloned() else { continue };
         match node.policy.msat_prices(&route, upstream.markup, rate) {
             Ok(prices) => priced.push(PricedRoute { route, upstream, prices, remote: None }),
             Err(e) => last_err = Some(e),

@@ -51,6 +51,10 @@ impl Admin {
         self.send(self.http.post(self.url(path)).json(body)).await
     }
 
+    async fn delete(&self, path: &str) -> Answer {
+        self.send(self.http.delete(self.url(path)).json(&json!({}))).await
+    }
+
     async fn login(&mut self, password: &str) -> Answer {
         let resp = self.http.post(self.url("/admin/api/login")).json(&json!({ "password": password })).send().await;
         let resp = resp.expect("login");
@@ -619,4 +623,168 @@ async fn dashboard_in_headless_chromium() {
     let _ = wd.child.kill().await;
     let _ = std::fs::remove_dir_all(&profile);
     h.assert_conserved().await;
+}
+
+fn chat_for(model: &str) -> Value {
+    let mut body = chat(false);
+    body["model"] = json!(model);
+    body
+}
+
+fn cost(a: &Answer) -> u64 {
+    assert_eq!(a.status, 200, "{}", a.text);
+    a.json["usage"]["cost"]["total_msats"].as_u64().expect("a cost")
+}
+
+/// Upstreams added, edited (markup, key), disabled and deleted at runtime, a price override,
+/// all without a restart and all kept across one; keys never shown.
+#[tokio::test]
+async fn upstreams_and_prices_edited_at_runtime() {
+    use routstr_node::demo::upstream::{StandInConfig, StandInModel, StandInUpstream};
+    const CHAT_COST_MSAT: u64 = 3 + 8 * 2;
+    let mut h = Harness::start_with("admin-edit", admin_env(&[])).await;
+    let second = StandInUpstream::start(StandInConfig {
+        models: vec![StandInModel::chat("second-model", "0.000001", "0.000002")],
+        ..StandInConfig::default()
+    })
+    .await
+    .expect("second stand-in");
+    let mut admin = Admin::new(&h);
+
+    // No session: every edit refuses.
+    let add = json!({
+        "name": "second",
+        "base_url": second.base_url,
+        "api_key": "second-secret",
+        "models": ["second-model"],
+        "aliases": { "alias-two": "second-model" },
+        "markup": 2.0,
+    });
+    assert_eq!(admin.post("/admin/api/upstreams", &add).await.status, 401);
+    assert_eq!(admin.post("/admin/api/upstreams/default", &json!({ "disabled": true })).await.status, 401);
+    assert_eq!(admin.delete("/admin/api/upstreams/default").await.status, 401);
+    let price = json!({ "pricing": { "prompt": "0.00001", "completion": "0.00002" } });
+    assert_eq!(admin.post("/admin/api/models/gpt-test/price", &price).await.status, 401);
+    assert_eq!(admin.login(PASSWORD).await.status, 200);
+    let key = h.key(100).await;
+    let mut texts = Vec::new();
+
+    // Add: the new upstream serves its model and alias at once, with its markup and key.
+    assert_ne!(h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await.status, 200);
+    let bad = admin.post("/admin/api/upstreams", &json!({ "name": "broken", "base_url": "ftp://x" })).await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    let added = admin.post("/admin/api/upstreams", &add).await;
+    assert_eq!(added.status, 200, "{}", added.text);
+    let list = added.json["upstreams"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 2, "the invalid one was not kept: {list:?}");
+    assert_eq!((list[0]["name"].as_str(), list[0]["source"].as_str()), (Some("default"), Some("environment")));
+    assert_eq!((list[1]["name"].as_str(), list[1]["source"].as_str()), (Some("second"), Some("admin")));
+    assert_eq!(list[1]["has_api_key"], true);
+    assert_eq!(admin.post("/admin/api/upstreams", &add).await.status, 409, "names are unique");
+    texts.push(added.text);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await), 2 * CHAT_COST_MSAT);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat_for("alias-two")).await), 2 * CHAT_COST_MSAT);
+    let seen = second.last_request().expect("the second upstream served");
+    assert_eq!(seen.body["model"], "second-model");
+    assert!(seen.headers.iter().any(|(k, v)| k == "authorization" && v == "Bearer second-secret"));
+
+    // Edit: markup and key change without a restart.
+    let edited =
+        admin.post("/admin/api/upstreams/second", &json!({ "markup": 1.0, "api_key": "rotated-secret" })).await;
+    assert_eq!(edited.status, 200, "{}", edited.text);
+    texts.push(edited.text);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await), CHAT_COST_MSAT);
+    let seen = second.last_request().unwrap();
+    assert!(seen.headers.iter().any(|(k, v)| k == "authorization" && v == "Bearer rotated-secret"));
+    assert_eq!(admin.post("/admin/api/upstreams/nope", &json!({ "markup": 1.0 })).await.status, 404);
+
+    // A price override changes what a request costs (10× the upstream's prices).
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat(false)).await), CHAT_COST_MSAT);
+    let bad = admin.post("/admin/api/models/gpt-test/price", &json!({ "pricing": { "prompt": "x" } })).await;
+    assert_eq!(bad.status, 400);
+    let priced = admin.post("/admin/api/models/gpt-test/price", &price).await;
+    assert_eq!(priced.status, 200, "{}", priced.text);
+    assert_eq!(priced.json["price_overrides"]["gpt-test"]["prompt"], "0.00001");
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat(false)).await), 10 * CHAT_COST_MSAT);
+
+    // Disable and enable; an environment upstream can be disabled, not deleted.
+    let off = admin.post("/admin/api/upstreams/second", &json!({ "disabled": true })).await;
+    assert_eq!(off.json["upstreams"][1]["disabled"], true);
+    assert_ne!(h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await.status, 200);
+    let off = admin.post("/admin/api/upstreams/default", &json!({ "disabled": true })).await;
+    assert_eq!(off.json["upstreams"][0]["source"], "environment+admin");
+    assert_ne!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
+    assert_eq!(admin.delete("/admin/api/upstreams/default").await.status, 200, "the admin layer over it goes");
+    assert_eq!(admin.delete("/admin/api/upstreams/default").await.status, 409, "the environment's stays");
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat(false)).await), 10 * CHAT_COST_MSAT);
+
+    // The layering is visible in the settings view.
+    let settings = admin.get("/admin/api/settings").await;
+    let layer = &settings.json["admin_layer"];
+    assert!(layer["upstreams_file"].as_str().unwrap().ends_with("admin-upstreams.toml"));
+    assert_eq!(layer["price_overrides"], json!(["gpt-test"]));
+    assert_eq!(layer["admin_upstreams"][0]["name"], "second");
+    texts.push(settings.text);
+
+    // Edits survive a restart.
+    h.node.restart().await;
+    let log = std::fs::read_to_string(h.data_dir.join("node.log")).unwrap();
+    assert!(log.contains("admin layer applied on top of the environment"), "the start log says where from");
+    let mut admin = Admin::new(&h);
+    assert_eq!(admin.login(PASSWORD).await.status, 200);
+    let up = admin.get("/admin/api/upstreams").await;
+    assert_eq!(up.json["upstreams"][1]["name"], "second");
+    assert_eq!(up.json["upstreams"][1]["disabled"], true);
+    assert_eq!(up.json["upstreams"][1]["markup"], 1.0);
+    texts.push(up.text);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat(false)).await), 10 * CHAT_COST_MSAT);
+    let on = admin.post("/admin/api/upstreams/second", &json!({ "disabled": false })).await;
+    assert_eq!(on.status, 200);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await), CHAT_COST_MSAT);
+    assert!(second.last_request().unwrap().headers.iter().any(|(_, v)| v == "Bearer rotated-secret"));
+
+    // Delete: the override and the upstream go.
+    assert_eq!(admin.delete("/admin/api/models/gpt-test/price").await.status, 200);
+    assert_eq!(admin.delete("/admin/api/models/gpt-test/price").await.status, 404);
+    assert_eq!(cost(&h.post("/v1/chat/completions", Some(&key), &chat(false)).await), CHAT_COST_MSAT);
+    let gone = admin.delete("/admin/api/upstreams/second").await;
+    assert_eq!(gone.status, 200, "{}", gone.text);
+    assert_eq!(gone.json["upstreams"].as_array().unwrap().len(), 1);
+    assert_ne!(h.post("/v1/chat/completions", Some(&key), &chat_for("second-model")).await.status, 200);
+    texts.push(admin.get("/admin/api/models").await.text);
+    for t in &texts {
+        assert!(!t.contains("second-secret") && !t.contains("rotated-secret") && !t.contains("upstream-secret"), "{t}");
+    }
+}
+
+/// The Nostr view shows when the last announcement and price list were signed.
+#[tokio::test]
+async fn nostr_view_shows_the_last_announcement() {
+    let (_relay, relay_url, _) = crate::nostr::start_relay().await;
+    let h = Harness::start_with(
+        "admin-nostr",
+        admin_env(&[
+            ("NOSTR_ENABLED", "true"),
+            ("RELAYS", &relay_url),
+            ("HTTP_URL", "http://127.0.0.1:{PORT}"),
+            ("NOSTR_CHECK_SECONDS", "1"),
+            ("NOSTR_TIMEOUT_SECONDS", "2"),
+        ]),
+    )
+    .await;
+    let mut admin = Admin::new(&h);
+    assert_eq!(admin.get("/admin/api/nostr").await.status, 401);
+    assert_eq!(admin.login(PASSWORD).await.status, 200);
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 60;
+    let view = crate::nostr::eventually("the announcement and price list", 30, || async {
+        let v = admin.get("/admin/api/nostr").await.json;
+        (v["last_announcement_at"].is_u64() && v["last_price_list_at"].is_u64()).then_some(v)
+    })
+    .await;
+    assert!(view["last_announcement_at"].as_u64().unwrap() >= before);
+    assert!(view["announcements_signed"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        view["relays"][0]["url"].as_str().map(|u| u.trim_end_matches('/')),
+        Some(relay_url.trim_end_matches('/'))
+    );
 }

@@ -5,10 +5,10 @@ const $ = (id) => document.getElementById(id);
 const sat = (msat) => (Number(msat || 0) / 1000).toLocaleString(undefined, { maximumFractionDigits: 3 });
 const when = (secs) => (secs ? new Date(secs * 1000).toLocaleString() : "");
 
-async function api(path, body) {
+async function api(path, body, method) {
   const opts = { credentials: "same-origin", headers: {} };
   if (body !== undefined) {
-    opts.method = "POST";
+    opts.method = method || "POST";
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
   }
@@ -166,20 +166,49 @@ async function loadTransactions(more) {
 
 async function loadUpstreams() {
   const u = await api("upstreams");
-  fill($("up"), u.upstreams.map((x) => row([x.name, x.base_url, "×" + x.markup,
-    x.health.cooling_down ? `cooling down (${x.health.consecutive_failures} failures)` : "up"])));
+  fill($("up"), u.upstreams.map((x) => {
+    const actions = el("span");
+    const toggle = el("button", x.disabled ? "Enable" : "Disable", "link");
+    toggle.addEventListener("click", () => upAction(`upstreams/${encodeURIComponent(x.name)}`, { disabled: !x.disabled }));
+    actions.appendChild(toggle);
+    if (x.source !== "environment") {
+      const del = el("button", x.source === "admin" ? "Delete" : "Reset to environment", "link");
+      del.addEventListener("click", () => upAction(`upstreams/${encodeURIComponent(x.name)}`, {}, "DELETE"));
+      actions.appendChild(del);
+    }
+    const edit = el("button", "Edit", "link");
+    edit.addEventListener("click", () => {
+      $("up-name").value = x.name; $("up-url").value = x.base_url; $("up-key").value = "";
+      $("up-models").value = (x.models || []).join(","); $("up-markup").value = x.markup;
+      $("up-aliases").value = Object.entries(x.aliases || {}).map(([k, v]) => k + "=" + v).join(",");
+    });
+    actions.appendChild(edit);
+    const health = x.disabled ? "disabled" : !x.health ? "" :
+      x.health.cooling_down ? `cooling down (${x.health.consecutive_failures} failures)` : "up";
+    return row([x.name, x.source, x.base_url, "×" + x.markup, x.has_api_key ? "set" : "none", health, actions]);
+  }));
+  $("up-layer").textContent = `Admin edits are saved in ${u.layers.upstreams_file} and ${u.layers.models_file}, layered on top of UPSTREAM_* / UPSTREAMS_PATH.`;
   $("up-extra").textContent = `EXCHANGE_FEE ×${u.exchange_fee} · fixed pricing ${u.fixed_pricing} · BTC/USD ${u.btc_usd ?? "unknown"}`;
   const m = await api("models");
   fill($("models"), m.data.map((x) => {
     const p = x.sats_pricing || {};
     return row([x.id, p.prompt ?? "—", p.completion ?? "—", p.request ?? "—", p.max_cost ?? "—"], [1, 2, 3, 4]);
   }));
+  $("price-overrides").textContent = "Overrides: " + JSON.stringify(m.price_overrides || {}, null, 2);
+}
+
+async function upAction(path, body, method) {
+  $("up-msg").textContent = "";
+  try { await api(path, body, method); } catch (e) { $("up-msg").textContent = e.message; }
+  loadUpstreams();
 }
 
 async function loadNostr() {
   const n = await api("nostr");
   const { providers, ...info } = n;
   $("nostr-info").textContent = JSON.stringify(info, null, 2);
+  $("nostr-last-announcement").textContent = when(n.last_announcement_at) || "never";
+  $("nostr-last-prices").textContent = when(n.last_price_list_at) || "never";
   fill($("providers"), (providers || []).map((p) => row([p.name || p.pubkey || "", (p.urls || [p.url]).join(" "), String(p.healthy ?? p.health?.healthy ?? "")])));
 }
 
@@ -190,6 +219,7 @@ async function loadTor() {
 async function loadSettings() {
   const s = await api("settings");
   fill($("settings-list"), s.settings.map((x) => row([x.name, x.value])));
+  $("admin-layer").textContent = JSON.stringify(s.admin_layer, null, 2);
 }
 
 async function loadLogs() {
@@ -294,6 +324,35 @@ $("revoke-button").addEventListener("click", async () => {
   await showKey(currentKey.key_hash);
   loadKeys();
 });
+
+$("up-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const name = $("up-name").value.trim();
+  const list = (v) => v.split(",").map((x) => x.trim()).filter(Boolean);
+  const body = { name, models: list($("up-models").value) };
+  if ($("up-url").value) body.base_url = $("up-url").value.trim();
+  if ($("up-key").value) body.api_key = $("up-key").value;
+  if ($("up-markup").value) body.markup = Number($("up-markup").value);
+  body.aliases = Object.fromEntries(list($("up-aliases").value).map((a) => a.split("=").map((x) => x.trim())));
+  const known = [...$("up").querySelectorAll("tr td:first-child")].some((td) => td.textContent === name);
+  await upAction(known ? `upstreams/${encodeURIComponent(name)}` : "upstreams", body);
+  $("up-key").value = "";
+});
+
+async function priceAction(body, method) {
+  $("price-msg").textContent = "";
+  const path = `models/${$("price-model").value.trim()}/price`;
+  try { await api(path, body, method); } catch (e) { $("price-msg").textContent = e.message; }
+  loadUpstreams();
+}
+
+$("price-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const pricing = { prompt: $("price-prompt").value.trim(), completion: $("price-completion").value.trim() };
+  if ($("price-request").value) pricing.request = $("price-request").value.trim();
+  priceAction({ pricing });
+});
+$("price-clear").addEventListener("click", () => priceAction({}, "DELETE"));
 
 $("tx-more").addEventListener("click", () => loadTransactions(true));
 
