@@ -159,16 +159,8 @@ async fn missing_usage_is_not_free() {
 async fn client_disconnect_mid_stream_settles() {
     let mut h = Harness::start("client-gone").await;
     let key = h.key(100).await;
-    let mut resp = h
-        .http
-        .post(h.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("x-stand-in-chunks", "200")
-        .header("x-stand-in-delay-ms", "50")
-        .json(&json!({ "model": "gpt-test", "stream": true, "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1000 }))
-        .send()
-        .await
-        .unwrap();
+    let body = json!({ "model": "gpt-test", "stream": true, "messages": [{ "role": "user", "content": "hi" }], "max_tokens": 1000 });
+    let mut resp = h.slow_stream(&key, &body).await;
     // Streaming is real: the first chunks arrive long before the 10 s the whole answer takes.
     let first = tokio::time::timeout(Duration::from_secs(2), resp.chunk()).await.expect("first chunk in time").unwrap();
     assert!(first.is_some());
@@ -254,16 +246,7 @@ async fn unreachable_mint_is_a_clear_error_and_nothing_is_lost() {
 async fn a_killed_node_releases_its_reservations_on_restart() {
     let mut h = Harness::start("crash").await;
     let key = h.key(100).await;
-    let mut resp = h
-        .http
-        .post(h.url("/v1/chat/completions"))
-        .bearer_auth(&key)
-        .header("x-stand-in-chunks", "200")
-        .header("x-stand-in-delay-ms", "50")
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = h.slow_stream(&key, &chat(true)).await;
     resp.chunk().await.unwrap();
     // The reservation is on disk once its batch committed, a moment after the stream began.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

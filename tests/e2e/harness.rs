@@ -227,6 +227,19 @@ impl Harness {
         Answer::from(req.send().await.expect("request")).await
     }
 
+    /// Starts a 10 s stream (200 chunks, 50 ms apart) paid by `key`, for tests that cut it short.
+    pub async fn slow_stream(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-stand-in-chunks", "200")
+            .header("x-stand-in-delay-ms", "50")
+            .json(body)
+            .send()
+            .await
+            .expect("stream request")
+    }
+
     pub async fn balance(&self, key: &str) -> (u64, u64) {
         let info = self.get("/v1/balance/info", Some(key)).await;
         assert_eq!(info.status, 200, "{}", info.json);
