@@ -160,6 +160,11 @@ impl Auth {
         if !self.check_password(password).await? {
             return Err(LoginError::WrongPassword);
         }
+        self.new_session()
+    }
+
+    /// Opens a session: a random token for the client, only its hash kept (and persisted).
+    fn new_session(&self) -> Result<String, LoginError> {
         let token = hex::encode(rand::random::<[u8; 32]>());
         let now = now_secs();
         self.sessions.lock().map_err(|e| LoginError::Internal(e.to_string()))?.push(StoredSession {
@@ -210,15 +215,7 @@ impl Auth {
             .map_err(|e| LoginError::Internal(e.to_string()))?;
         *self.password_hash.lock().map_err(|e| LoginError::Internal(e.to_string()))? = hash;
         self.sessions.lock().map_err(|e| LoginError::Internal(e.to_string()))?.clear();
-        let token = hex::encode(rand::random::<[u8; 32]>());
-        let now = now_secs();
-        self.sessions.lock().map_err(|e| LoginError::Internal(e.to_string()))?.push(StoredSession {
-            hash: sha256_hex(token.as_bytes()),
-            created_at: now,
-            expires_at: now.saturating_add(self.session_secs),
-        });
-        self.persist_sessions().map_err(|e| LoginError::Internal(e.to_string()))?;
-        Ok(token)
+        self.new_session()
     }
 
     pub fn session_secs(&self) -> i64 {

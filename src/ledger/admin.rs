@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{now_secs, to_i64, to_u64, Ledger, LedgerError};
+use super::{key_info_at, now_secs, to_i64, to_u64, KeyInfo, Ledger, LedgerError};
 
 /// The `mint_url` of redemptions that are operator credits, not tokens.
 pub const OPERATOR_CREDIT_MINT: &str = "operator";
@@ -23,14 +23,8 @@ pub const ADMIN_ADJUST_PREFIX: &str = "admin-adjust-";
 pub struct KeyRow {
     pub key_hash: String,
     pub kind: String,
-    pub balance_msat: u64,
-    pub reserved_msat: u64,
-    pub spent_msat: u64,
-    pub requests: u64,
-    pub mint_url: Option<String>,
-    pub refund_address: Option<String>,
-    pub expiry_time: Option<i64>,
-    pub revoked: bool,
+    #[serde(flatten)]
+    pub info: KeyInfo,
     pub created_at: i64,
 }
 
@@ -38,19 +32,7 @@ const KEY_COLUMNS: &str = "key_hash, kind, balance_msat, reserved_msat, spent_ms
      expiry_time, revoked, created_at";
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
-    Ok(KeyRow {
-        key_hash: r.get(0)?,
-        kind: r.get(1)?,
-        balance_msat: to_u64(r.get(2)?),
-        reserved_msat: to_u64(r.get(3)?),
-        spent_msat: to_u64(r.get(4)?),
-        requests: to_u64(r.get(5)?),
-        mint_url: r.get(6)?,
-        refund_address: r.get(7)?,
-        expiry_time: r.get(8)?,
-        revoked: r.get::<_, i64>(9)? != 0,
-        created_at: r.get(10)?,
-    })
+    Ok(KeyRow { key_hash: r.get(0)?, kind: r.get(1)?, info: key_info_at(r, 2)?, created_at: r.get(10)? })
 }
 
 fn read_key_row(c: &Connection, key_hash: &str) -> Result<Option<KeyRow>, LedgerError> {
@@ -149,7 +131,7 @@ impl Ledger {
                         params![key_hash, to_i64(amount)],
                     )?;
                 } else if delta_msat < 0 {
-                    let available = key.balance_msat.saturating_sub(key.reserved_msat);
+                    let available = key.info.available_msat();
                     if amount > available {
                         return Err(LedgerError::Insufficient { required: amount, available });
                     }

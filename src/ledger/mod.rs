@@ -852,23 +852,27 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
     })
 }
 
+/// A `KeyInfo` from eight columns starting at `first`: balance_msat, reserved_msat, spent_msat,
+/// requests, mint_url, refund_address, expiry_time, revoked.
+pub(crate) fn key_info_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<KeyInfo> {
+    Ok(KeyInfo {
+        balance_msat: to_u64(r.get(first)?),
+        reserved_msat: to_u64(r.get(first + 1)?),
+        spent_msat: to_u64(r.get(first + 2)?),
+        requests: to_u64(r.get(first + 3)?),
+        mint_url: r.get(first + 4)?,
+        refund_address: r.get(first + 5)?,
+        expiry_time: r.get(first + 6)?,
+        revoked: r.get::<_, i64>(first + 7)? != 0,
+    })
+}
+
 fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
     Ok(c.prepare_cached(
         "SELECT balance_msat, reserved_msat, spent_msat, requests, mint_url, refund_address, expiry_time, revoked
          FROM keys WHERE key_hash = ?1",
     )?
-    .query_row([key_hash], |r| {
-        Ok(KeyInfo {
-            balance_msat: to_u64(r.get(0)?),
-            reserved_msat: to_u64(r.get(1)?),
-            spent_msat: to_u64(r.get(2)?),
-            requests: to_u64(r.get(3)?),
-            mint_url: r.get(4)?,
-            refund_address: r.get(5)?,
-            expiry_time: r.get(6)?,
-            revoked: r.get::<_, i64>(7)? != 0,
-        })
-    })
+    .query_row([key_hash], |r| key_info_at(r, 0))
     .optional()?)
 }
 

@@ -33,26 +33,39 @@ type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// Binds the proxy on 127.0.0.1 and serves it in the background; returns its address.
 pub async fn start(client: Arc<TorClient<PreferredRuntime>>) -> std::io::Result<SocketAddr> {
+    serve_loopback("Tor proxy", move |stream| {
+        let client = client.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| handle(client.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        }
+    })
+    .await
+}
+
+/// Binds `what` on 127.0.0.1 (an ephemeral port) and hands each connection to `serve` in its
+/// own task; returns the address.
+async fn serve_loopback<F, Fut>(what: &'static str, serve: F) -> io::Result<SocketAddr>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Tor proxy accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(serve(stream));
                 }
-            };
-            let client = client.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| handle(client.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     });
     Ok(addr)
@@ -163,27 +176,15 @@ const REP_ADDRESS_TYPE_NOT_SUPPORTED: u8 = 0x08;
 
 /// Binds the SOCKS5 proxy on 127.0.0.1 and serves it in the background; returns its address.
 pub(crate) async fn start_socks(connector: Connector) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "SOCKS proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let connector = connector.clone();
-            tokio::spawn(async move {
-                if let Err(e) = socks_session(stream, connector).await {
-                    tracing::debug!(error = %e, "SOCKS session ended");
-                }
-            });
+    serve_loopback("SOCKS proxy", move |stream| {
+        let connector = connector.clone();
+        async move {
+            if let Err(e) = socks_session(stream, connector).await {
+                tracing::debug!(error = %e, "SOCKS session ended");
+            }
         }
-    });
-    Ok(addr)
+    })
+    .await
 }
 
 /// Whether a destination is on this host (connected to directly, never through Tor).

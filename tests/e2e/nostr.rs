@@ -17,6 +17,26 @@ use crate::harness::{Harness, Options};
 
 const ONION: &str = "http://aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.onion";
 
+/// Node A of the two-node tests: it has the stand-in upstream and announces itself (as
+/// "node-a", at its loopback URL) on the relay, checking every second; it discovers nothing.
+pub async fn start_seller(name: &str, relay_url: &str) -> Harness {
+    Harness::start_with(
+        name,
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("RELAYS", relay_url.to_owned()),
+                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
+                ("NAME", "node-a".into()),
+                ("NOSTR_CHECK_SECONDS", "1".into()),
+                ("NOSTR_DISCOVERY", "false".into()),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// A relay in process; `db` is the store it serves from (events can be put there directly).
 pub async fn start_relay() -> (LocalRelay, String, Arc<MemoryDatabase>) {
     let db = Arc::new(MemoryDatabase::with_opts(MemoryDatabaseOptions { events: true, max_events: None }));
@@ -199,21 +219,7 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     let (_hang, hang_url, refused_url) = bad_relays().await;
 
     // Node A sells through the relay.
-    let a = Harness::start_with(
-        "nostr-a",
-        Options {
-            env: vec![
-                ("NOSTR_ENABLED", "true".into()),
-                ("RELAYS", relay_url.clone()),
-                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
-                ("NAME", "node-a".into()),
-                ("NOSTR_CHECK_SECONDS", "1".into()),
-                ("NOSTR_DISCOVERY", "false".into()),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let a = start_seller("nostr-a", &relay_url).await;
     let a_npub = a.get("/v1/info", None).await.json["npub"].as_str().unwrap().to_owned();
     let a_pk = nostr_sdk::prelude::PublicKey::parse(&a_npub).unwrap().to_hex();
     // A generated its key and keeps it owner-only.

@@ -7,7 +7,7 @@ use routstr_node::ledger::open_reader;
 use serde_json::{json, Value};
 
 use crate::harness::{chat, Harness, Options};
-use crate::nostr::{eventually, start_relay};
+use crate::nostr::{eventually, start_relay, start_seller};
 
 /// B's remote payments: (token value, change credited back, state), oldest first.
 fn remote_spends(h: &Harness) -> Vec<(u64, u64, String)> {
@@ -60,21 +60,7 @@ async fn start_pair(
     b_env: Vec<(&'static str, String)>,
 ) -> (nostr_relay_builder::prelude::LocalRelay, Harness, Harness) {
     let (relay, relay_url, _) = start_relay().await;
-    let a = Harness::start_with(
-        &format!("{name}-a"),
-        Options {
-            env: vec![
-                ("NOSTR_ENABLED", "true".into()),
-                ("RELAYS", relay_url.clone()),
-                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
-                ("NAME", "node-a".into()),
-                ("NOSTR_CHECK_SECONDS", "1".into()),
-                ("NOSTR_DISCOVERY", "false".into()),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let a = start_seller(&format!("{name}-a"), &relay_url).await;
     let mut env = vec![
         ("NOSTR_ENABLED", "true".into()),
         ("RELAYS", relay_url.clone()),
@@ -153,21 +139,7 @@ async fn change_left_at_the_provider_is_recovered() {
 #[tokio::test]
 async fn a_node_without_upstream_buys_from_a_discovered_provider() {
     let (_relay, relay_url, _) = start_relay().await;
-    let mut a = Harness::start_with(
-        "route-a",
-        Options {
-            env: vec![
-                ("NOSTR_ENABLED", "true".into()),
-                ("RELAYS", relay_url.clone()),
-                ("HTTP_URL", "http://127.0.0.1:{PORT}".into()),
-                ("NAME", "node-a".into()),
-                ("NOSTR_CHECK_SECONDS", "1".into()),
-                ("NOSTR_DISCOVERY", "false".into()),
-            ],
-            ..Default::default()
-        },
-    )
-    .await;
+    let mut a = start_seller("route-a", &relay_url).await;
     // B: no upstream; trusts its own mint (where its clients pay) and A's (where it pays A).
     let mut b = Harness::start_with(
         "route-b",
