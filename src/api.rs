@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 use crate::http::{self, Body, REQUEST_ID};
 use crate::ledger::KeyKind;
+use crate::lightning::InvoiceStatus;
 use crate::node::Node;
 use crate::payment::{credential, hash_api_key, Credential};
 
@@ -265,7 +266,12 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
                 Some(Credential::XCashu(token)) => payments.recover_change(token).await?,
                 Some(_) => {
                     let (key_hash, _) = key_credential(node, &parts.headers).await?;
-                    payments.refund_key(&key_hash).await?
+                    payments.apply_refund_headers(&key_hash, &parts.headers).await?;
+                    let info = node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
+                    match info.refund_address.filter(|_| payments.lightning.enabled) {
+                        Some(address) => return lightning_refund(payments, &key_hash, &address).await,
+                        None => payments.refund_key(&key_hash).await?,
+                    }
                 }
                 None => return Err(ApiError::InvalidKey),
             };
@@ -275,9 +281,65 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
                 &json!({ "token": paid.token, "sats": sats.to_string(), "msats": paid.amount_msat }),
             ))
         }
-        ("create" | "info" | "topup" | "refund", _) => Err(ApiError::MethodNotAllowed),
+        ("lightning/invoice", &Method::POST) => {
+            let amount_sat = json
+                .as_ref()
+                .and_then(|j| j.get("amount_sats").or_else(|| j.get("amount")))
+                .and_then(Value::as_u64)
+                .or_else(|| param(query, &None, &["amount_sats"]).and_then(|a| a.parse().ok()))
+                .ok_or_else(|| ApiError::BadRequest("amount_sats (a whole number of sats) is required".into()))?;
+            let purpose = param(query, &json, &["purpose"]).unwrap_or_else(|| "create".into());
+            let topup_key = match purpose.as_str() {
+                "create" => None,
+                "topup" => Some(key_credential(node, &parts.headers).await?.0),
+                other => return Err(ApiError::BadRequest(format!("purpose must be create or topup, not {other:?}"))),
+            };
+            let created = payments.create_invoice(amount_sat, topup_key).await?;
+            Ok(http::json_response(StatusCode::OK, &serde_json::to_value(created).unwrap_or_default()))
+        }
+        (a, &Method::GET) if a.starts_with("lightning/invoice/") && a.ends_with("/status") => {
+            let id = a.trim_start_matches("lightning/invoice/").trim_end_matches("/status");
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(ApiError::NotFoundResource("no such invoice".into()));
+            }
+            let body = match payments.invoice_status(id).await? {
+                InvoiceStatus::Pending { expires_at } => json!({ "status": "pending", "expires_at": expires_at }),
+                InvoiceStatus::Expired => json!({ "status": "expired" }),
+                InvoiceStatus::Paid { credited_msat, api_key, balance_msat } => json!({
+                    "status": "paid",
+                    "api_key": api_key,
+                    "amount_sats": credited_msat / 1000,
+                    "msats": credited_msat,
+                    "balance": balance_msat,
+                }),
+            };
+            Ok(http::json_response(StatusCode::OK, &body))
+        }
+        ("create" | "info" | "topup" | "refund" | "lightning/invoice", _) => Err(ApiError::MethodNotAllowed),
         _ => Err(ApiError::NotFound(format!("/v1/balance/{action}"))),
     }
+}
+
+/// `/v1/balance/refund` for a key with a `Refund-LNURL`: paid over Lightning (202 while the
+/// payment is in flight; asking again shows how it ended).
+async fn lightning_refund(
+    payments: &crate::payment::Payments,
+    key_hash: &str,
+    address: &str,
+) -> Result<Response<Body>, ApiError> {
+    let refund = payments.refund_lightning(key_hash, address).await?;
+    let status = if refund.paid { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok(http::json_response(
+        status,
+        &json!({
+            "recipient": refund.recipient,
+            "sats": (refund.amount_msat / 1000).to_string(),
+            "msats": refund.amount_msat,
+            "fee_reserve_msats": refund.fee_reserve_msat,
+            "fee_msats": refund.fee_msat,
+            "status": if refund.paid { "paid" } else { "pending" },
+        }),
+    ))
 }
 
 /// The key behind `Authorization` (an `sk-` key, or a token used as a key, redeemed on first

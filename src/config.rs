@@ -315,6 +315,44 @@ pub struct Settings {
     #[arg(long, env = "REMOTE_RECOVERY_SECONDS", default_value_t = 60)]
     pub remote_recovery_seconds: u64,
 
+    // --- Lightning ---
+    /// Offer Lightning invoice top-ups (`/v1/balance/lightning/invoice`), Lightning refunds to a
+    /// key's `Refund-LNURL`, and the swap of tokens from mints the node does not trust (melted at
+    /// their mint to pay an invoice of a trusted one). All go through the trusted mints' Lightning.
+    #[arg(long, env = "LIGHTNING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub lightning: bool,
+    /// Accept tokens from any mint by moving them to the first trusted mint over Lightning (fees
+    /// shown to the user). Off: such tokens are refused with a clear error.
+    #[arg(long, env = "ACCEPT_FOREIGN_MINTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub accept_foreign_mints: bool,
+    /// Smallest and largest Lightning top-up invoice, in sats.
+    #[arg(long, env = "MIN_INVOICE_SAT", default_value_t = 1)]
+    pub min_invoice_sat: u64,
+    #[arg(long, env = "MAX_INVOICE_SAT", default_value_t = 1_000_000)]
+    pub max_invoice_sat: u64,
+    /// How long a paid-but-late invoice is still watched after its expiry, in seconds.
+    #[arg(long, env = "INVOICE_GRACE_SECONDS", default_value_t = 86_400)]
+    pub invoice_grace_seconds: u64,
+    /// How often the Lightning watcher checks open invoices, melts in flight, expired keys and
+    /// operator payouts, in seconds.
+    #[arg(long, env = "LIGHTNING_WATCH_SECONDS", default_value_t = 5)]
+    pub lightning_watch_seconds: u64,
+    /// The operator's Lightning address (or LNURL): earnings above MIN_PAYOUT_SAT are paid there
+    /// every PAYOUT_INTERVAL_SECONDS. Unset: no automatic payouts.
+    #[arg(long, env = "RECEIVE_LN_ADDRESS")]
+    pub receive_ln_address: Option<String>,
+    /// Smallest automatic payout, in sats (earnings below it wait).
+    #[arg(long, env = "MIN_PAYOUT_SAT", default_value_t = 210)]
+    pub min_payout_sat: u64,
+    /// How often earnings are paid out to RECEIVE_LN_ADDRESS, in seconds.
+    #[arg(long, env = "PAYOUT_INTERVAL_SECONDS", default_value_t = 86_400)]
+    pub payout_interval_seconds: u64,
+    /// Let LNURL hosts and the mints of foreign tokens be loopback or private addresses (for tests
+    /// and private networks only: users choose both, so this would let them point the node at its
+    /// own network).
+    #[arg(long, env = "LNURL_ALLOW_PRIVATE_HOSTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub lnurl_allow_private_hosts: bool,
+
     // --- Admin ---
     /// The admin dashboard's password. Unset: one is generated at first start and printed once
     /// to stderr. Only its argon2 hash is stored (DATA_DIR/admin-password); changing this

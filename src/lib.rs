@@ -5,7 +5,8 @@
 //! Modules by domain: `config` (settings), `pricing` (pure money arithmetic), `rates` (BTC/USD),
 //! `catalog` (models and prices), `upstream` (where requests go), `ledger` (SQLite balances,
 //! reservations, payouts), `wallet` (the embedded cdk wallet), `payment` (credentials, redeeming,
-//! change), `proxy` (the metered request path), `api` (routing and the node's own endpoints),
+//! change), `lightning` (invoices, Lightning refunds and payouts, foreign-mint swaps), `lnurl`
+//! (LNURL-pay client), `proxy` (the metered request path), `api` (routing and the node's own endpoints),
 //! `server` (the listener), `node` (wiring), `cli` (operator commands).
 
 pub mod admin;
@@ -14,10 +15,13 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 mod fsutil;
 pub mod http;
 pub mod layers;
 pub mod ledger;
+pub mod lightning;
+pub mod lnurl;
 pub mod node;
 pub mod nostr;
 pub mod payment;

@@ -187,7 +187,10 @@ impl Node {
         )
         .await?;
         let secret = Payments::load_or_create_secret(&settings.data_dir.join("key-secret"))?;
-        let payments = Payments::new(ledger, wallet, secret);
+        let lnurl = crate::lightning::lnurl_client(&settings, tor.as_ref().and_then(|t| t.outbound_proxy_url()))
+            .map_err(NodeError::Config)?;
+        let payments =
+            Payments::new(ledger, wallet, secret, crate::lightning::LightningOptions::from_settings(&settings), lnurl);
         let failed = payments.fail_interrupted_payouts().await.map_err(|e| NodeError::Config(e.to_string()))?;
         if failed > 0 {
             tracing::warn!(failed, "payouts cut short by the previous run returned to their keys");
@@ -318,6 +321,34 @@ impl Node {
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }
         });
+        // Lightning: invoices paid, melts in flight, keys past their expiry, operator payouts.
+        if self.settings.lightning {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let every = node.payments.lightning.watch_interval;
+                loop {
+                    node.payments.lightning_tick().await;
+                    tokio::time::sleep(every).await;
+                }
+            });
+            if self.settings.receive_ln_address.is_some() {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let every = node.payments.lightning.payout_interval;
+                    loop {
+                        tokio::time::sleep(every).await;
+                        let _earnings = node.admin.earnings_lock.lock().await;
+                        match node.payments.pay_operator().await {
+                            Ok(Some(p)) => {
+                                tracing::info!(state = %p.state, amount_msat = p.amount_msat, "operator payout")
+                            }
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(error = %e, "operator payout failed; retried next interval"),
+                        }
+                    }
+                });
+            }
+        }
         // Change still held by remote providers (a mint down, a stream cut short, a restart).
         let node = self.clone();
         tokio::spawn(async move {

@@ -19,7 +19,9 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::ledger::{KeyKind, Ledger, PayoutLookup, RedemptionState};
-use crate::wallet::{WalletError, WalletService};
+use crate::lightning::LightningOptions;
+use crate::lnurl::LnurlClient;
+use crate::wallet::{ParsedToken, WalletError, WalletService};
 
 pub const X_CASHU: &str = "x-cashu";
 
@@ -136,13 +138,26 @@ pub struct Payments {
     pub ledger: Ledger,
     pub wallet: WalletService,
     key_secret: Vec<u8>,
-    /// One redemption at a time per token, in this process (the ledger enforces it across).
-    redeeming: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One operation at a time per token, invoice, key refund… in this process (the ledger's
+    /// conditional updates enforce it across processes).
+    busy: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub(crate) lightning: LightningOptions,
+    pub(crate) lnurl: LnurlClient,
 }
 
 impl Payments {
-    pub fn new(ledger: Ledger, wallet: WalletService, key_secret: Vec<u8>) -> Payments {
-        Payments { ledger, wallet, key_secret, redeeming: Mutex::new(HashMap::new()) }
+    pub fn new(
+        ledger: Ledger,
+        wallet: WalletService,
+        key_secret: Vec<u8>,
+        lightning: LightningOptions,
+        lnurl: LnurlClient,
+    ) -> Payments {
+        Payments { ledger, wallet, key_secret, busy: Mutex::new(HashMap::new()), lightning, lnurl }
+    }
+
+    pub(crate) fn key_secret(&self) -> &[u8] {
+        &self.key_secret
     }
 
     /// Loads the node's key-derivation secret, creating it (owner-only) on first start.
@@ -192,8 +207,9 @@ impl Payments {
         match cred {
             Credential::ApiKey(_) => {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
-                self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                // Before the reservation: a refused header must not leave it open.
                 self.apply_refund_headers(&key_hash, headers).await?;
+                self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
                 Ok(Payer { key_hash, xcashu: None })
             }
             Credential::BearerToken(token) => {
@@ -209,7 +225,7 @@ impl Payments {
                 Ok(Payer { key_hash, xcashu: None })
             }
             Credential::XCashu(token) => {
-                let parsed = self.wallet.parse_token(token)?;
+                let parsed = self.parse_payable_token(token)?;
                 if parsed.value_msat < cost_msat {
                     return Err(ApiError::InsufficientBalance {
                         required_msat: cost_msat,
@@ -250,6 +266,9 @@ impl Payments {
                     .map_err(|_| ApiError::BadRequest("Key-Expiry-Time must be a unix timestamp".into()))
             })
             .transpose()?;
+        if let Some(address) = refund.as_deref() {
+            self.lnurl.resolve_url(address).map_err(|e| ApiError::BadRequest(format!("Refund-LNURL: {e}")))?;
+        }
         if refund.is_some() || expiry.is_some() {
             self.ledger.set_refund_options(key_hash, refund, expiry).await?;
         }
@@ -266,18 +285,19 @@ impl Payments {
         Ok(self.ledger.latest_payout(Some(key_hash), Some(token_hash)).await? == PayoutLookup::NotFound)
     }
 
-    async fn token_lock(&self, token_hash: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.redeeming.lock().unwrap_or_else(|p| p.into_inner());
+    /// The in-process lock of one named operation (`token_hash`, `invoice:<id>`, …).
+    pub(crate) async fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, m| Arc::strong_count(m) > 1);
-        map.entry(token_hash.to_owned()).or_default().clone()
+        map.entry(name.to_owned()).or_default().clone()
     }
 
     /// Redeems a token into `key_hash` (creating the key), exactly once per token: the same token
     /// in many parallel requests is swapped once and credited once.
     pub async fn redeem(&self, token: &str, key_hash: &str, kind: KeyKind) -> Result<Redeemed, ApiError> {
-        let parsed = self.wallet.parse_token(token)?;
+        let parsed = self.parse_payable_token(token)?;
         let token_hash = token_hash(token);
-        let lock = self.token_lock(&token_hash).await;
+        let lock = self.lock_for(&token_hash).await;
         let _guard = lock.lock().await;
         for attempt in 0..2 {
             match self
@@ -299,12 +319,15 @@ impl Payments {
                 }
                 RedemptionState::InProgress if attempt == 0 => {
                     // Left pending by a crash or a mint that went silent: settle it first.
-                    self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await?;
+                    self.reconcile_redemption(&token_hash, &parsed, kind).await?;
                 }
                 RedemptionState::InProgress => {
                     return Err(ApiError::Conflict("this token is still being redeemed; retry shortly".into()))
                 }
             }
+        }
+        if !self.wallet.is_trusted(&parsed.mint_url) {
+            return self.move_foreign_token(token, &token_hash, &parsed, kind).await;
         }
         match self.wallet.receive(token).await {
             Ok(received) => {
@@ -318,7 +341,7 @@ impl Payments {
             Err(e @ (WalletError::MintUnavailable(_) | WalletError::Other(_))) => {
                 // The swap may or may not have happened: ask before deciding.
                 tracing::warn!(error = %e, "redemption outcome unknown; reconciling");
-                match self.reconcile_redemption(&token_hash, &parsed.mint_url, &parsed.proof_ys, kind).await {
+                match self.reconcile_redemption(&token_hash, &parsed, kind).await {
                     Ok(Some(credited)) => {
                         let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
                         Ok(Redeemed { credited_msat: credited, balance_msat: balance, new: true })
@@ -333,16 +356,19 @@ impl Payments {
         }
     }
 
-    /// Settles a pending redemption by asking the wallet whether the swap happened.
-    /// `Ok(Some(credited))` credited now, `Ok(None)` nothing was received (marked failed).
+    /// Settles a pending redemption by asking the wallet (or, for a foreign token, its mint)
+    /// whether the swap happened. `Ok(Some(credited))` credited now, `Ok(None)` nothing was
+    /// received (marked failed).
     async fn reconcile_redemption(
         &self,
         token_hash: &str,
-        mint_url: &str,
-        proof_ys: &[String],
+        parsed: &ParsedToken,
         kind: KeyKind,
     ) -> Result<Option<u64>, ApiError> {
-        match self.wallet.received_by_us(mint_url, proof_ys).await {
+        if !self.wallet.is_trusted(&parsed.mint_url) {
+            return self.reconcile_swap(token_hash, parsed, kind).await;
+        }
+        match self.wallet.received_by_us(&parsed.mint_url, &parsed.proof_ys).await {
             Ok(Some(credited)) => {
                 self.ledger.complete_redemption(token_hash, kind, credited, 0).await?;
                 Ok(Some(credited))
@@ -355,14 +381,31 @@ impl Payments {
         }
     }
 
+    /// A token this node can take: from a trusted mint, or (with `ACCEPT_FOREIGN_MINTS`) from
+    /// any mint, to be moved to a trusted one over Lightning.
+    pub fn parse_payable_token(&self, token: &str) -> Result<ParsedToken, ApiError> {
+        match self.wallet.parse_token(token) {
+            Err(WalletError::UntrustedMint { .. }) if self.lightning.accept_foreign_mints => {
+                Ok(crate::wallet::parse_foreign_token(token)?)
+            }
+            other => Ok(other?),
+        }
+    }
+
     /// Settles every pending redemption it can (at start and periodically).
     pub async fn reconcile_pending(&self) -> Result<usize, ApiError> {
         let pending = self.ledger.pending_redemptions().await?;
         let mut settled = 0;
         for p in pending {
-            let lock = self.token_lock(&p.token_hash).await;
+            let lock = self.lock_for(&p.token_hash).await;
             let _guard = lock.lock().await;
-            match self.reconcile_redemption(&p.token_hash, &p.mint_url, &p.proof_ys, p.kind).await {
+            let parsed = ParsedToken {
+                mint_url: p.mint_url.clone(),
+                unit: "sat".into(),
+                value_msat: p.value_msat,
+                proof_ys: p.proof_ys.clone(),
+            };
+            match self.reconcile_redemption(&p.token_hash, &parsed, p.kind).await {
                 Ok(outcome) => {
                     settled += 1;
                     tracing::info!(credited = outcome.is_some(), "pending redemption reconciled");

@@ -30,7 +30,7 @@ pub struct Admin {
     pub metrics: Metrics,
     /// Withdrawals and credits from earnings run one at a time: two at once could each see the
     /// same earnings.
-    earnings_lock: tokio::sync::Mutex<()>,
+    pub(crate) earnings_lock: tokio::sync::Mutex<()>,
 }
 
 impl Admin {

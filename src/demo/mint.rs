@@ -285,3 +285,22 @@ pub async fn redeem_token(mint_url: &str, token: &str) -> Result<u64, BoxError> 
     let amount = wallet.receive(token.trim(), ReceiveOptions::default()).await?;
     Ok(u64::from(amount))
 }
+
+/// Invoices of the mint at `mint_url` (its NUT-04 quotes, which the fake backend pays at once),
+/// as a Lightning wallet there would hand them out: the invoice source of a test LNURL server.
+pub fn mint_invoice_source(mint_url: String) -> crate::demo::lnurl_server::InvoiceSource {
+    Arc::new(move |amount_msat: u64| {
+        let mint_url = mint_url.clone();
+        Box::pin(async move {
+            if amount_msat == 0 || !amount_msat.is_multiple_of(1000) {
+                return Err(format!("{amount_msat} msat is not a whole number of sats"));
+            }
+            let wallet = throwaway_wallet(&mint_url).await.map_err(|e| e.to_string())?;
+            let quote = wallet
+                .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount_msat / 1000)), None, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(quote.request)
+        })
+    })
+}

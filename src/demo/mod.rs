@@ -2,6 +2,7 @@
 //! benchmark: a real cdk mint with the fake Lightning backend, and an OpenAI-compatible upstream
 //! that can misbehave on demand.
 
+pub mod lnurl_server;
 pub mod mint;
 pub mod upstream;
 pub mod walkthrough;

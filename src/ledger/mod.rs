@@ -15,6 +15,7 @@
 //! whatever the operator put in or took out directly.
 
 mod admin;
+mod lightning;
 mod schema;
 mod store;
 
@@ -25,6 +26,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 pub use admin::*;
+pub use lightning::{Invoice, LightningPayout, OperatorPayout, Swap};
 pub use store::open_reader;
 use store::{Answer, Store};
 
@@ -124,6 +126,7 @@ pub struct PendingRedemption {
     pub token_hash: String,
     pub key_hash: String,
     pub mint_url: String,
+    pub value_msat: u64,
     pub proof_ys: Vec<String>,
     pub kind: KeyKind,
 }
@@ -162,6 +165,15 @@ pub struct Totals {
     pub remote_returned_msat: u64,
     /// Remote spends whose change is not settled yet (`pending`, `sent` or `recovering`).
     pub remote_open: u64,
+    /// Lightning invoices paid and credited to keys (also in `credited_msat`).
+    pub invoices_credited_msat: u64,
+    /// Earnings the operator was paid over Lightning, and the fees of those payments.
+    pub operator_paid_msat: u64,
+    pub operator_fees_msat: u64,
+    /// Operator payouts whose melt is not settled yet.
+    pub operator_open: u64,
+    /// Payouts (tokens or Lightning refunds) not finished yet.
+    pub payouts_open: u64,
 }
 
 impl Totals {
@@ -174,6 +186,11 @@ impl Totals {
     /// What the wallet must hold for users: every balance, reserved or not.
     pub fn liabilities_msat(&self) -> u64 {
         self.balances_msat
+    }
+
+    /// What the wallet gave for the operator's Lightning payouts.
+    pub fn operator_out_msat(&self) -> u64 {
+        self.operator_paid_msat.saturating_add(self.operator_fees_msat)
     }
 
     /// What remote providers kept: tokens sent minus change returned (includes change still
@@ -377,7 +394,7 @@ impl Ledger {
             .run(move |c| {
                 let row: Option<(String, String, String)> = c
                     .query_row(
-                        "SELECT state, key_hash, mint_url FROM redemptions WHERE token_hash = ?1",
+                        "SELECT state, key_hash, COALESCE(swap_mint_url, mint_url) FROM redemptions WHERE token_hash = ?1",
                         [&token_hash],
                         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                     )
@@ -435,7 +452,7 @@ impl Ledger {
         self.store
             .run(|c| {
                 let mut stmt = c.prepare(
-                    "SELECT r.token_hash, r.key_hash, r.mint_url, r.proof_ys, COALESCE(k.kind, 'key')
+                    "SELECT r.token_hash, r.key_hash, r.mint_url, r.proof_ys, COALESCE(k.kind, 'key'), r.value_msat
                      FROM redemptions r LEFT JOIN keys k ON k.key_hash = r.key_hash WHERE r.state = 'pending'",
                 )?;
                 let rows = stmt.query_map([], |r| {
@@ -445,6 +462,7 @@ impl Ledger {
                         token_hash: r.get(0)?,
                         key_hash: r.get(1)?,
                         mint_url: r.get(2)?,
+                        value_msat: to_u64(r.get(5)?),
                         proof_ys: ys.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect(),
                         kind: if kind == "xcashu" { KeyKind::XCashu } else { KeyKind::Key },
                     })
@@ -485,33 +503,7 @@ impl Ledger {
         let key_hash = key_hash.to_owned();
         let source = source_token_hash.map(str::to_owned);
         let request_id = request_id.map(str::to_owned);
-        self.store
-            .run(move |c| {
-                let Some(key) = read_key(c, &key_hash)? else {
-                    return Err(LedgerError::KeyNotFound);
-                };
-                let debit = key.available_msat();
-                if debit == 0 {
-                    return Ok(None);
-                }
-                let mint_url = key.mint_url.clone().unwrap_or_default();
-                let updated = c.execute(
-                    "UPDATE keys SET balance_msat = balance_msat - ?2
-                     WHERE key_hash = ?1 AND balance_msat - reserved_msat >= ?2",
-                    params![key_hash, to_i64(debit)],
-                )?;
-                if updated == 0 {
-                    return Ok(None);
-                }
-                let now = now_secs();
-                c.execute(
-                    "INSERT INTO payouts (key_hash, source_token_hash, request_id, mint_url, debit_msat, state, created_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
-                    params![key_hash, source, request_id, mint_url, to_i64(debit), now],
-                )?;
-                Ok(Some(Payout { id: c.last_insert_rowid(), key_hash: key_hash.clone(), mint_url, debit_msat: debit }))
-            })
-            .await
+        self.store.run(move |c| debit_for_payout(c, &key_hash, source.as_deref(), request_id.as_deref())).await
     }
 
     /// The payout's token exists: keep it (it is handed out from here, and again on request).
@@ -551,36 +543,17 @@ impl Ledger {
 
     /// The token could not be made: the debit returns to the key. Idempotent.
     pub async fn fail_payout(&self, id: i64) -> Result<(), LedgerError> {
-        self.store
-            .run(move |c| {
-                let row: Option<(String, i64)> = c
-                    .query_row(
-                        "SELECT key_hash, debit_msat FROM payouts WHERE id = ?1 AND state = 'pending'",
-                        [id],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
-                if let Some((key_hash, debit)) = row {
-                    c.execute(
-                        "UPDATE payouts SET state = 'failed', updated_at = ?2 WHERE id = ?1",
-                        params![id, now_secs()],
-                    )?;
-                    c.execute(
-                        "UPDATE keys SET balance_msat = balance_msat + ?2 WHERE key_hash = ?1",
-                        params![key_hash, debit],
-                    )?;
-                }
-                Ok(())
-            })
-            .await
+        self.store.run(move |c| lightning::fail_pending_payout(c, id).map(|_| ())).await
     }
 
-    /// Payouts left `pending` by a crash: their tokens were never handed out.
+    /// Token payouts left `pending` by a crash: their tokens were never handed out. (Lightning
+    /// payouts are not here: whether their melt happened is for the mint to say.)
     pub async fn pending_payouts(&self) -> Result<Vec<Payout>, LedgerError> {
         self.store
             .run(|c| {
-                let mut stmt =
-                    c.prepare("SELECT id, key_hash, mint_url, debit_msat FROM payouts WHERE state = 'pending'")?;
+                let mut stmt = c.prepare(
+                    "SELECT id, key_hash, mint_url, debit_msat FROM payouts WHERE state = 'pending' AND method = 'cashu'",
+                )?;
                 let rows = stmt.query_map([], |r| {
                     Ok(Payout {
                         id: r.get(0)?,
@@ -819,11 +792,47 @@ impl Ledger {
     }
 }
 
+/// Debits a key's whole free balance for a payout and records it `pending`, in one step.
+fn debit_for_payout(
+    c: &Connection,
+    key_hash: &str,
+    source: Option<&str>,
+    request_id: Option<&str>,
+) -> Result<Option<Payout>, LedgerError> {
+    let Some(key) = read_key(c, key_hash)? else {
+        return Err(LedgerError::KeyNotFound);
+    };
+    let debit = key.available_msat();
+    if debit == 0 {
+        return Ok(None);
+    }
+    let mint_url = key.mint_url.clone().unwrap_or_default();
+    let updated = c.execute(
+        "UPDATE keys SET balance_msat = balance_msat - ?2 WHERE key_hash = ?1 AND balance_msat - reserved_msat >= ?2",
+        params![key_hash, to_i64(debit)],
+    )?;
+    if updated == 0 {
+        return Ok(None);
+    }
+    let now = now_secs();
+    c.execute(
+        "INSERT INTO payouts (key_hash, source_token_hash, request_id, mint_url, debit_msat, state, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6)",
+        params![key_hash, source, request_id, mint_url, to_i64(debit), now],
+    )?;
+    Ok(Some(Payout { id: c.last_insert_rowid(), key_hash: key_hash.to_owned(), mint_url, debit_msat: debit }))
+}
+
 /// The conservation sums, from any connection (the node's writer, or a reader in another process).
 pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
     let sum = |sql: &str| -> Result<u64, LedgerError> { Ok(to_u64(c.query_row(sql, [], |r| r.get::<_, i64>(0))?)) };
     // A reader (the CLI) may open a ledger the node has not migrated yet.
-    let has_remote = sum("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'remote_spends'")? > 0;
+    let has_table = |name: &str| -> Result<bool, LedgerError> {
+        let n: i64 =
+            c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1", [name], |r| r.get(0))?;
+        Ok(n > 0)
+    };
+    let (has_remote, has_lightning) = (has_table("remote_spends")?, has_table("ln_invoices")?);
     let remote = |sql: &str| -> Result<u64, LedgerError> {
         if has_remote {
             sum(sql)
@@ -831,8 +840,18 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
             Ok(0)
         }
     };
+    let lightning = |sql: &str| -> Result<u64, LedgerError> {
+        if has_lightning {
+            sum(sql)
+        } else {
+            Ok(0)
+        }
+    };
+    let invoices_credited_msat =
+        lightning("SELECT COALESCE(SUM(credited_msat), 0) FROM ln_invoices WHERE state = 'credited'")?;
     Ok(Totals {
-        credited_msat: sum("SELECT COALESCE(SUM(credited_msat), 0) FROM redemptions WHERE state = 'credited'")?,
+        credited_msat: sum("SELECT COALESCE(SUM(credited_msat), 0) FROM redemptions WHERE state = 'credited'")?
+            + invoices_credited_msat,
         redemption_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM redemptions WHERE state = 'credited'")?,
         balances_msat: sum("SELECT COALESCE(SUM(balance_msat), 0) FROM keys")?,
         reserved_msat: sum("SELECT COALESCE(SUM(reserved_msat), 0) FROM keys")?,
@@ -849,6 +868,11 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         )?,
         remote_returned_msat: remote("SELECT COALESCE(SUM(change_msat), 0) FROM remote_spends WHERE state = 'settled'")?,
         remote_open: remote("SELECT COUNT(*) FROM remote_spends WHERE state IN ('pending', 'sent', 'recovering')")?,
+        invoices_credited_msat,
+        operator_paid_msat: lightning("SELECT COALESCE(SUM(amount_msat), 0) FROM operator_payouts WHERE state = 'paid'")?,
+        operator_fees_msat: lightning("SELECT COALESCE(SUM(fee_msat), 0) FROM operator_payouts WHERE state = 'paid'")?,
+        operator_open: lightning("SELECT COUNT(*) FROM operator_payouts WHERE state = 'pending'")?,
+        payouts_open: sum("SELECT COUNT(*) FROM payouts WHERE state = 'pending'")?,
     })
 }
 

@@ -92,6 +92,51 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX remote_spends_open ON remote_spends(state) WHERE state IN ('pending', 'sent', 'recovering');
     "#,
+    // 3: Lightning. Invoices that top up keys (mint quotes at trusted mints), Lightning refunds
+    // of keys (payouts paid by a melt), the operator's payouts of earnings, and tokens from
+    // foreign mints moved to a trusted mint (a redemption paid by a melt there and a mint here).
+    // Each row is written before the step it describes, so a restart knows what to ask the mint.
+    r#"
+    CREATE TABLE ln_invoices (
+        id              TEXT PRIMARY KEY,                       -- invoice_id given to the client
+        purpose         TEXT NOT NULL,                          -- create | topup
+        key_hash        TEXT NOT NULL,                          -- the key credited once paid
+        mint_url        TEXT NOT NULL,
+        quote_id        TEXT NOT NULL,
+        bolt11          TEXT NOT NULL,
+        payment_hash    TEXT NOT NULL,
+        amount_msat     INTEGER NOT NULL CHECK (amount_msat > 0),
+        credited_msat   INTEGER NOT NULL DEFAULT 0,
+        state           TEXT NOT NULL,                          -- unpaid | credited | expired
+        created_at      INTEGER NOT NULL,
+        expires_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    CREATE INDEX ln_invoices_open ON ln_invoices(state) WHERE state IN ('unpaid', 'expired');
+    ALTER TABLE payouts ADD COLUMN method TEXT NOT NULL DEFAULT 'cashu';      -- cashu | lightning
+    ALTER TABLE payouts ADD COLUMN destination TEXT;                          -- lightning: the address
+    ALTER TABLE payouts ADD COLUMN bolt11 TEXT;
+    ALTER TABLE payouts ADD COLUMN quote_id TEXT;                             -- the melt quote
+    ALTER TABLE payouts ADD COLUMN fee_reserve_msat INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE operator_payouts (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        mint_url        TEXT NOT NULL,
+        destination     TEXT NOT NULL,
+        bolt11          TEXT,
+        quote_id        TEXT,
+        amount_msat     INTEGER NOT NULL DEFAULT 0,
+        fee_reserve_msat INTEGER NOT NULL DEFAULT 0,
+        fee_msat        INTEGER NOT NULL DEFAULT 0,
+        state           TEXT NOT NULL,                          -- pending | paid | failed
+        note            TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    );
+    ALTER TABLE redemptions ADD COLUMN swap_mint_url TEXT;     -- foreign token: the trusted mint it moves to
+    ALTER TABLE redemptions ADD COLUMN swap_mint_quote TEXT;   -- our invoice there
+    ALTER TABLE redemptions ADD COLUMN swap_melt_quote TEXT;   -- the foreign mint's quote paying it
+    ALTER TABLE redemptions ADD COLUMN swap_amount_msat INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {

@@ -182,3 +182,67 @@ async fn a_failed_or_foreign_redemption_is_never_credited() {
     assert_eq!(t.credited_msat, 1_000);
     assert!(t.conserved());
 }
+
+#[tokio::test]
+async fn invoices_credit_once_even_late() {
+    let ledger = Ledger::open(&temp_path("invoice"), LedgerSync::Normal).unwrap();
+    let invoice = Invoice {
+        id: "inv1".into(),
+        purpose: "create".into(),
+        key_hash: "k1".into(),
+        mint_url: "http://mint".into(),
+        quote_id: "q1".into(),
+        bolt11: "lnbc1".into(),
+        payment_hash: "ph".into(),
+        amount_msat: 5_000,
+        credited_msat: 0,
+        state: "unpaid".into(),
+        created_at: 0,
+        expires_at: now_secs() - 10,
+    };
+    ledger.add_invoice(invoice).await.unwrap();
+    assert_eq!(ledger.open_invoices(3600).await.unwrap().len(), 1);
+    // Expired, but paid late: still credited, exactly once.
+    ledger.expire_invoice("inv1").await.unwrap();
+    assert_eq!(ledger.open_invoices(3600).await.unwrap().len(), 1, "still watched within the grace period");
+    assert!(ledger.open_invoices(0).await.unwrap().is_empty());
+    assert_eq!(ledger.credit_invoice("inv1", 5_000).await.unwrap().state, "credited");
+    assert_eq!(ledger.credit_invoice("inv1", 5_000).await.unwrap().credited_msat, 5_000);
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 5_000);
+    let t = ledger.totals().await.unwrap();
+    assert_eq!((t.credited_msat, t.invoices_credited_msat), (5_000, 5_000));
+    assert!(t.conserved(), "{t:?}");
+}
+
+#[tokio::test]
+async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
+    let ledger = Ledger::open(&temp_path("ln-payout"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 10_500).await;
+    let p = ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().unwrap();
+    assert_eq!(p.debit_msat, 10_500);
+    assert!(ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().is_none(), "nothing left");
+    // Only token payouts are failed wholesale at start; a Lightning one waits for its mint.
+    assert!(ledger.pending_payouts().await.unwrap().is_empty());
+    ledger.quote_lightning_payout(p.id, "lnbc", "mq1", 8_000, 2_000).await.unwrap();
+    let pending = ledger.pending_lightning_payouts().await.unwrap();
+    assert_eq!((pending.len(), pending[0].quote_id.as_deref()), (1, Some("mq1")));
+    assert!(ledger.totals().await.unwrap().conserved());
+    // Paid with a 1 sat fee: the unused part of the debit (1.5 sat) returns to the key, once.
+    ledger.complete_lightning_payout(p.id, 8_000, 1_000).await.unwrap();
+    ledger.complete_lightning_payout(p.id, 8_000, 1_000).await.unwrap();
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 1_500);
+    let t = ledger.totals().await.unwrap();
+    assert_eq!((t.paid_out_msat, t.payout_fees_msat, t.paid_out_debit_msat, t.payouts_open), (8_000, 1_000, 9_000, 0));
+    assert!(t.conserved(), "{t:?}");
+    let last = ledger.latest_lightning_payout("k1").await.unwrap().unwrap();
+    assert_eq!((last.state.as_str(), last.destination.as_str()), ("ready", "alice@example.com"));
+
+    // A failed one gives the whole debit back; an expired key with a failed refund waits.
+    ledger.set_refund_options("k1", Some("alice@example.com".into()), Some(now_secs() - 1)).await.unwrap();
+    assert_eq!(ledger.expired_refundable_keys(1_000, 600).await.unwrap().len(), 1);
+    let p2 = ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().unwrap();
+    ledger.fail_payout(p2.id).await.unwrap();
+    assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 1_500);
+    assert!(ledger.expired_refundable_keys(1_000, 600).await.unwrap().is_empty(), "backs off after a failure");
+    assert!(ledger.totals().await.unwrap().conserved());
+}

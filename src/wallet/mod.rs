@@ -39,6 +39,9 @@ use cdk::wallet::{ReceiveOptions, SendOptions, Wallet, WalletBuilder};
 use cdk::Amount;
 use cdk_sqlite::WalletSqliteDatabase;
 
+mod lightning;
+pub use lightning::*;
+
 /// Errors of the embedded wallet. `Display` texts are meant for API clients and logs; they
 /// never contain token strings or secrets.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +176,9 @@ struct Inner {
     /// Ys of proofs currently being redeemed by this process.
     in_flight: Mutex<HashSet<String>>,
     opts: WalletOptions,
+    /// For wallets at mints we do not trust, made on demand to melt tokens from them.
+    seed: [u8; 64],
+    foreign: Mutex<HashMap<String, Wallet>>,
 }
 
 /// The node's wallet. Cheap to clone.
@@ -284,6 +290,47 @@ fn map_cdk(err: cdk::Error) -> WalletError {
     }
 }
 
+/// Parses a token from a mint that is not trusted (to be moved to a trusted one). No I/O.
+pub fn parse_foreign_token(token: &str) -> Result<ParsedToken, WalletError> {
+    parse_any_token(token).map(|(parsed, _, _)| parsed)
+}
+
+/// Parses a `cashuA` / `cashuB` token from any mint (trusted or not); unit `sat` or `msat`. No I/O.
+pub(crate) fn parse_any_token(token: &str) -> Result<(ParsedToken, Token, CurrencyUnit), WalletError> {
+    let decoded = decode_token(token)?;
+    if let Token::TokenV3(v3) = &decoded {
+        if v3.is_multi_mint() {
+            return Err(WalletError::InvalidToken("tokens spanning several mints are not supported".into()));
+        }
+    }
+    let secrets = decoded.token_secrets();
+    if secrets.is_empty() {
+        return Err(WalletError::InvalidToken("token holds no proofs".into()));
+    }
+    let mint = decoded.mint_url().map_err(|e| WalletError::InvalidToken(format!("mint URL: {e}")))?;
+    let mint = normalize_mint_url(&mint.to_string()).map_err(|_| WalletError::InvalidToken("bad mint URL".into()))?;
+    let mint_key = mint.to_string();
+    let unit = decoded.unit().unwrap_or(CurrencyUnit::Sat);
+    let factor = match unit {
+        CurrencyUnit::Sat | CurrencyUnit::Msat => unit_factor(&unit)?,
+        ref other => return Err(WalletError::UnsupportedUnit(other.to_string())),
+    };
+    let value = decoded.value().map_err(|e| WalletError::InvalidToken(e.to_string()))?;
+    let value_msat = u64::from(value)
+        .checked_mul(factor)
+        .ok_or_else(|| WalletError::InvalidToken("token value overflows".into()))?;
+    if value_msat == 0 {
+        return Err(WalletError::InvalidToken("token has zero value".into()));
+    }
+    let mut proof_ys = Vec::with_capacity(secrets.len());
+    for s in secrets {
+        let y = cdk::dhke::hash_to_curve(s.as_bytes())
+            .map_err(|e| WalletError::InvalidToken(format!("proof secret: {e}")))?;
+        proof_ys.push(y.to_hex());
+    }
+    Ok((ParsedToken { mint_url: mint_key, unit: unit.to_string(), value_msat, proof_ys }, decoded, unit))
+}
+
 fn decode_token(token: &str) -> Result<Token, WalletError> {
     let token = token.trim();
     let token = token.strip_prefix("cashu:").unwrap_or(token);
@@ -387,7 +434,17 @@ impl WalletService {
             order.push(key);
         }
 
-        Ok(Self { inner: Arc::new(Inner { db, mints, order, in_flight: Mutex::new(HashSet::new()), opts }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                mints,
+                order,
+                in_flight: Mutex::new(HashSet::new()),
+                opts,
+                seed,
+                foreign: Mutex::new(HashMap::new()),
+            }),
+        })
     }
 
     /// Trusted mint URLs, normalised, in configuration order.
@@ -411,42 +468,16 @@ impl WalletService {
     }
 
     fn parse_inner(&self, token: &str) -> Result<(ParsedToken, Token, CurrencyUnit), WalletError> {
-        let decoded = decode_token(token)?;
-        if let Token::TokenV3(v3) = &decoded {
-            if v3.is_multi_mint() {
-                return Err(WalletError::InvalidToken("tokens spanning several mints are not supported".into()));
-            }
+        let parsed = parse_any_token(token)?;
+        if !self.inner.mints.contains_key(&parsed.0.mint_url) {
+            return Err(WalletError::UntrustedMint { mint: parsed.0.mint_url, accepted: self.trusted_mints() });
         }
-        let secrets = decoded.token_secrets();
-        if secrets.is_empty() {
-            return Err(WalletError::InvalidToken("token holds no proofs".into()));
-        }
-        let mint = decoded.mint_url().map_err(|e| WalletError::InvalidToken(format!("mint URL: {e}")))?;
-        let mint =
-            normalize_mint_url(&mint.to_string()).map_err(|_| WalletError::InvalidToken("bad mint URL".into()))?;
-        let mint_key = mint.to_string();
-        if !self.inner.mints.contains_key(&mint_key) {
-            return Err(WalletError::UntrustedMint { mint: mint_key, accepted: self.trusted_mints() });
-        }
-        let unit = decoded.unit().unwrap_or(CurrencyUnit::Sat);
-        let factor = match unit {
-            CurrencyUnit::Sat | CurrencyUnit::Msat => unit_factor(&unit)?,
-            ref other => return Err(WalletError::UnsupportedUnit(other.to_string())),
-        };
-        let value = decoded.value().map_err(|e| WalletError::InvalidToken(e.to_string()))?;
-        let value_msat = u64::from(value)
-            .checked_mul(factor)
-            .ok_or_else(|| WalletError::InvalidToken("token value overflows".into()))?;
-        if value_msat == 0 {
-            return Err(WalletError::InvalidToken("token has zero value".into()));
-        }
-        let mut proof_ys = Vec::with_capacity(secrets.len());
-        for s in secrets {
-            let y = cdk::dhke::hash_to_curve(s.as_bytes())
-                .map_err(|e| WalletError::InvalidToken(format!("proof secret: {e}")))?;
-            proof_ys.push(y.to_hex());
-        }
-        Ok((ParsedToken { mint_url: mint_key, unit: unit.to_string(), value_msat, proof_ys }, decoded, unit))
+        Ok(parsed)
+    }
+
+    /// Whether `mint_url` is one of the trusted mints.
+    pub fn is_trusted(&self, mint_url: &str) -> bool {
+        normalize_mint_url(mint_url).is_ok_and(|u| self.inner.mints.contains_key(&u.to_string()))
     }
 
     fn claim_in_flight(&self, ys: &[String]) -> Result<InFlightGuard<'_>, WalletError> {

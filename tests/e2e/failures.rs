@@ -11,9 +11,14 @@ use crate::harness::{chat, temp_dir, Harness, Options};
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_costs_nothing() {
-    let mut h =
-        Harness::start_with("errors", Options { env: vec![("MAX_BODY_BYTES", "4000".into())], ..Default::default() })
-            .await;
+    let mut h = Harness::start_with(
+        "errors",
+        Options {
+            env: vec![("MAX_BODY_BYTES", "4000".into()), ("ACCEPT_FOREIGN_MINTS", "false".into())],
+            ..Default::default()
+        },
+    )
+    .await;
     let key = h.key(50).await;
 
     let garbage = h.post_with("/v1/chat/completions", &[("x-cashu", "cashuBnot-a-token")], &chat(false)).await;
@@ -53,7 +58,8 @@ async fn bad_input_gets_clear_errors_and_costs_nothing() {
     assert_eq!((short.status, short.error_code()), (402, "insufficient_balance"));
     assert!(short.header("x-cashu").unwrap().starts_with("creqA"));
 
-    // A token from a mint this node does not trust: refused, naming the accepted mint.
+    // A token from a mint this node does not trust (and may not move over Lightning here):
+    // refused, naming the accepted mint.
     let other = start_test_mint(TestMintConfig::default()).await.unwrap();
     let foreign = routstr_node::demo::mint::mint_token(&other.url, 10, false).await.unwrap();
     let refused = h.post_with("/v1/chat/completions", &[("x-cashu", &foreign)], &chat(false)).await;

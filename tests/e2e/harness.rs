@@ -125,6 +125,14 @@ impl Node {
         env
     }
 
+    /// Sets (or with `None` removes) a variable of the node's environment for its next start.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_owned(), v.to_owned()));
+        }
+    }
+
     /// Runs an operator command (`routstr-node wallet …`) with the node's own environment.
     pub async fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_routstr-node"))
@@ -264,6 +272,8 @@ impl Harness {
         assert_eq!(t.reserved_msat, 0, "msat left reserved: {t:?}");
         assert_eq!(t.pending_redemptions, 0, "redemptions left pending: {t:?}");
         assert_eq!(t.remote_open, 0, "remote payments left unsettled: {t:?}");
+        assert_eq!(t.operator_open, 0, "operator payouts left unsettled: {t:?}");
+        assert_eq!(t.payouts_open, 0, "payouts left unfinished: {t:?}");
         assert_eq!(
             t.credited_msat + t.redemption_fees_msat,
             self.paid_in_msat,
@@ -279,8 +289,12 @@ impl Harness {
         let held: u64 = wallet.balances().await.expect("balances").iter().map(|b| b.balance_msat).sum();
         assert_eq!(
             held,
-            t.credited_msat + self.operator_in_msat - t.paid_out_msat - t.payout_fees_msat - t.remote_net_msat(),
-            "wallet proofs = credited + operator's deposits - paid out - payout fees - kept by remote providers: {t:?}"
+            t.credited_msat + self.operator_in_msat
+                - t.paid_out_msat
+                - t.payout_fees_msat
+                - t.remote_net_msat()
+                - t.operator_out_msat(),
+            "wallet proofs = credited + operator's deposits - paid out - payout fees - kept by remote providers - operator's Lightning payouts: {t:?}"
         );
         assert!(held >= t.liabilities_msat(), "the wallet must cover users' balances: {held} < {t:?}");
         self.assert_no_secrets_in_logs();

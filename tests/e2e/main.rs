@@ -7,6 +7,7 @@ mod concurrency;
 mod deployment;
 mod failures;
 mod harness;
+mod lightning;
 mod nostr;
 mod paying;
 mod routing;
