@@ -28,6 +28,9 @@ const MINT_SETTLE_WAIT: Duration = Duration::from_secs(5);
 /// How long an expired key whose Lightning refund failed waits before the next attempt.
 const EXPIRED_REFUND_RETRY_SECS: i64 = 600;
 
+/// Expired invoices are asked about on one watcher pass in this many.
+const EXPIRED_INVOICE_EVERY: u64 = 12;
+
 /// Lightning settings (from [`Settings`]).
 #[derive(Debug, Clone)]
 pub struct LightningOptions {
@@ -633,13 +636,17 @@ impl Payments {
     }
 
     /// One pass of the Lightning watcher: open invoices, melts in flight, expired keys.
-    pub async fn lightning_tick(&self) {
+    /// `pass` counts the passes: expired invoices (watched for a late payment) are only asked
+    /// about every [`EXPIRED_INVOICE_EVERY`]th pass, so a pile of abandoned invoices costs the
+    /// mint little.
+    pub async fn lightning_tick(&self, pass: u64) {
         if !self.lightning.enabled {
             return;
         }
         match self.ledger.open_invoices(self.lightning.invoice_grace_secs).await {
             Ok(invoices) => {
-                for invoice in invoices {
+                let expired_too = pass.is_multiple_of(EXPIRED_INVOICE_EVERY);
+                for invoice in invoices.into_iter().filter(|i| expired_too || i.state == "unpaid") {
                     if let Err(e) = self.settle_invoice(invoice).await {
                         tracing::debug!(error = %e, "open invoice not settled yet");
                     }

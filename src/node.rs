@@ -326,8 +326,8 @@ impl Node {
             let node = self.clone();
             tokio::spawn(async move {
                 let every = node.payments.lightning.watch_interval;
-                loop {
-                    node.payments.lightning_tick().await;
+                for pass in 0u64.. {
+                    node.payments.lightning_tick(pass).await;
                     tokio::time::sleep(every).await;
                 }
             });
