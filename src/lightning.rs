@@ -20,7 +20,7 @@ use crate::error::ApiError;
 use crate::ledger::{now_secs, Invoice, KeyKind, LightningPayout, OperatorPayout, Swap};
 use crate::lnurl::{LnurlClient, LnurlError, LnurlOptions};
 use crate::payment::{hash_api_key, Payments, Redeemed};
-use crate::wallet::{MeltOutcome, ParsedToken, WalletError};
+use crate::wallet::{MeltOutcome, MintQuoteStatus, ParsedToken, WalletError};
 
 /// How long one poll waits for a just-paid invoice of ours to show as paid at the trusted mint.
 const MINT_SETTLE_WAIT: Duration = Duration::from_secs(5);
@@ -291,7 +291,14 @@ impl Payments {
         match self.quote_payout(&mint, destination, payout.debit_msat).await {
             Ok((bolt11, quote)) => {
                 self.ledger
-                    .quote_lightning_payout(payout.id, &bolt11, &quote.id, quote.amount_msat, quote.fee_reserve_msat)
+                    .quote_lightning_payout(
+                        payout.id,
+                        &mint,
+                        &bolt11,
+                        &quote.id,
+                        quote.amount_msat,
+                        quote.fee_reserve_msat,
+                    )
                     .await?;
                 crate::failpoint::hit("refund:after-quote");
                 self.melt_payout(payout.id, &mint, &quote.id).await?;
@@ -387,13 +394,17 @@ impl Payments {
             let _guard = lock.lock().await;
             let still: Vec<LightningPayout> = self.ledger.pending_lightning_payouts().await?;
             let Some(p) = still.into_iter().find(|q| q.id == p.id) else { continue };
-            match p.quote_id.as_deref() {
+            let settled = match p.quote_id.as_deref() {
                 // Never got as far as a melt: nothing left the wallet.
-                None => self.ledger.fail_payout(p.id).await?,
-                Some(quote) => {
-                    let outcome = self.wallet.melt_status(&p.mint_url, quote).await?;
-                    self.record_payout_outcome(p.id, outcome).await?;
-                }
+                None => self.ledger.fail_payout(p.id).await.map_err(ApiError::from),
+                Some(quote) => match self.wallet.melt_status(&p.mint_url, quote).await {
+                    Ok(outcome) => self.record_payout_outcome(p.id, outcome).await,
+                    Err(e) => Err(e.into()),
+                },
+            };
+            // One payout the mint cannot answer for must not hold up the others.
+            if let Err(e) = settled {
+                tracing::warn!(payout = p.id, error = %e, "Lightning refund still unresolved");
             }
         }
         Ok(())
@@ -510,6 +521,23 @@ impl Payments {
         outcome: MeltOutcome,
         kind: KeyKind,
     ) -> Result<Redeemed, ApiError> {
+        // While the foreign mint cannot say (down, or the payment in flight), our own invoice at
+        // the trusted mint is the other witness: nobody but that melt knows it, so once it is
+        // paid the token was melted for it. (A definite "failed" from the foreign mint is taken
+        // as is: its melt saga is gone and the proofs were not spent.)
+        let outcome = match outcome {
+            MeltOutcome::Pending => match self.wallet.mint_quote_status(&swap.mint_url, &swap.mint_quote).await {
+                Ok(MintQuoteStatus::Paid | MintQuoteStatus::Issued { .. }) => {
+                    MeltOutcome::Paid { amount_msat: swap.amount_msat, fee_msat: 0 }
+                }
+                Ok(MintQuoteStatus::Unpaid) => MeltOutcome::Pending,
+                Err(e) => {
+                    tracing::warn!(error = %e, "our side of a foreign token's move is unknown for now");
+                    MeltOutcome::Pending
+                }
+            },
+            other => other,
+        };
         match outcome {
             MeltOutcome::Paid { .. } => {
                 let deadline = tokio::time::Instant::now() + MINT_SETTLE_WAIT;
@@ -555,7 +583,10 @@ impl Payments {
             self.ledger.fail_redemption(token_hash).await?;
             return Ok(None);
         };
-        let outcome = self.wallet.melt_status(&parsed.mint_url, &swap.melt_quote).await?;
+        let outcome = self.wallet.melt_status(&parsed.mint_url, &swap.melt_quote).await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "a foreign token's melt is unknown for now");
+            MeltOutcome::Pending
+        });
         match self.finish_swap(token_hash, parsed, &swap, outcome, kind).await {
             Ok(r) => Ok(Some(r.credited_msat)),
             Err(ApiError::Conflict(_)) => Err(ApiError::Conflict("still in flight".into())),
@@ -624,12 +655,19 @@ impl Payments {
         let lock = self.lock_for("operator-payout").await;
         let _guard = lock.lock().await;
         for p in self.ledger.pending_operator_payouts().await? {
-            match p.quote_id.as_deref() {
-                None => self.ledger.finish_operator_payout(p.id, None, "interrupted before the melt").await?,
-                Some(quote) => {
-                    let outcome = self.wallet.melt_status(&p.mint_url, quote).await?;
-                    self.record_operator_outcome(p.id, outcome).await?;
-                }
+            let settled = match p.quote_id.as_deref() {
+                None => self
+                    .ledger
+                    .finish_operator_payout(p.id, None, "interrupted before the melt")
+                    .await
+                    .map_err(ApiError::from),
+                Some(quote) => match self.wallet.melt_status(&p.mint_url, quote).await {
+                    Ok(outcome) => self.record_operator_outcome(p.id, outcome).await,
+                    Err(e) => Err(e.into()),
+                },
+            };
+            if let Err(e) = settled {
+                tracing::warn!(payout = p.id, error = %e, "operator payout still unresolved");
             }
         }
         Ok(())

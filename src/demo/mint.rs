@@ -289,15 +289,31 @@ pub async fn redeem_token(mint_url: &str, token: &str) -> Result<u64, BoxError> 
 /// Invoices of the mint at `mint_url` (its NUT-04 quotes, which the fake backend pays at once),
 /// as a Lightning wallet there would hand them out: the invoice source of a test LNURL server.
 pub fn mint_invoice_source(mint_url: String) -> crate::demo::lnurl_server::InvoiceSource {
+    invoice_source(mint_url, None)
+}
+
+/// Like [`mint_invoice_source`], but a mint with the fake backend that is asked to pay these
+/// invoices leaves the payment pending forever (a stuck HTLC, as with a hold invoice).
+pub fn pending_invoice_source(mint_url: String) -> crate::demo::lnurl_server::InvoiceSource {
+    let stuck = cdk_fake_wallet::FakeInvoiceDescription {
+        pay_invoice_state: cdk::nuts::MeltQuoteState::Pending,
+        check_payment_state: cdk::nuts::MeltQuoteState::Pending,
+        pay_err: false,
+        check_err: false,
+    };
+    invoice_source(mint_url, serde_json::to_string(&stuck).ok())
+}
+
+fn invoice_source(mint_url: String, description: Option<String>) -> crate::demo::lnurl_server::InvoiceSource {
     Arc::new(move |amount_msat: u64| {
-        let mint_url = mint_url.clone();
+        let (mint_url, description) = (mint_url.clone(), description.clone());
         Box::pin(async move {
             if amount_msat == 0 || !amount_msat.is_multiple_of(1000) {
                 return Err(format!("{amount_msat} msat is not a whole number of sats"));
             }
             let wallet = throwaway_wallet(&mint_url).await.map_err(|e| e.to_string())?;
             let quote = wallet
-                .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount_msat / 1000)), None, None)
+                .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(amount_msat / 1000)), description, None)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok(quote.request)

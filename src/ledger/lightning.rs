@@ -251,18 +251,20 @@ impl Ledger {
     pub async fn quote_lightning_payout(
         &self,
         id: i64,
+        mint_url: &str,
         bolt11: &str,
         quote_id: &str,
         amount_msat: u64,
         fee_reserve_msat: u64,
     ) -> Result<(), LedgerError> {
-        let (bolt11, quote_id) = (bolt11.to_owned(), quote_id.to_owned());
+        let (mint_url, bolt11, quote_id) = (mint_url.to_owned(), bolt11.to_owned(), quote_id.to_owned());
         self.store
             .run(move |c| {
                 let updated = c.execute(
-                    "UPDATE payouts SET bolt11 = ?2, quote_id = ?3, amount_msat = ?4, fee_reserve_msat = ?5, updated_at = ?6
+                    "UPDATE payouts SET mint_url = ?7, bolt11 = ?2, quote_id = ?3, amount_msat = ?4, fee_reserve_msat = ?5,
+                         updated_at = ?6
                      WHERE id = ?1 AND state = 'pending' AND method = 'lightning'",
-                    params![id, bolt11, quote_id, to_i64(amount_msat), to_i64(fee_reserve_msat), now_secs()],
+                    params![id, bolt11, quote_id, to_i64(amount_msat), to_i64(fee_reserve_msat), now_secs(), mint_url],
                 )?;
                 if updated != 1 {
                     return Err(LedgerError::Schema(format!("Lightning payout {id} is not pending")));

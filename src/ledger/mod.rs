@@ -172,8 +172,9 @@ pub struct Totals {
     pub operator_fees_msat: u64,
     /// Operator payouts whose melt is not settled yet.
     pub operator_open: u64,
-    /// Payouts (tokens or Lightning refunds) not finished yet.
+    /// Payouts (tokens or Lightning refunds) not finished yet, and what they debited.
     pub payouts_open: u64,
+    pub payouts_open_debit_msat: u64,
 }
 
 impl Totals {
@@ -183,9 +184,10 @@ impl Totals {
             == self.balances_msat as u128 + self.charged_msat as u128 + self.paid_out_debit_msat as u128
     }
 
-    /// What the wallet must hold for users: every balance, reserved or not.
+    /// What the wallet must hold for users: every balance, reserved or not, and what payouts
+    /// still being made have debited (their proofs have not left the wallet yet).
     pub fn liabilities_msat(&self) -> u64 {
-        self.balances_msat
+        self.balances_msat.saturating_add(self.payouts_open_debit_msat)
     }
 
     /// What the wallet gave for the operator's Lightning payouts.
@@ -873,6 +875,7 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         operator_fees_msat: lightning("SELECT COALESCE(SUM(fee_msat), 0) FROM operator_payouts WHERE state = 'paid'")?,
         operator_open: lightning("SELECT COUNT(*) FROM operator_payouts WHERE state = 'pending'")?,
         payouts_open: sum("SELECT COUNT(*) FROM payouts WHERE state = 'pending'")?,
+        payouts_open_debit_msat: sum("SELECT COALESCE(SUM(debit_msat), 0) FROM payouts WHERE state = 'pending'")?,
     })
 }
 

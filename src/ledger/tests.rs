@@ -223,7 +223,7 @@ async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
     assert!(ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().is_none(), "nothing left");
     // Only token payouts are failed wholesale at start; a Lightning one waits for its mint.
     assert!(ledger.pending_payouts().await.unwrap().is_empty());
-    ledger.quote_lightning_payout(p.id, "lnbc", "mq1", 8_000, 2_000).await.unwrap();
+    ledger.quote_lightning_payout(p.id, "http://mint", "lnbc", "mq1", 8_000, 2_000).await.unwrap();
     let pending = ledger.pending_lightning_payouts().await.unwrap();
     assert_eq!((pending.len(), pending[0].quote_id.as_deref()), (1, Some("mq1")));
     assert!(ledger.totals().await.unwrap().conserved());

@@ -124,11 +124,18 @@ impl WalletService {
         let entry = self.entry(mint_url)?.clone();
         let _gate = entry.gate.read().await;
         let quote = self.timed("mint quote status", entry.sat.check_mint_quote_status(quote_id)).await?;
+        // A mint cdk has not finished (its saga still holds the quote, e.g. the mint signed but
+        // the answer was lost and restoring failed): neither issued to us yet nor free to mint.
+        if quote.used_by_operation.is_some() {
+            return Err(WalletError::MintUnavailable("a mint of this quote is still being finished".into()));
+        }
         Ok(match quote.state {
             _ if quote.amount_issued > Amount::ZERO => {
                 MintQuoteStatus::Issued { issued_msat: sat_msat(quote.amount_issued) }
             }
-            MintQuoteState::Issued => MintQuoteStatus::Issued { issued_msat: sat_msat(quote.amount_issued) },
+            MintQuoteState::Issued => {
+                return Err(WalletError::Other("the mint says this quote was issued, but not to this wallet".into()))
+            }
             MintQuoteState::Paid => MintQuoteStatus::Paid,
             _ => MintQuoteStatus::Unpaid,
         })
@@ -190,6 +197,8 @@ impl WalletService {
             Err(e @ WalletError::InsufficientFunds) => return Err(e),
             Err(e) => {
                 tracing::warn!(mint = %entry.url, error = %e, "could not prepare a melt");
+                // A prepare cut short may have left proofs reserved by its saga: release them.
+                self.recover_mint(&entry).await;
                 return Ok(MeltOutcome::Failed);
             }
         };
@@ -212,15 +221,20 @@ impl WalletService {
         }
         let wallet = self.any_wallet(&parsed.mint_url)?;
         let proofs = self.token_proofs(&wallet, &decoded).await?;
-        let prepared =
-            match self.timed("prepare melt", wallet.prepare_melt_proofs(quote_id, proofs, HashMap::new())).await {
-                Ok(p) => p,
-                Err(e @ (WalletError::InsufficientFunds | WalletError::InvalidToken(_))) => return Err(e),
-                Err(e) => {
-                    tracing::warn!(mint = %parsed.mint_url, error = %e, "could not prepare a melt of a foreign token");
-                    return Ok(MeltOutcome::Failed);
+        let prepared = match self
+            .timed("prepare melt", wallet.prepare_melt_proofs(quote_id, proofs, HashMap::new()))
+            .await
+        {
+            Ok(p) => p,
+            Err(e @ (WalletError::InsufficientFunds | WalletError::InvalidToken(_))) => return Err(e),
+            Err(e) => {
+                tracing::warn!(mint = %parsed.mint_url, error = %e, "could not prepare a melt of a foreign token");
+                if tokio::time::timeout(self.inner.opts.op_timeout, wallet.recover_incomplete_sagas()).await.is_err() {
+                    tracing::warn!(mint = %parsed.mint_url, "releasing a cut-short melt timed out");
                 }
-            };
+                return Ok(MeltOutcome::Failed);
+            }
+        };
         let confirmed = tokio::time::timeout(
             self.inner.opts.op_timeout,
             prepared.confirm_with_options(MeltConfirmOptions::skip_swap()),
@@ -239,13 +253,15 @@ impl WalletService {
             Ok(Ok(done)) if done.state() == MeltQuoteState::Paid => {
                 Ok(MeltOutcome::Paid { amount_msat: sat_msat(done.amount()), fee_msat: sat_msat(done.fee_paid()) })
             }
+            // After the melt request went out, nothing is concluded from an error: only the
+            // mint's own answer (through the saga) says failed; anything else is pending.
             Ok(Ok(done)) => {
                 tracing::info!(state = %done.state(), "melt not settled yet");
-                self.melt_status_of(wallet, quote_id).await
+                Ok(self.melt_status_of(wallet, quote_id).await.unwrap_or(MeltOutcome::Pending))
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "melt failed or its outcome is unknown; asking the mint");
-                self.melt_status_of(wallet, quote_id).await
+                Ok(self.melt_status_of(wallet, quote_id).await.unwrap_or(MeltOutcome::Pending))
             }
             Err(_) => {
                 tracing::warn!("melt timed out; its outcome is asked again later");
@@ -270,11 +286,16 @@ impl WalletService {
             Err(e) => return Err(e),
         };
         Ok(match quote.state {
-            MeltQuoteState::Paid => {
-                let fee_msat = self.melt_fee(wallet, quote_id).await?.unwrap_or(sat_msat(quote.fee_reserve));
-                MeltOutcome::Paid { amount_msat: sat_msat(quote.amount), fee_msat }
-            }
+            // Paid, and cdk has written its outgoing transaction (with the change accounted).
+            MeltQuoteState::Paid => match self.melt_fee(wallet, quote_id).await? {
+                Some(fee_msat) => MeltOutcome::Paid { amount_msat: sat_msat(quote.amount), fee_msat },
+                None => MeltOutcome::Pending,
+            },
+            // A melt saga still holds the quote: cdk could not settle it (the mint says pending,
+            // or did not answer) and kept the local state as it was. Not failed.
+            _ if quote.used_by_operation.is_some() => MeltOutcome::Pending,
             MeltQuoteState::Pending | MeltQuoteState::Unknown => MeltOutcome::Pending,
+            // No saga left, and the mint says unpaid or failed: our inputs are free again.
             _ => MeltOutcome::Failed,
         })
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use routstr_node::demo::lnurl_server::LnurlServer;
 use routstr_node::demo::mint::{
-    mint_invoice_source, mint_token, redeem_token, start_test_mint, TestMint, TestMintConfig,
+    mint_invoice_source, mint_token, pending_invoice_source, redeem_token, start_test_mint, TestMint, TestMintConfig,
 };
 use serde_json::{json, Value};
 
@@ -180,6 +180,33 @@ async fn refunds_go_over_lightning_when_asked_and_at_expiry() {
     assert_eq!(lnurl.invoices().len(), before + 1, "one refund, not several");
     assert_eq!(lnurl.invoices().last().map(|i| i.1), Some(47_000), "50 sat less the fee reserve and margin");
     h.assert_conserved().await;
+}
+
+/// A payment that stays in flight (a stuck HTLC) is never taken for failed: the balance stays
+/// debited (not refunded twice), the watcher keeps asking, the books balance meanwhile.
+#[tokio::test]
+async fn refunds_in_flight_stay_pending() {
+    let recipient_mint = start_test_mint(TestMintConfig::default()).await.expect("recipient mint");
+    let lnurl = LnurlServer::start(pending_invoice_source(recipient_mint.url.clone())).await.expect("LNURL server");
+    let mut h = lightning_node("ln-pending", vec![("MINT_TIMEOUT_SECONDS", "2".into())]).await;
+    let key = h.key(60).await;
+    let address = lnurl.address("carol");
+    let auth = format!("Bearer {key}");
+    let refund =
+        h.post_with("/v1/balance/refund", &[("authorization", &auth), ("refund-lnurl", &address)], &json!({})).await;
+    assert_eq!(refund.status, 202, "{}", refund.json);
+    assert_eq!(refund.json["status"], "pending");
+    let invoices = lnurl.invoices().len();
+    // Several watcher passes later: still pending, still debited.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let t = h.totals();
+    assert_eq!((t.payouts_open, t.balances_msat), (1, 0), "{t:?}");
+    assert!(t.conserved(), "{t:?}");
+    // Asking again shows the refund in flight instead of paying again.
+    let again = h.post_with("/v1/balance/refund", &[("authorization", &auth)], &json!({})).await;
+    assert_eq!((again.status, again.json["status"].as_str()), (202, Some("pending")), "{}", again.json);
+    assert_eq!(lnurl.invoices().len(), invoices, "no second payment was started");
+    h.assert_no_secrets_in_logs();
 }
 
 #[tokio::test]
