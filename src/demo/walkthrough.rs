@@ -106,6 +106,31 @@ pub async fn run(settings: Settings, keep_serving: bool) -> DemoResult<()> {
     let info = get_json(&http, &format!("{base}/v1/balance/info"), Some(&key)).await?;
     println!("6. key balance now {} msat", info["balance"]);
 
+    let invoice = post_json(
+        &http,
+        &format!("{base}/v1/balance/lightning/invoice"),
+        Some(&key),
+        &json!({ "amount_sats": 200, "purpose": "topup" }),
+    )
+    .await?;
+    let bolt11 = invoice["bolt11"].as_str().unwrap_or_default();
+    let status_url =
+        format!("{base}/v1/balance/lightning/invoice/{}/status", invoice["invoice_id"].as_str().unwrap_or(""));
+    let mut paid = Value::Null;
+    for _ in 0..100 {
+        paid = get_json(&http, &status_url, None).await?;
+        if paid["status"] == "paid" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "   topped it up over Lightning: a 200 sat invoice {}… (paid by the fake backend) → {}, balance {} msat",
+        bolt11.chars().take(24).collect::<String>(),
+        paid["status"].as_str().unwrap_or("?"),
+        paid["balance"]
+    );
+
     let pay_token = mint_token(&mint_url, 100, true).await.map_err(|e| fail("minting", e))?;
     let resp = http
         .post(format!("{base}/v1/chat/completions"))
