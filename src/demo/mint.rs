@@ -36,11 +36,21 @@ pub struct TestMintConfig {
     /// `None`: in-memory mint DB. `Some(path)`: sqlite file, plus `<path>.seed` holding the
     /// mint's key seed so that keysets survive a restart of the process.
     pub db_path: Option<PathBuf>,
+    /// Seconds before the fake backend pays an invoice (and takes to pay one). 0: at once.
+    pub payment_delay_secs: u64,
+    /// Lifetime of mint and melt quotes, seconds.
+    pub quote_ttl_secs: u64,
 }
 
 impl Default for TestMintConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), input_fee_ppk: 0, db_path: None }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            input_fee_ppk: 0,
+            db_path: None,
+            payment_delay_secs: 0,
+            quote_ttl_secs: 10_000,
+        }
     }
 }
 
@@ -127,7 +137,7 @@ pub async fn start_test_mint(cfg: TestMintConfig) -> Result<TestMint, BoxError> 
         FeeReserve { min_fee_reserve: 1.into(), percent_fee_reserve: 0.0 },
         HashMap::default(),
         HashSet::default(),
-        0, // invoices pay themselves immediately
+        cfg.payment_delay_secs, // 0: invoices pay themselves immediately
         CurrencyUnit::Sat,
     );
     builder
@@ -147,7 +157,7 @@ pub async fn start_test_mint(cfg: TestMintConfig) -> Result<TestMint, BoxError> 
         .with_urls(vec![url.clone()]);
 
     let mint = builder.build_with_seed(db.clone(), &seed).await?;
-    mint.set_quote_ttl(QuoteTTL::new(10_000, 10_000)).await?;
+    mint.set_quote_ttl(QuoteTTL::new(cfg.quote_ttl_secs, cfg.quote_ttl_secs)).await?;
     mint.start().await?;
     let mint = Arc::new(mint);
 

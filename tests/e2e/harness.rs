@@ -40,6 +40,9 @@ pub struct Options {
     /// without an upstream of its own).
     pub unset: Vec<&'static str>,
     pub mint_fee_ppk: u64,
+    /// The harness mint's fake Lightning: seconds before its invoices pay themselves, and its
+    /// quotes' lifetime (`None`: the defaults, at once and hours).
+    pub mint_lightning: Option<(u64, u64)>,
 }
 
 pub fn free_port() -> u16 {
@@ -158,9 +161,15 @@ impl Harness {
     }
 
     pub async fn start_with(name: &str, options: Options) -> Harness {
-        let mint = start_test_mint(TestMintConfig { input_fee_ppk: options.mint_fee_ppk, ..TestMintConfig::default() })
-            .await
-            .expect("test mint");
+        let (payment_delay_secs, quote_ttl_secs) = options.mint_lightning.unwrap_or((0, 10_000));
+        let mint = start_test_mint(TestMintConfig {
+            input_fee_ppk: options.mint_fee_ppk,
+            payment_delay_secs,
+            quote_ttl_secs,
+            ..TestMintConfig::default()
+        })
+        .await
+        .expect("test mint");
         let upstream = StandInUpstream::start(options.stand_in).await.expect("stand-in upstream");
         let data_dir = temp_dir(name);
         let mut env: Vec<(String, String)> = vec![

@@ -120,6 +120,30 @@ async fn invoices_create_and_top_up_keys_once() {
     h.assert_conserved().await;
 }
 
+/// An invoice that expires unpaid shows as expired; paid late, it is still credited, once.
+#[tokio::test]
+async fn expired_invoices_are_still_credited_when_paid_late() {
+    let env = vec![("LIGHTNING_WATCH_SECONDS", "1".to_owned())];
+    let options = Options { env, mint_lightning: Some((4, 1)), ..Default::default() };
+    let mut h = Harness::start_with("ln-expiry", options).await;
+    let created = invoice(&h, 40, None).await;
+    assert_eq!(created.status, 200, "{}", created.json);
+    let id = created.json["invoice_id"].as_str().unwrap().to_owned();
+    assert_eq!(status(&h, &id).await["status"], "pending");
+    let hid = id.clone();
+    eventually(10, "the unpaid invoice expires", || {
+        let (h, id) = (&h, &hid);
+        async move { status(h, id).await["status"] == "expired" }
+    })
+    .await;
+    // The fake Lightning backend pays it 4 s after it was made: late, but credited.
+    let paid = paid_status(&h, &id).await;
+    h.paid_in_msat += 40_000;
+    assert_eq!(h.balance(paid["api_key"].as_str().unwrap()).await, (40_000, 0));
+    assert_eq!(status(&h, &id).await["msats"], 40_000);
+    h.assert_conserved().await;
+}
+
 #[tokio::test]
 async fn refunds_go_over_lightning_when_asked_and_at_expiry() {
     let (_recipient_mint, lnurl) = recipient().await;
