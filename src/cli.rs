@@ -71,7 +71,8 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
                 "operator earnings:       {:>16} sat",
                 msat_to_sats(held.saturating_sub(totals.liabilities_msat()))
             );
-            if held < totals.liabilities_msat() {
+            let in_flight: u64 = balances.iter().map(|b| b.pending_msat).sum();
+            if totals.undercovered(held, in_flight) {
                 println!("WARNING: the wallet holds less than users' balances claim");
             }
         }

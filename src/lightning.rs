@@ -472,6 +472,10 @@ impl Payments {
                 accepted: self.wallet.trusted_mints(),
             })
         })?;
+        // A token already spent is refused before anything is asked of either mint.
+        if !self.wallet.proofs_unspent(&parsed.mint_url, &parsed.proof_ys).await? {
+            return Err(WalletError::AlreadySpent.into());
+        }
         let to_mint = self.first_trusted_mint()?;
         let value_sat = whole_sats(parsed.value_msat);
         let input_fee_sat = whole_sats(self.wallet.token_input_fee(token).await?.div_ceil(1000) * 1000);
@@ -526,17 +530,20 @@ impl Payments {
         // paid the token was melted for it. (A definite "failed" from the foreign mint is taken
         // as is: its melt saga is gone and the proofs were not spent.)
         let outcome = match outcome {
-            MeltOutcome::Pending => match self.wallet.mint_quote_status(&swap.mint_url, &swap.mint_quote).await {
-                Ok(MintQuoteStatus::Paid | MintQuoteStatus::Issued { .. }) => {
-                    MeltOutcome::Paid { amount_msat: swap.amount_msat, fee_msat: 0 }
-                }
-                Ok(MintQuoteStatus::Unpaid) => MeltOutcome::Pending,
+            MeltOutcome::Pending => self.our_invoice_witness(swap).await,
+            // "Failed" from a mint we do not trust is believed only if the token's proofs are
+            // unspent there (so the token is still its owner's). Spent, or unknown: it was melted
+            // despite the answer (or spent elsewhere by its owner); our invoice decides, and an
+            // unpaid one is asked about again rather than given up.
+            MeltOutcome::Failed => match self.wallet.proofs_unspent(&parsed.mint_url, &parsed.proof_ys).await {
+                Ok(true) => MeltOutcome::Failed,
+                Ok(false) => self.our_invoice_witness(swap).await,
                 Err(e) => {
-                    tracing::warn!(error = %e, "our side of a foreign token's move is unknown for now");
-                    MeltOutcome::Pending
+                    tracing::warn!(error = %e, "a foreign token's proofs could not be checked for now");
+                    self.our_invoice_witness(swap).await
                 }
             },
-            other => other,
+            paid => paid,
         };
         match outcome {
             MeltOutcome::Paid { .. } => {
@@ -566,6 +573,21 @@ impl Payments {
             }
             MeltOutcome::Pending => {
                 Err(ApiError::Conflict("moving your token over Lightning is in progress; retry shortly".into()))
+            }
+        }
+    }
+
+    /// Our invoice at the trusted mint, as a witness of a foreign melt: paid (the melt happened),
+    /// or pending (not known to have happened).
+    async fn our_invoice_witness(&self, swap: &Swap) -> MeltOutcome {
+        match self.wallet.mint_quote_status(&swap.mint_url, &swap.mint_quote).await {
+            Ok(MintQuoteStatus::Paid | MintQuoteStatus::Issued { .. }) => {
+                MeltOutcome::Paid { amount_msat: swap.amount_msat, fee_msat: 0 }
+            }
+            Ok(MintQuoteStatus::Unpaid) => MeltOutcome::Pending,
+            Err(e) => {
+                tracing::warn!(error = %e, "our side of a foreign token's move is unknown for now");
+                MeltOutcome::Pending
             }
         }
     }

@@ -304,7 +304,7 @@ async fn wallet(node: &Node) -> Result<Value, ApiError> {
         "reserved_msat": totals.reserved_msat,
         "earnings_msat": earnings,
         "earnings_sat": msat_to_sats(earnings),
-        "undercovered": held < totals.liabilities_msat(),
+        "undercovered": totals.undercovered(held, balances.iter().map(|b| b.pending_msat).sum()),
         "totals": totals,
     }))
 }

@@ -190,6 +190,12 @@ impl Totals {
         self.balances_msat.saturating_add(self.payouts_open_debit_msat)
     }
 
+    /// Whether the wallet holds less than users' balances: `unspent_msat` spendable proofs plus
+    /// `pending_msat` proofs in flight (a melt of a refund in progress still backs its debit).
+    pub fn undercovered(&self, unspent_msat: u64, pending_msat: u64) -> bool {
+        unspent_msat.saturating_add(pending_msat) < self.balances_msat
+    }
+
     /// What the wallet gave for the operator's Lightning payouts.
     pub fn operator_out_msat(&self) -> u64 {
         self.operator_paid_msat.saturating_add(self.operator_fees_msat)

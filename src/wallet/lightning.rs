@@ -11,8 +11,10 @@ use std::collections::HashMap;
 use std::str::FromStr;
 
 use cdk::amount::SplitTarget;
-use cdk::nuts::{CurrencyUnit, KeySetInfo, MeltQuoteState, MintQuoteState, PaymentMethod, Token};
-use cdk::wallet::types::{KeysetLoadPolicy, TransactionDirection};
+use cdk::nuts::{
+    CheckStateRequest, CurrencyUnit, KeySetInfo, MeltQuoteState, MintQuoteState, PaymentMethod, State, Token,
+};
+use cdk::wallet::types::{KeysetLoadPolicy, TransactionDirection, TransactionStatus};
 use cdk::wallet::{MeltConfirmOptions, Wallet, WalletBuilder};
 use cdk::{Amount, Bolt11Invoice};
 
@@ -129,13 +131,17 @@ impl WalletService {
         if quote.used_by_operation.is_some() {
             return Err(WalletError::MintUnavailable("a mint of this quote is still being finished".into()));
         }
+        // "Issued" is the mint's word; what counts is what reached our wallet: the completed
+        // incoming transaction cdk writes when it stores the minted proofs.
+        if quote.amount_issued > Amount::ZERO || quote.state == MintQuoteState::Issued {
+            return match self.minted_for(&entry.sat, quote_id).await? {
+                Some(issued_msat) => Ok(MintQuoteStatus::Issued { issued_msat }),
+                None => Err(WalletError::Other(
+                    "the mint issued this quote, but the proofs are not in this wallet (yet)".into(),
+                )),
+            };
+        }
         Ok(match quote.state {
-            _ if quote.amount_issued > Amount::ZERO => {
-                MintQuoteStatus::Issued { issued_msat: sat_msat(quote.amount_issued) }
-            }
-            MintQuoteState::Issued => {
-                return Err(WalletError::Other("the mint says this quote was issued, but not to this wallet".into()))
-            }
             MintQuoteState::Paid => MintQuoteStatus::Paid,
             _ => MintQuoteStatus::Unpaid,
         })
@@ -197,8 +203,12 @@ impl WalletService {
             Err(e @ WalletError::InsufficientFunds) => return Err(e),
             Err(e) => {
                 tracing::warn!(mint = %entry.url, error = %e, "could not prepare a melt");
-                // A prepare cut short may have left proofs reserved by its saga: release them.
-                self.recover_mint(&entry).await;
+                // A prepare cut short may have left proofs reserved by its saga: release them now
+                // if the mint answers (else the recovery at the next start does; nothing is lost,
+                // and holding the mint's gate through more timeouts would stall its payments).
+                if !matches!(e, WalletError::MintUnavailable(_)) {
+                    self.recover_mint(&entry).await;
+                }
                 return Ok(MeltOutcome::Failed);
             }
         };
@@ -221,20 +231,16 @@ impl WalletService {
         }
         let wallet = self.any_wallet(&parsed.mint_url)?;
         let proofs = self.token_proofs(&wallet, &decoded).await?;
-        let prepared = match self
-            .timed("prepare melt", wallet.prepare_melt_proofs(quote_id, proofs, HashMap::new()))
-            .await
-        {
-            Ok(p) => p,
-            Err(e @ (WalletError::InsufficientFunds | WalletError::InvalidToken(_))) => return Err(e),
-            Err(e) => {
-                tracing::warn!(mint = %parsed.mint_url, error = %e, "could not prepare a melt of a foreign token");
-                if tokio::time::timeout(self.inner.opts.op_timeout, wallet.recover_incomplete_sagas()).await.is_err() {
-                    tracing::warn!(mint = %parsed.mint_url, "releasing a cut-short melt timed out");
+        let prepared =
+            match self.timed("prepare melt", wallet.prepare_melt_proofs(quote_id, proofs, HashMap::new())).await {
+                Ok(p) => p,
+                Err(e @ (WalletError::InsufficientFunds | WalletError::InvalidToken(_))) => return Err(e),
+                Err(e) => {
+                    // The token's proofs were at most reserved in our database, never sent.
+                    tracing::warn!(mint = %parsed.mint_url, error = %e, "could not prepare a melt of a foreign token");
+                    return Ok(MeltOutcome::Failed);
                 }
-                return Ok(MeltOutcome::Failed);
-            }
-        };
+            };
         let confirmed = tokio::time::timeout(
             self.inner.opts.op_timeout,
             prepared.confirm_with_options(MeltConfirmOptions::skip_swap()),
@@ -286,10 +292,20 @@ impl WalletService {
             Err(e) => return Err(e),
         };
         Ok(match quote.state {
-            // Paid, and cdk has written its outgoing transaction (with the change accounted).
+            // Paid: believed with its fee once cdk has completed the melt's outgoing transaction
+            // (change accounted). Until then (cdk wrote it pending with the whole reserve as the
+            // fee), the saga is finished by recovery and the melt asked about again.
             MeltQuoteState::Paid => match self.melt_fee(wallet, quote_id).await? {
                 Some(fee_msat) => MeltOutcome::Paid { amount_msat: sat_msat(quote.amount), fee_msat },
-                None => MeltOutcome::Pending,
+                None => {
+                    if let Ok(entry) = self.entry(&wallet.mint_url.to_string()) {
+                        self.recover_mint(entry).await;
+                    }
+                    match self.melt_fee(wallet, quote_id).await? {
+                        Some(fee_msat) => MeltOutcome::Paid { amount_msat: sat_msat(quote.amount), fee_msat },
+                        None => MeltOutcome::Pending,
+                    }
+                }
             },
             // A melt saga still holds the quote: cdk could not settle it (the mint says pending,
             // or did not answer) and kept the local state as it was. Not failed.
@@ -300,10 +316,31 @@ impl WalletService {
         })
     }
 
-    /// The fee cdk recorded for a finished melt (its outgoing transaction for that quote).
+    /// The fee of a finished melt: its completed outgoing transaction for that quote.
     async fn melt_fee(&self, wallet: &Wallet, quote_id: &str) -> Result<Option<u64>, WalletError> {
         let txs = wallet.list_transactions(Some(TransactionDirection::Outgoing)).await.map_err(map_cdk)?;
-        Ok(txs.iter().find(|t| t.quote_id.as_deref() == Some(quote_id)).map(|t| sat_msat(t.fee)))
+        Ok(txs
+            .iter()
+            .find(|t| t.quote_id.as_deref() == Some(quote_id) && t.status == TransactionStatus::Completed)
+            .map(|t| sat_msat(t.fee)))
+    }
+
+    /// What a mint quote put in our wallet: its completed incoming transaction, if any.
+    async fn minted_for(&self, wallet: &Wallet, quote_id: &str) -> Result<Option<u64>, WalletError> {
+        let txs = wallet.list_transactions(Some(TransactionDirection::Incoming)).await.map_err(map_cdk)?;
+        Ok(txs
+            .iter()
+            .find(|t| t.quote_id.as_deref() == Some(quote_id) && t.status == TransactionStatus::Completed)
+            .map(|t| sat_msat(t.amount)))
+    }
+
+    /// Whether every proof (by its Y) is still unspent at `mint_url` (NUT-07), asked of the mint.
+    pub async fn proofs_unspent(&self, mint_url: &str, proof_ys: &[String]) -> Result<bool, WalletError> {
+        let wallet = self.any_wallet(mint_url)?;
+        let ys = super::parse_ys(proof_ys)?;
+        let states =
+            self.timed("proof states", wallet.mint_connector().post_check_state(CheckStateRequest { ys })).await?;
+        Ok(!states.states.is_empty() && states.states.iter().all(|s| s.state == State::Unspent))
     }
 
     /// The input fee (NUT-02) a foreign token's proofs cost to spend at their mint, in msat.

@@ -292,6 +292,12 @@ async fn tokens_from_a_foreign_mint_are_moved_to_a_trusted_one() {
     // The same foreign token again: already spent.
     let again = h.post_with("/v1/chat/completions", &[("x-cashu", &token)], &chat(false)).await;
     assert_eq!(again.status, 400, "{}", again.json);
+
+    // A foreign token its owner already spent elsewhere: refused before any melt, nothing credited.
+    let spent = mint_token(&foreign.url, 20, false).await.unwrap();
+    redeem_token(&foreign.url, &spent).await.unwrap();
+    let refused = h.post("/v1/balance/create", None, &json!({ "initial_balance_token": spent })).await;
+    assert_eq!((refused.status, refused.error_code()), (400, "token_already_spent"), "{}", refused.json);
     h.assert_conserved().await;
 }
 
