@@ -120,6 +120,8 @@ fn open_connection(path: &Path, sync: LedgerSync) -> Result<Connection, LedgerEr
     };
     conn.pragma_update(None, "synchronous", level)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Each job runs in a savepoint; its sub-journal is better kept in memory than in a temp file.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(128);
     Ok(conn)
 }
