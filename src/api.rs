@@ -228,7 +228,10 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             let key_hash = hash_api_key(&api_key);
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
             payments.apply_refund_headers(&key_hash, &parts.headers).await?;
-            Ok(http::json_response(StatusCode::OK, &json!({ "api_key": api_key, "balance": redeemed.balance_msat })))
+            Ok(http::json_response(
+                StatusCode::OK,
+                &json!({ "api_key": api_key, "balance": redeemed.balance_msat, "fee_msats": redeemed.fee_msat }),
+            ))
         }
         ("info", &Method::GET) => {
             let (key_hash, api_key) = key_credential(node, &parts.headers).await?;
@@ -258,7 +261,7 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             }
             Ok(http::json_response(
                 StatusCode::OK,
-                &json!({ "msats": redeemed.credited_msat, "balance": redeemed.balance_msat }),
+                &json!({ "msats": redeemed.credited_msat, "balance": redeemed.balance_msat, "fee_msats": redeemed.fee_msat }),
             ))
         }
         ("refund", &Method::POST) => {

@@ -554,7 +554,7 @@ impl Payments {
                         let fee = parsed.value_msat.saturating_sub(minted);
                         let balance = self.ledger.complete_redemption(token_hash, kind, minted, fee).await?;
                         tracing::info!(credited_msat = minted, fee_msat = fee, "foreign-mint token moved and credited");
-                        return Ok(Redeemed { credited_msat: minted, balance_msat: balance, new: true });
+                        return Ok(Redeemed { credited_msat: minted, fee_msat: fee, balance_msat: balance, new: true });
                     }
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ApiError::Conflict(

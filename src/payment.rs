@@ -116,6 +116,9 @@ impl StatelessPayment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redeemed {
     pub credited_msat: u64,
+    /// What the move cost: the mint's input fee, or for a token from another mint the
+    /// Lightning and mint fees of moving it (value − credited). 0 when not known.
+    pub fee_msat: u64,
     pub balance_msat: u64,
     /// False when this token had already been redeemed into the same key earlier.
     pub new: bool,
@@ -311,7 +314,7 @@ impl Payments {
                         return Err(WalletError::AlreadySpent.into());
                     }
                     let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
-                    return Ok(Redeemed { credited_msat: 0, balance_msat: balance, new: false });
+                    return Ok(Redeemed { credited_msat: 0, fee_msat: 0, balance_msat: balance, new: false });
                 }
                 RedemptionState::ProofsUsed => return Err(WalletError::AlreadySpent.into()),
                 RedemptionState::ProofsBusy => {
@@ -336,7 +339,12 @@ impl Payments {
                     .complete_redemption(&token_hash, kind, received.credited_msat, received.fee_msat)
                     .await?;
                 tracing::info!(mint = %received.mint_url, credited_msat = received.credited_msat, fee_msat = received.fee_msat, "token redeemed");
-                Ok(Redeemed { credited_msat: received.credited_msat, balance_msat: balance, new: true })
+                Ok(Redeemed {
+                    credited_msat: received.credited_msat,
+                    fee_msat: received.fee_msat,
+                    balance_msat: balance,
+                    new: true,
+                })
             }
             Err(e @ (WalletError::MintUnavailable(_) | WalletError::Other(_))) => {
                 // The swap may or may not have happened: ask before deciding.
@@ -344,7 +352,7 @@ impl Payments {
                 match self.reconcile_redemption(&token_hash, &parsed, kind).await {
                     Ok(Some(credited)) => {
                         let balance = self.ledger.key_info(key_hash).await?.map(|k| k.balance_msat).unwrap_or(0);
-                        Ok(Redeemed { credited_msat: credited, balance_msat: balance, new: true })
+                        Ok(Redeemed { credited_msat: credited, fee_msat: 0, balance_msat: balance, new: true })
                     }
                     _ => Err(e.into()),
                 }

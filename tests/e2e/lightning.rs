@@ -279,6 +279,7 @@ async fn tokens_from_a_foreign_mint_are_moved_to_a_trusted_one() {
     let key = created.json["api_key"].as_str().unwrap().to_owned();
     let credited = created.json["balance"].as_u64().unwrap();
     assert!((95_000..100_000).contains(&credited), "credited less the Lightning fees: {credited}");
+    assert_eq!(created.json["fee_msats"].as_u64(), Some(100_000 - credited), "the fees are shown: {}", created.json);
     assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
 
     // Stateless: a foreign token pays a request; the change comes from the trusted mint.
