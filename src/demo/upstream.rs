@@ -37,13 +37,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
@@ -404,7 +401,15 @@ impl StandInUpstream {
         });
 
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        let accept_task = {
+            let (refusing, serving) = (shared.clone(), shared.clone());
+            tokio::spawn(super::serve_until(
+                listener,
+                shutdown_rx,
+                move || refusing.behavior() == Behavior::ConnectRefused,
+                move |req| handle(serving.clone(), req),
+            ))
+        };
         Ok(StandInUpstream { addr, base_url: format!("http://{addr}/v1"), shared, shutdown, accept_task })
     }
 
@@ -436,46 +441,6 @@ impl Drop for StandInUpstream {
     fn drop(&mut self) {
         self.shutdown.send_replace(true);
         self.accept_task.abort();
-    }
-}
-
-async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true);
-    let builder = Arc::new(builder);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = shutdown.changed() => return,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(_) => {
-                // e.g. out of file descriptors: back off instead of spinning.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-        };
-        if shared.behavior() == Behavior::ConnectRefused {
-            drop(stream);
-            continue;
-        }
-        tokio::spawn(serve(stream, builder.clone(), shared.clone(), shutdown.clone()));
-    }
-}
-
-async fn serve(
-    stream: TcpStream,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let svc = service_fn(move |req| handle(shared.clone(), req));
-    let conn = builder.serve_connection(TokioIo::new(stream), svc);
-    tokio::select! {
-        _ = conn => {}
-        _ = shutdown.changed() => {}
     }
 }
 
