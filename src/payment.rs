@@ -18,7 +18,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::ledger::{KeyKind, Ledger, PayoutLookup, RedemptionState};
+use crate::ledger::{KeyKind, Ledger, PayoutLookup, RedemptionState, Reservation};
 use crate::lightning::LightningOptions;
 use crate::lnurl::LnurlClient;
 use crate::wallet::{ParsedToken, WalletError, WalletService};
@@ -93,6 +93,8 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<Credential<'_>>, ApiErro
 #[derive(Debug, Clone)]
 pub struct Payer {
     pub key_hash: String,
+    /// The request's hold on the key's balance, ended by settlement.
+    pub reservation: Reservation,
     /// Set for a stateless `X-Cashu` payment.
     pub xcashu: Option<StatelessPayment>,
 }
@@ -212,20 +214,20 @@ impl Payments {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 // Before the reservation: a refused header must not leave it open.
                 self.apply_refund_headers(&key_hash, headers).await?;
-                self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
-                Ok(Payer { key_hash, xcashu: None })
+                let reservation = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                Ok(Payer { key_hash, reservation, xcashu: None })
             }
             Credential::BearerToken(token) => {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
-                match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
+                let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     Err(crate::ledger::LedgerError::KeyNotFound) => {
                         self.redeem(token, &key_hash, KeyKind::Key).await?;
                         self.apply_refund_headers(&key_hash, headers).await?;
-                        self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
+                        self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?
                     }
                     other => other?,
-                }
-                Ok(Payer { key_hash, xcashu: None })
+                };
+                Ok(Payer { key_hash, reservation, xcashu: None })
             }
             Credential::XCashu(token) => {
                 let parsed = self.parse_payable_token(token)?;
@@ -241,16 +243,20 @@ impl Payments {
                 if !redeemed.new && !self.unused_stateless_balance(&key_hash, &token_hash).await? {
                     return Err(ApiError::Wallet(WalletError::AlreadySpent));
                 }
-                if let Err(e) = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
-                    // The mint's fee left too little: everything goes back as change.
-                    let change = self.xcashu_change(&key_hash, &token_hash, Some(request_id)).await;
-                    return Err(match (ApiError::from(e), change) {
-                        (err, Ok(Some(paid))) => ApiError::ChangeReturned { inner: Box::new(err), change: paid },
-                        (err, _) => err,
-                    });
-                }
+                let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
+                    Ok(reservation) => reservation,
+                    Err(e) => {
+                        // The mint's fee left too little: everything goes back as change.
+                        let change = self.xcashu_change(&key_hash, &token_hash, Some(request_id)).await;
+                        return Err(match (ApiError::from(e), change) {
+                            (err, Ok(Some(paid))) => ApiError::ChangeReturned { inner: Box::new(err), change: paid },
+                            (err, _) => err,
+                        });
+                    }
+                };
                 Ok(Payer {
                     key_hash,
+                    reservation,
                     xcashu: Some(StatelessPayment { token_hash, funded_msat: redeemed.credited_msat }),
                 })
             }

@@ -28,7 +28,7 @@ use serde::Serialize;
 pub use admin::*;
 pub use lightning::{Invoice, LightningPayout, OperatorPayout, Swap};
 pub use store::open_reader;
-use store::{Answer, Store};
+use store::{Answer, Store, Undo};
 
 use crate::config::LedgerSync;
 
@@ -235,6 +235,17 @@ impl std::fmt::Debug for RemoteSpend {
     }
 }
 
+/// A running request's hold on a key's balance, kept by the request. The key's row counts it
+/// (`reserved_msat`, `open_requests`); the request's record is written once, when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub request_id: String,
+    pub key_hash: String,
+    pub amount_msat: u64,
+    model: String,
+    created_at: i64,
+}
+
 #[derive(Clone)]
 pub struct Ledger {
     store: Store,
@@ -251,23 +262,31 @@ impl Ledger {
     }
 
     /// Reserves `amount_msat` on a key for a request: one conditional update, so concurrent
-    /// requests can never reserve more than the balance.
+    /// requests can never reserve more than the balance. The reservation itself lives in memory,
+    /// with the request; the key's row carries its amount until `end` writes the request's record.
     pub async fn reserve(
         &self,
         key_hash: &str,
         request_id: &str,
         amount_msat: u64,
         model: &str,
-    ) -> Result<(), LedgerError> {
-        let (key_hash, request_id, model) = (key_hash.to_owned(), request_id.to_owned(), model.to_owned());
+    ) -> Result<Reservation, LedgerError> {
+        let reservation = Reservation {
+            request_id: request_id.to_owned(),
+            key_hash: key_hash.to_owned(),
+            amount_msat,
+            model: model.to_owned(),
+            created_at: now_secs(),
+        };
+        let key_hash = reservation.key_hash.clone();
         // Visible, not durable: later jobs see the reservation at once, and it reaches the disk
         // with its batch. Lost to a crash before that, it is as if released at the next start,
-        // which is what happens to every open reservation anyway.
+        // which is what happens to every open reservation anyway. One statement: nothing to undo.
         self.store
-            .submit(Answer::Visible, move |c| {
+            .submit_with(Answer::Visible, Undo::FailStop, move |c| {
                 let updated = c
                     .prepare_cached(
-                        "UPDATE keys SET reserved_msat = reserved_msat + ?1
+                        "UPDATE keys SET reserved_msat = reserved_msat + ?1, open_requests = open_requests + 1
                          WHERE key_hash = ?2 AND revoked = 0 AND balance_msat - reserved_msat >= ?1",
                     )?
                     .execute(params![to_i64(amount_msat), key_hash])?;
@@ -278,26 +297,22 @@ impl Ledger {
                         Some(k) => LedgerError::Insufficient { required: amount_msat, available: k.available_msat() },
                     });
                 }
-                c.prepare_cached(
-                    "INSERT INTO reservations (request_id, key_hash, amount_msat, state, model, created_at)
-                     VALUES (?1, ?2, ?3, 'open', ?4, ?5)",
-                )?
-                .execute(params![request_id, key_hash, to_i64(amount_msat), model, now_secs()])?;
                 Ok(())
             })
-            .await
+            .await?;
+        Ok(reservation)
     }
 
     /// Ends a reservation by charging `cost_msat`: the reservation is released and the cost taken
     /// from the balance. A cost above the reservation is taken from the free balance as far as it
     /// goes; the rest is recorded as uncollected. Runs at most once per reservation.
-    pub async fn settle(&self, request_id: &str, cost_msat: u64, note: &str) -> Result<Settled, LedgerError> {
-        self.end(request_id, Some(cost_msat), note).await
+    pub async fn settle(&self, reservation: &Reservation, cost_msat: u64, note: &str) -> Result<Settled, LedgerError> {
+        self.end(reservation, Some(cost_msat), note).await
     }
 
     /// Ends a reservation charging nothing. Idempotent.
-    pub async fn release(&self, request_id: &str, note: &str) -> Result<Settled, LedgerError> {
-        self.end(request_id, None, note).await
+    pub async fn release(&self, reservation: &Reservation, note: &str) -> Result<Settled, LedgerError> {
+        self.end(reservation, None, note).await
     }
 
     /// Ends a reservation (`Some(cost)` charges it, `None` releases it), queued NOW: every ledger
@@ -305,25 +320,13 @@ impl Ledger {
     /// awaiting the returned future, which resolves once the change is durable.
     pub fn end(
         &self,
-        request_id: &str,
+        reservation: &Reservation,
         cost_msat: Option<u64>,
         note: &str,
     ) -> impl std::future::Future<Output = Result<Settled, LedgerError>> + Send + 'static {
-        let (request_id, note) = (request_id.to_owned(), note.to_owned());
-        self.store.submit(Answer::Durable, move |c| end_reservation(c, &request_id, cost_msat, &note))
-    }
-
-    /// Whether a reservation is still open (a request using it is running).
-    pub async fn reservation_open(&self, request_id: &str) -> Result<bool, LedgerError> {
-        let request_id = request_id.to_owned();
+        let (reservation, note) = (reservation.clone(), note.to_owned());
         self.store
-            .run(move |c| {
-                let state: Option<String> = c
-                    .query_row("SELECT state FROM reservations WHERE request_id = ?1", [&request_id], |r| r.get(0))
-                    .optional()?;
-                Ok(state.as_deref() == Some("open"))
-            })
-            .await
+            .submit_with(Answer::Durable, Undo::FailStop, move |c| end_reservation(c, &reservation, cost_msat, &note))
     }
 
     /// Records a redemption before the token is swapped. The token hash is the primary key, so the
@@ -607,18 +610,36 @@ impl Ledger {
 
     /// At start, before serving: reservations left open by a previous process are released (the
     /// request died with the process; what it used is unknowable, so the user is not charged).
+    /// Returns how many requests were interrupted.
     pub async fn release_interrupted_reservations(&self) -> Result<u64, LedgerError> {
         self.store
             .run(|c| {
-                let ids: Vec<String> = {
-                    let mut stmt = c.prepare("SELECT request_id FROM reservations WHERE state = 'open'")?;
-                    let rows = stmt.query_map([], |r| r.get(0))?;
+                // Records of open reservations, as ledgers written before schema 4 kept them.
+                let legacy: Vec<(String, String, i64)> = {
+                    let mut stmt =
+                        c.prepare("SELECT request_id, key_hash, amount_msat FROM reservations WHERE state = 'open'")?;
+                    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                     rows.collect::<Result<_, _>>()?
                 };
-                for id in &ids {
-                    end_reservation(c, id, None, "interrupted by restart")?;
+                for (request_id, key_hash, amount) in &legacy {
+                    c.execute(
+                        "UPDATE reservations SET state = 'released', note = 'interrupted by restart', ended_at = ?2
+                         WHERE request_id = ?1",
+                        params![request_id, now_secs()],
+                    )?;
+                    c.execute(
+                        "UPDATE keys SET reserved_msat = reserved_msat - ?2 WHERE key_hash = ?1",
+                        params![key_hash, amount],
+                    )?;
                 }
-                Ok(ids.len() as u64)
+                // Every other hold belongs to a request of the previous process.
+                let interrupted: i64 =
+                    c.query_row("SELECT COALESCE(SUM(open_requests), 0) FROM keys", [], |r| r.get(0))?;
+                c.execute(
+                    "UPDATE keys SET reserved_msat = 0, open_requests = 0 WHERE reserved_msat != 0 OR open_requests != 0",
+                    [],
+                )?;
+                Ok(legacy.len() as u64 + to_u64(interrupted))
             })
             .await
     }
@@ -841,6 +862,10 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         Ok(n > 0)
     };
     let (has_remote, has_lightning) = (has_table("remote_spends")?, has_table("ln_invoices")?);
+    let has_open_requests: bool =
+        c.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('keys') WHERE name = 'open_requests'", [], |r| {
+            r.get(0)
+        })?;
     let remote = |sql: &str| -> Result<u64, LedgerError> {
         if has_remote {
             sum(sql)
@@ -869,7 +894,9 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         )?,
         paid_out_msat: sum("SELECT COALESCE(SUM(amount_msat), 0) FROM payouts WHERE state = 'ready'")?,
         payout_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM payouts WHERE state = 'ready'")?,
-        open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?,
+        // Running requests (schema 4 counts them on the key), and open records of older ledgers.
+        open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?
+            + if has_open_requests { sum("SELECT COALESCE(SUM(open_requests), 0) FROM keys")? } else { 0 },
         pending_redemptions: sum("SELECT COUNT(*) FROM redemptions WHERE state = 'pending'")?,
         remote_sent_msat: remote(
             "SELECT COALESCE(SUM(amount_msat + fee_msat), 0) FROM remote_spends WHERE state IN ('sent', 'settled', 'recovering')",
@@ -909,51 +936,64 @@ fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerErr
     .optional()?)
 }
 
-/// Ends an open reservation exactly once: `Some(cost)` charges, `None` releases.
-fn end_reservation(c: &Connection, request_id: &str, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
-    let row: Option<(String, i64, String)> = c
-        .prepare_cached("SELECT key_hash, amount_msat, state FROM reservations WHERE request_id = ?1")?
-        .query_row([request_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+/// The charge recorded for a request that already ended, if it did.
+fn ended_charge(c: &Connection, request_id: &str) -> Result<Option<u64>, LedgerError> {
+    let charged: Option<i64> = c
+        .prepare_cached("SELECT charged_msat FROM reservations WHERE request_id = ?1")?
+        .query_row([request_id], |r| r.get(0))
         .optional()?;
-    let Some((key_hash, amount, state)) = row else {
-        return Err(LedgerError::Schema(format!("no reservation for request {request_id}")));
-    };
-    if state != "open" {
-        let charged: i64 =
-            c.query_row("SELECT charged_msat FROM reservations WHERE request_id = ?1", [request_id], |r| r.get(0))?;
-        return Ok(Settled { charged_msat: to_u64(charged), uncollected_msat: 0, first_time: false });
+    Ok(charged.map(to_u64))
+}
+
+/// Ends a reservation exactly once: `Some(cost)` charges, `None` releases. Runs without a
+/// savepoint (`Undo::FailStop`): every check comes before the first write.
+fn end_reservation(c: &Connection, r: &Reservation, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
+    let already = |charged: u64| Settled { charged_msat: charged, uncollected_msat: 0, first_time: false };
+    let key = read_key(c, &r.key_hash)?.ok_or(LedgerError::KeyNotFound)?;
+    if key.reserved_msat < r.amount_msat {
+        // Not held (any more): ended before, or never reserved.
+        return match ended_charge(c, &r.request_id)? {
+            Some(charged) => Ok(already(charged)),
+            None => Err(LedgerError::Schema(format!("no reservation held for request {}", r.request_id))),
+        };
     }
-    let amount = to_u64(amount);
-    let key = read_key(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?;
     let wanted = cost.unwrap_or(0);
     // The reservation itself plus whatever else is free on the key.
-    let collectable = amount.saturating_add(key.available_msat());
+    let collectable = r.amount_msat.saturating_add(key.available_msat());
     let charged = wanted.min(collectable);
     let uncollected = wanted - charged;
-    let updated = c
+    let now = now_secs();
+    let recorded = c
         .prepare_cached(
-            "UPDATE reservations SET state = ?2, charged_msat = ?3, uncollected_msat = ?4, note = ?5, ended_at = ?6
-             WHERE request_id = ?1 AND state = 'open'",
+            "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, uncollected_msat, model,
+                 note, created_at, ended_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (request_id) DO NOTHING",
         )?
         .execute(params![
-            request_id,
+            r.request_id,
+            r.key_hash,
+            to_i64(r.amount_msat),
             if cost.is_some() { "charged" } else { "released" },
             to_i64(charged),
             to_i64(uncollected),
+            r.model,
             note,
-            now_secs()
+            r.created_at,
+            now
         ])?;
-    if updated != 1 {
-        return Err(LedgerError::Schema(format!("reservation {request_id} changed underneath")));
+    if recorded == 0 {
+        // Ended before: the first end's charge stands.
+        return Ok(already(ended_charge(c, &r.request_id)?.unwrap_or(0)));
     }
     c.prepare_cached(
-        "UPDATE keys SET reserved_msat = reserved_msat - ?2, balance_msat = balance_msat - ?3,
-             spent_msat = spent_msat + ?3, requests = requests + ?4
+        "UPDATE keys SET reserved_msat = reserved_msat - ?2, open_requests = MAX(open_requests - 1, 0),
+             balance_msat = balance_msat - ?3, spent_msat = spent_msat + ?3, requests = requests + ?4
          WHERE key_hash = ?1",
     )?
-    .execute(params![key_hash, to_i64(amount), to_i64(charged), i64::from(cost.is_some())])?;
+    .execute(params![r.key_hash, to_i64(r.amount_msat), to_i64(charged), i64::from(cost.is_some())])?;
     if uncollected > 0 {
-        tracing::warn!(request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
+        tracing::warn!(request_id = %r.request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
     }
     Ok(Settled { charged_msat: charged, uncollected_msat: uncollected, first_time: true })
 }

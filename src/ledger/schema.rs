@@ -137,6 +137,11 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE redemptions ADD COLUMN swap_melt_quote TEXT;   -- the foreign mint's quote paying it
     ALTER TABLE redemptions ADD COLUMN swap_amount_msat INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 4: a running request's reservation is counted on its key and recorded once it ends (one
+    // row written per request instead of a row inserted and then updated).
+    r#"
+    ALTER TABLE keys ADD COLUMN open_requests INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub fn migrate(conn: &Connection) -> Result<(), LedgerError> {

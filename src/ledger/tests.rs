@@ -18,19 +18,20 @@ async fn reserve_settle_release_conserve() {
     let ledger = Ledger::open(&temp_path("basic"), LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
 
-    ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
+    let r1 = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
     let info = ledger.key_info("k1").await.unwrap().unwrap();
     assert_eq!((info.balance_msat, info.reserved_msat, info.available_msat()), (10_000, 4_000, 6_000));
 
-    let s = ledger.settle("r1", 1_234, "ok").await.unwrap();
+    let s = ledger.settle(&r1, 1_234, "ok").await.unwrap();
     assert_eq!(s, Settled { charged_msat: 1_234, uncollected_msat: 0, first_time: true });
     // Settlement is idempotent: a second end changes nothing.
-    let again = ledger.settle("r1", 9_999, "dup").await.unwrap();
+    let again = ledger.settle(&r1, 9_999, "dup").await.unwrap();
     assert!(!again.first_time);
-    assert!(!ledger.release("r1", "dup").await.unwrap().first_time);
+    assert!(!ledger.release(&r1, "dup").await.unwrap().first_time);
 
-    ledger.reserve("k1", "r2", 5_000, "m").await.unwrap();
-    ledger.release("r2", "upstream failed").await.unwrap();
+    let r2 = ledger.reserve("k1", "r2", 5_000, "m").await.unwrap();
+    ledger.release(&r2, "upstream failed").await.unwrap();
+    assert!(!ledger.settle(&r2, 1, "late").await.unwrap().first_time);
 
     let info = ledger.key_info("k1").await.unwrap().unwrap();
     assert_eq!((info.balance_msat, info.reserved_msat, info.spent_msat, info.requests), (8_766, 0, 1_234, 1));
@@ -72,8 +73,8 @@ async fn parallel_reservations_never_exceed_balance() {
 async fn overrun_takes_free_balance_then_records_uncollected() {
     let ledger = Ledger::open(&temp_path("overrun"), LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 1_000).await;
-    ledger.reserve("k1", "r1", 600, "m").await.unwrap();
-    let s = ledger.settle("r1", 1_500, "overrun").await.unwrap();
+    let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
+    let s = ledger.settle(&r1, 1_500, "overrun").await.unwrap();
     assert_eq!((s.charged_msat, s.uncollected_msat), (1_000, 500));
     assert!(ledger.totals().await.unwrap().conserved());
 }
@@ -140,6 +141,46 @@ async fn open_reservations_survive_restart_and_are_released_once() {
     assert_eq!(ledger.release_interrupted_reservations().await.unwrap(), 0);
     let info = ledger.key_info("k1").await.unwrap().unwrap();
     assert_eq!((info.balance_msat, info.reserved_msat), (3_000, 0));
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
+#[tokio::test]
+async fn open_records_of_older_ledgers_are_released_at_start_too() {
+    let ledger = Ledger::open(&temp_path("legacy"), LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 5_000).await;
+    let _running = ledger.reserve("k1", "r-new", 1_000, "m").await.unwrap();
+    // What a ledger before schema 4 held for a running request: an 'open' row.
+    ledger
+        .store
+        .run(|c| {
+            c.execute(
+                "INSERT INTO reservations (request_id, key_hash, amount_msat, state, created_at)
+                 VALUES ('r-old', 'k1', 2000, 'open', 0)",
+                [],
+            )?;
+            c.execute("UPDATE keys SET reserved_msat = reserved_msat + 2000 WHERE key_hash = 'k1'", [])?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(ledger.totals().await.unwrap().open_reservations, 2);
+    assert_eq!(ledger.release_interrupted_reservations().await.unwrap(), 2);
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat), (5_000, 0));
+    let t = ledger.totals().await.unwrap();
+    assert_eq!((t.open_reservations, t.reserved_msat), (0, 0));
+    assert!(t.conserved(), "{t:?}");
+}
+
+#[tokio::test]
+async fn ending_a_reservation_never_held_is_an_error_and_changes_nothing() {
+    let ledger = Ledger::open(&temp_path("unheld"), LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 5_000).await;
+    let r1 = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
+    ledger.release_interrupted_reservations().await.unwrap(); // as a restart would
+    assert!(matches!(ledger.settle(&r1, 500, "late").await.unwrap_err(), LedgerError::Schema(_)));
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat, info.spent_msat), (5_000, 0, 0));
     assert!(ledger.totals().await.unwrap().conserved());
 }
 

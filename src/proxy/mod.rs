@@ -135,7 +135,7 @@ impl Metering {
             Some(x) => cost.with_rounding(x.rounding_after(cost.total_msats)),
             None => cost,
         });
-        let queued = Box::pin(self.node.ledger().end(&self.request_id, cost.map(|c| c.total_msats), note));
+        let queued = Box::pin(self.node.ledger().end(&self.payer.reservation, cost.map(|c| c.total_msats), note));
         (cost, queued)
     }
 
@@ -155,7 +155,7 @@ impl Metering {
                 }
             }),
             Err(e) => {
-                tracing::error!(request_id = %self.request_id, error = %e, "settlement failed; the reservation stays open until restart");
+                tracing::error!(request_id = %self.request_id, error = %e, "settlement failed: not charged; a hold still on the key is released at the next start");
                 cost
             }
         }
