@@ -127,6 +127,33 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u
     (all, rps, errors)
 }
 
+/// Slices of this many alternate between the direct and the node load, so that both see the same
+/// conditions on a shared machine (other tenants' load drifts over seconds).
+const SLICES: u32 = 5;
+
+/// `load` of `a` and of `b` for `duration` each, in alternating slices: latencies merged, throughput
+/// over the total time.
+async fn interleaved(
+    a: &Target,
+    b: &Target,
+    connections: usize,
+    duration: Duration,
+) -> ((Vec<u64>, f64, u64), (Vec<u64>, f64, u64)) {
+    let slice = duration / SLICES;
+    let (mut out_a, mut out_b) = ((Vec::new(), 0.0, 0), (Vec::new(), 0.0, 0));
+    for _ in 0..SLICES {
+        for (target, out) in [(a, &mut out_a), (b, &mut out_b)] {
+            let (latencies, rps, errors) = load(target, connections, slice).await;
+            out.0.extend(latencies);
+            out.1 += rps / f64::from(SLICES);
+            out.2 += errors;
+        }
+    }
+    out_a.0.sort_unstable();
+    out_b.0.sort_unstable();
+    (out_a, out_b)
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -271,8 +298,7 @@ async fn main() {
         // Warm up both paths.
         load(&direct, conns, Duration::from_millis(200)).await;
         load(&via_node, conns, Duration::from_millis(200)).await;
-        let (d, drps, derr) = load(&direct, conns, secs).await;
-        let (n, nrps, nerr) = load(&via_node, conns, secs).await;
+        let ((d, drps, derr), (n, nrps, nerr)) = interleaved(&direct, &via_node, conns, secs).await;
         rows.push(Row {
             what: format!("p50 latency, {conns} conn"),
             direct: percentile(&d, 0.5),
@@ -385,7 +411,8 @@ async fn main() {
 
     let mut out = String::new();
     out.push_str(&format!(
-        "Measured {} on this machine ({} cores), node release build, ledger `LEDGER_SYNC={}`, {} s per load figure.\n\n",
+        "Measured {} on this machine ({} cores), node release build, ledger `LEDGER_SYNC={}`, {} s per load figure \
+         (direct and via node in {SLICES} alternating slices each).\n\n",
         chrono_free_date(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.ledger_sync,

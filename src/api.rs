@@ -105,7 +105,9 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         return Ok(resp);
     }
     if crate::admin::is_admin_path(&path) {
-        return crate::admin::handle(node, req, request_id).await;
+        // Boxed, like the balance routes: their futures (cdk's inside) would otherwise make
+        // every request's future, the proxied ones too, KBs larger.
+        return Box::pin(crate::admin::handle(node, req, request_id)).await;
     }
     match (&method, rest) {
         (&Method::GET, "" | "info") => Ok(info(node, onion)),
@@ -117,7 +119,7 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         }
         (_, r) if r.starts_with("balance/") || r.starts_with("wallet/") => {
             let action = r.split_once('/').map(|(_, a)| a).unwrap_or_default().to_owned();
-            balance(node, req, &action).await
+            Box::pin(balance(node, req, &action)).await
         }
         (_, r) if versioned || BARE_PROXY_PATHS.contains(&r) => {
             let r = r.to_owned();

@@ -9,6 +9,10 @@
 //! (LNURL-pay client), `proxy` (the metered request path), `api` (routing and the node's own endpoints),
 //! `server` (the listener), `node` (wiring), `cli` (operator commands).
 
+// A future is moved (copied) whole each time it is spawned or handed to hyper: cdk's futures run
+// to KBs, and carried inline they once made every request's future ~28 KB. Box them instead.
+#![warn(clippy::large_futures)]
+
 pub mod admin;
 pub mod api;
 pub mod catalog;

@@ -199,6 +199,8 @@ impl Payments {
     }
 
     /// Reserves `cost_msat` for a request from whoever pays it, redeeming a token first if needed.
+    /// Redeeming and change (cdk futures, KBs in size) are boxed: the common case, a key with
+    /// a balance, keeps a small future (see `clippy::large_futures`).
     pub async fn authorize(
         &self,
         headers: &HeaderMap,
@@ -221,7 +223,7 @@ impl Payments {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     Err(crate::ledger::LedgerError::KeyNotFound) => {
-                        self.redeem(token, &key_hash, KeyKind::Key).await?;
+                        Box::pin(self.redeem(token, &key_hash, KeyKind::Key)).await?;
                         self.apply_refund_headers(&key_hash, headers).await?;
                         self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?
                     }
@@ -238,7 +240,7 @@ impl Payments {
                     });
                 }
                 let key_hash = xcashu_key_hash(token);
-                let redeemed = self.redeem(token, &key_hash, KeyKind::XCashu).await?;
+                let redeemed = Box::pin(self.redeem(token, &key_hash, KeyKind::XCashu)).await?;
                 let token_hash = token_hash(token);
                 if !redeemed.new && !self.unused_stateless_balance(&key_hash, &token_hash).await? {
                     return Err(ApiError::Wallet(WalletError::AlreadySpent));
@@ -247,7 +249,7 @@ impl Payments {
                     Ok(reservation) => reservation,
                     Err(e) => {
                         // The mint's fee left too little: everything goes back as change.
-                        let change = self.xcashu_change(&key_hash, &token_hash, Some(request_id)).await;
+                        let change = Box::pin(self.xcashu_change(&key_hash, &token_hash, Some(request_id))).await;
                         return Err(match (ApiError::from(e), change) {
                             (err, Ok(Some(paid))) => ApiError::ChangeReturned { inner: Box::new(err), change: paid },
                             (err, _) => err,

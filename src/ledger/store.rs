@@ -208,13 +208,19 @@ fn restrict_permissions(_path: &Path) {}
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
     // Cached statements: these run twice per job, on the hot path.
     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+    // Should the savepoint not close, the job's changes (or its half-done ones) would commit
+    // with the transaction whatever its caller was told.
     match f(conn) {
         Ok(v) => {
-            conn.prepare_cached("RELEASE job")?.execute([])?;
+            if let Err(e) = conn.prepare_cached("RELEASE job").and_then(|mut s| s.execute([])) {
+                fail_stop(&format!("a job's savepoint could not be released: {e}"));
+            }
             Ok(v)
         }
         Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            if let Err(undo) = conn.execute_batch("ROLLBACK TO job; RELEASE job") {
+                fail_stop(&format!("a failed job could not be undone: {undo}"));
+            }
             Err(e)
         }
     }

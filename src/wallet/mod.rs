@@ -494,14 +494,18 @@ impl WalletService {
         Ok(InFlightGuard { set: &self.inner.in_flight, ys: ys.to_vec() })
     }
 
-    async fn timed<T, F>(&self, what: &str, fut: F) -> Result<T, WalletError>
+    fn timed<'a, T, F>(&self, what: &'a str, fut: F) -> impl std::future::Future<Output = Result<T, WalletError>> + 'a
     where
-        F: std::future::Future<Output = Result<T, cdk::Error>>,
+        F: std::future::Future<Output = Result<T, cdk::Error>> + 'a,
     {
-        match tokio::time::timeout(self.inner.opts.op_timeout, fut).await {
-            Ok(r) => r.map_err(map_cdk),
-            Err(_) => {
-                Err(WalletError::MintUnavailable(format!("{what} timed out after {:?}", self.inner.opts.op_timeout)))
+        // cdk's futures run to KBs; boxed here, every future awaiting one of ours (a paid
+        // request's among them) stays small instead of carrying them inline.
+        let fut = Box::pin(fut);
+        let limit = self.inner.opts.op_timeout;
+        async move {
+            match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r.map_err(map_cdk),
+                Err(_) => Err(WalletError::MintUnavailable(format!("{what} timed out after {limit:?}"))),
             }
         }
     }
