@@ -287,3 +287,36 @@ async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
     assert!(ledger.expired_refundable_keys(1_000, 600).await.unwrap().is_empty(), "backs off after a failure");
     assert!(ledger.totals().await.unwrap().conserved());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlements_conserve() {
+    let path = temp_path("fullsync");
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 1_000_000).await;
+    // A durable answer means committed: another connection (another process) already sees it.
+    let reader = open_reader(&path).unwrap();
+    assert_eq!(read_totals(&reader).unwrap().credited_msat, 1_000_000);
+
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
+            if i % 4 == 0 {
+                ledger.release(&r, "upstream failed").await.unwrap()
+            } else {
+                ledger.settle(&r, 500 + i, "ok").await.unwrap()
+            }
+        }));
+    }
+    let mut charged = 0;
+    for t in tasks {
+        let settled = t.await.unwrap();
+        assert!(settled.first_time);
+        charged += settled.charged_msat;
+    }
+    let t = read_totals(&reader).unwrap();
+    assert_eq!((t.charged_msat, t.open_reservations, t.reserved_msat), (charged, 0, 0));
+    assert_eq!(t.balances_msat, 1_000_000 - charged);
+    assert!(t.conserved(), "{t:?}");
+}
