@@ -92,8 +92,7 @@ pub fn credential(headers: &HeaderMap) -> Result<Option<Credential<'_>>, ApiErro
 /// Who pays a request, once its reservation is made.
 #[derive(Debug, Clone)]
 pub struct Payer {
-    pub key_hash: String,
-    /// The request's hold on the key's balance, ended by settlement.
+    /// The request's hold on the key's balance (and the key), ended by settlement.
     pub reservation: Reservation,
     /// Set for a stateless `X-Cashu` payment.
     pub xcashu: Option<StatelessPayment>,
@@ -217,7 +216,7 @@ impl Payments {
                 // Before the reservation: a refused header must not leave it open.
                 self.apply_refund_headers(&key_hash, headers).await?;
                 let reservation = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
-                Ok(Payer { key_hash, reservation, xcashu: None })
+                Ok(Payer { reservation, xcashu: None })
             }
             Credential::BearerToken(token) => {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
@@ -229,7 +228,7 @@ impl Payments {
                     }
                     other => other?,
                 };
-                Ok(Payer { key_hash, reservation, xcashu: None })
+                Ok(Payer { reservation, xcashu: None })
             }
             Credential::XCashu(token) => {
                 let parsed = self.parse_payable_token(token)?;
@@ -257,7 +256,6 @@ impl Payments {
                     }
                 };
                 Ok(Payer {
-                    key_hash,
                     reservation,
                     xcashu: Some(StatelessPayment { token_hash, funded_msat: redeemed.credited_msat }),
                 })

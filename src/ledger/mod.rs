@@ -280,7 +280,7 @@ impl Ledger {
         };
         let key_hash = reservation.key_hash.clone();
         // Visible, not durable: later jobs see the reservation at once, and it reaches the disk
-        // with its batch. Lost to a crash before that, it is as if released at the next start,
+        // with its commit. Lost to a crash before that, it is as if released at the next start,
         // which is what happens to every open reservation anyway. One statement: nothing to undo.
         self.store
             .submit_with(Answer::Visible, Undo::FailStop, move |c| {

@@ -67,7 +67,7 @@ pub enum Answer {
     Visible,
 }
 
-/// Most jobs in one commit; bounds the latency of the first job of a batch.
+/// Most jobs run before the writer looks again whether to commit (the syncer may be free).
 const MAX_BATCH: usize = 256;
 /// Most jobs waiting for the writer; callers wait for room beyond that (backpressure).
 const QUEUE_DEPTH: usize = 8192;
@@ -333,10 +333,9 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
         if let Some(first) = first {
             if !open {
                 if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-                    // Dropped unanswered: the callers get LedgerError::Closed, not a false Ok.
+                    // Dropped unanswered: its caller gets LedgerError::Closed, not a false Ok.
                     tracing::error!(error = %e, "ledger: cannot begin a transaction");
                     drop(first);
-                    rx.try_iter().take(MAX_BATCH).for_each(drop);
                     continue;
                 }
                 open = true;

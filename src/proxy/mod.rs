@@ -163,7 +163,11 @@ impl Metering {
 
     async fn pay_change(&self) -> Option<PaidOut> {
         let token_hash = &self.payer.xcashu.as_ref()?.token_hash;
-        match Box::pin(self.node.payments.xcashu_change(&self.payer.key_hash, token_hash, Some(&self.request_id))).await
+        match self
+            .node
+            .payments
+            .xcashu_change(&self.payer.reservation.key_hash, token_hash, Some(&self.request_id))
+            .await
         {
             Ok(change) => change,
             Err(e) => {
@@ -473,7 +477,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
         // A discovered provider is paid up front with a token from our wallet.
         let mut spend = None;
         if let Some(offer) = &priced.remote {
-            match Box::pin(remote::pay(&node, &metering.request_id, offer)).await {
+            match remote::pay(&node, &metering.request_id, offer).await {
                 Ok(s) => {
                     req = req
                         .header(crate::payment::X_CASHU, s.token.as_str())
@@ -496,7 +500,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 let change = remote::change_from_headers(&headers);
                 if !remote::refused(status, &body) {
                     // The provider judged the request itself (a client error): passed on.
-                    Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
+                    remote::finish(&node, spend, change.as_deref(), false, None).await;
                     node.router.record_success(&offer.provider);
                     let (_, change) = metering.settle(&priced.prices, None, "the provider refused the request").await;
                     let mut out = passthrough_error(status, &headers, body, &metering.request_id);
@@ -504,7 +508,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                     let _ = respond.send(Ok(out));
                     return;
                 }
-                Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
+                remote::finish(&node, spend, change.as_deref(), false, None).await;
                 Failure::Transport(ApiError::Upstream(format!("provider {} answered {status}", offer.name)))
             }
             (Ok(resp), _, _) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -523,7 +527,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
             }
             (Err(e), spend, offer) => {
                 if let Some(spend) = spend {
-                    Box::pin(remote::finish(&node, spend, None, false, None)).await;
+                    remote::finish(&node, spend, None, false, None).await;
                 }
                 match (offer, e.is_timeout()) {
                     (Some(o), true) => Failure::Transport(ApiError::Upstream(format!("provider {} timed out", o.name))),
@@ -659,7 +663,7 @@ async fn whole_answer(
         Ok(body) => body,
         Err(err) => {
             if let Some(spend) = &spend {
-                Box::pin(remote::finish(&metering.node, spend, remote_change.as_deref(), true, None)).await;
+                remote::finish(&metering.node, spend, remote_change.as_deref(), true, None).await;
             }
             let (_, change) = metering.settle(&priced.prices, None, "upstream answer unreadable").await;
             let mut out = http::error_response(&err, &metering.request_id);
@@ -683,7 +687,7 @@ async fn whole_answer(
         (Some(spend), Some(offer)) => {
             let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
             let due = remote::change_due(spend.amount_msat, theirs.as_ref());
-            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage)).await
+            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage).await
         }
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
@@ -724,7 +728,7 @@ async fn settle_remote(
     due: Option<u64>,
     usage: Option<Usage>,
 ) -> (Option<Cost>, Option<PaidOut>) {
-    match Box::pin(remote::finish(&metering.node, spend, change_token, true, due)).await {
+    match remote::finish(&metering.node, spend, change_token, true, due).await {
         Some(returned) => {
             let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
             metering.settle_cost(Some(cost), "remote provider").await
@@ -753,7 +757,7 @@ async fn stream_answer(
         // The client left before the answer began.
         drop(resp);
         if let Some(spend) = &spend {
-            Box::pin(remote::finish(&metering.node, spend, None, true, None)).await;
+            remote::finish(&metering.node, spend, None, true, None).await;
         }
         metering.settle(&priced.prices, None, "client left before the stream began").await;
         return;
@@ -839,7 +843,7 @@ async fn stream_answer(
             let theirs = held.as_deref().and_then(usage::event_json).as_ref().and_then(remote::their_cost);
             // The provider's cost is final only when its stream ended properly.
             let due = if terminal.is_some() { remote::change_due(spend.amount_msat, theirs.as_ref()) } else { None };
-            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage)).await
+            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage).await
         }
         _ => metering.settle(&priced.prices, charged_usage, note).await,
     };

@@ -216,7 +216,7 @@ impl WalletService {
             let _gate = entry.gate.read().await;
             tokio::time::timeout(
                 self.inner.opts.op_timeout,
-                prepared.confirm_with_options(MeltConfirmOptions::skip_swap()),
+                Box::pin(prepared.confirm_with_options(MeltConfirmOptions::skip_swap())),
             )
             .await
         };
@@ -243,7 +243,7 @@ impl WalletService {
             };
         let confirmed = tokio::time::timeout(
             self.inner.opts.op_timeout,
-            prepared.confirm_with_options(MeltConfirmOptions::skip_swap()),
+            Box::pin(prepared.confirm_with_options(MeltConfirmOptions::skip_swap())),
         )
         .await;
         self.melt_result(&wallet, quote_id, confirmed).await

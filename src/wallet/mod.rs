@@ -782,9 +782,10 @@ impl WalletService {
     }
 
     async fn recover_mint(&self, entry: &MintEntry) {
+        // cdk's futures are boxed (as in `timed`), so those awaiting this one stay small.
         let _gate = entry.gate.write().await;
         for w in entry.wallets() {
-            match tokio::time::timeout(self.inner.opts.op_timeout, w.recover_incomplete_sagas()).await {
+            match tokio::time::timeout(self.inner.opts.op_timeout, Box::pin(w.recover_incomplete_sagas())).await {
                 Ok(Ok(report)) if !report.is_empty() => tracing::info!(
                     mint = %entry.url, unit = %w.unit,
                     recovered = report.recovered, compensated = report.compensated,
@@ -799,7 +800,7 @@ impl WalletService {
                     tracing::warn!(mint = %entry.url, unit = %w.unit, "wallet saga recovery timed out")
                 }
             }
-            match tokio::time::timeout(self.inner.opts.op_timeout, w.check_all_pending_proofs()).await {
+            match tokio::time::timeout(self.inner.opts.op_timeout, Box::pin(w.check_all_pending_proofs())).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(mint = %entry.url, unit = %w.unit, error = %e, "pending proof check failed")
