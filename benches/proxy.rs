@@ -3,11 +3,13 @@
 //! `cargo bench --bench proxy` builds the release binary, starts a real Cashu mint (fake
 //! Lightning) and an instant stand-in upstream in this process, starts the node with a
 //! file-backed ledger, funds a key with a real token, and drives both with the load generator
-//! below (keep-alive HTTP/1.1 connections, one request in flight per connection).
+//! below (keep-alive HTTP/1.1 connections, one request in flight per connection). The load
+//! figures also go through a bare hyper proxy (this program started again with `--bare-proxy`):
+//! what any proxy costs here, the floor under the node's figures.
 //!
 //! Options (after `--`): `--quick` (a seconds-long smoke run; CI runs it as
 //! `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`, asserting no timing),
-//! `--write` (write the table to docs/benchmarks.md), `--seconds N` per measurement,
+//! `--write` (write the table to docs/benchmarks.md, above the analysis), `--seconds N` per measurement,
 //! `--ledger-sync full|normal`.
 
 use std::path::PathBuf;
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
@@ -131,27 +134,32 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u
 /// conditions on a shared machine (other tenants' load drifts over seconds).
 const SLICES: u32 = 5;
 
-/// `load` of `a` and of `b` for `duration` each, in alternating slices: latencies merged, throughput
-/// over the total time.
-async fn interleaved(
-    a: &Target,
-    b: &Target,
-    connections: usize,
-    duration: Duration,
-) -> ((Vec<u64>, f64, u64), (Vec<u64>, f64, u64)) {
+/// What one target's load gave.
+#[derive(Default)]
+struct Measured {
+    /// Sorted, in ns.
+    latencies: Vec<u64>,
+    rps: f64,
+    errors: u64,
+}
+
+/// `load` of each target for `duration`, in alternating slices: latencies merged, throughput over
+/// the total time.
+async fn interleaved<const N: usize>(targets: [&Target; N], connections: usize, duration: Duration) -> [Measured; N] {
     let slice = duration / SLICES;
-    let (mut out_a, mut out_b) = ((Vec::new(), 0.0, 0), (Vec::new(), 0.0, 0));
+    let mut out: [Measured; N] = std::array::from_fn(|_| Measured::default());
     for _ in 0..SLICES {
-        for (target, out) in [(a, &mut out_a), (b, &mut out_b)] {
+        for (target, out) in targets.iter().zip(out.iter_mut()) {
             let (latencies, rps, errors) = load(target, connections, slice).await;
-            out.0.extend(latencies);
-            out.1 += rps / f64::from(SLICES);
-            out.2 += errors;
+            out.latencies.extend(latencies);
+            out.rps += rps / f64::from(SLICES);
+            out.errors += errors;
         }
     }
-    out_a.0.sort_unstable();
-    out_b.0.sort_unstable();
-    (out_a, out_b)
+    for m in &mut out {
+        m.latencies.sort_unstable();
+    }
+    out
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -205,29 +213,73 @@ fn free_port() -> u16 {
 struct Row {
     what: String,
     direct: f64,
+    /// Through the bare proxy, for the load figures.
+    bare: Option<f64>,
     node: f64,
     unit: &'static str,
 }
 
 impl Row {
     fn line(&self) -> String {
-        let ratio = if self.direct > 0.0 { format!("{:.2}×", self.node / self.direct) } else { "–".into() };
+        let ratio = |base: f64| if base > 0.0 { format!("{:.2}×", self.node / base) } else { "–".into() };
+        let unit = self.unit;
+        let bare = self.bare.map_or("–".into(), |b| format!("{b:.3} {unit}"));
         format!(
-            "| {} | {:.3} {} | {:.3} {} | {:+.3} {} | {} |",
+            "| {} | {:.3} {unit} | {bare} | {:.3} {unit} | {:+.3} {unit} | {} | {} |",
             self.what,
             self.direct,
-            self.unit,
             self.node,
-            self.unit,
             self.node - self.direct,
-            self.unit,
-            ratio
+            ratio(self.direct),
+            self.bare.map_or("–".into(), ratio),
         )
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match args.iter().position(|a| a == "--bare-proxy") {
+        // The floor: this same program, started again as a separate process (see `bare_proxy`).
+        Some(i) => runtime.block_on(bare_proxy(
+            args.get(i + 1).and_then(|p| p.parse().ok()).expect("--bare-proxy PORT UPSTREAM"),
+            args.get(i + 2).cloned().expect("--bare-proxy PORT UPSTREAM"),
+        )),
+        None => runtime.block_on(bench()),
+    }
+}
+
+/// The least any HTTP proxy does: hyper's server in, hyper's pooled client out, bodies passed
+/// through, nothing read, checked or written down. Run as its own process with the node's
+/// runtime (one worker per core), its figures are the floor under the node's.
+async fn bare_proxy(port: u16, upstream: String) {
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+    use hyper_util::rt::TokioExecutor;
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the bare proxy");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        stream.set_nodelay(true).ok();
+        let (client, upstream) = (client.clone(), upstream.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let client = client.clone();
+                let (mut parts, body) = req.into_parts();
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                let uri = format!("http://{upstream}{path}").parse();
+                async move {
+                    parts.uri = uri.map_err(std::io::Error::other)?;
+                    client.request(Request::from_parts(parts, body)).await.map_err(std::io::Error::other)
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn bench() {
     let opts = options();
     let secs = Duration::from_secs_f64(opts.seconds);
     let mint = start_test_mint(TestMintConfig::default()).await.expect("mint");
@@ -253,6 +305,13 @@ async fn main() {
         .spawn()
         .expect("start the node");
     let pid = node.id().expect("pid");
+    let bare_port = free_port();
+    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"))
+        .args(["--bare-proxy", &bare_port.to_string(), &upstream.addr.to_string()])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the bare proxy");
     let node_addr = format!("127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -279,12 +338,19 @@ async fn main() {
         br#"{"model":"gpt-test","messages":[{"role":"user","content":"hello there world"}],"max_tokens":16}"#,
     );
     let upstream_addr = upstream.addr.to_string();
+    let bare_addr = format!("127.0.0.1:{bare_port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_connect(&bare_addr).await.is_none() {
+        assert!(Instant::now() < deadline, "the bare proxy did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let direct = Target {
         addr: upstream_addr.clone(),
         path: "/v1/chat/completions".into(),
         headers: vec![("authorization".into(), "Bearer x".into())],
         body: body.clone(),
     };
+    let via_bare = Target { addr: bare_addr.clone(), ..direct.clone() };
     let via_node = Target {
         addr: node_addr.clone(),
         path: "/v1/chat/completions".into(),
@@ -297,23 +363,30 @@ async fn main() {
     for conns in [1usize, 64, 1024] {
         // Warm up both paths.
         load(&direct, conns, Duration::from_millis(200)).await;
+        load(&via_bare, conns, Duration::from_millis(200)).await;
         load(&via_node, conns, Duration::from_millis(200)).await;
-        let ((d, drps, derr), (n, nrps, nerr)) = interleaved(&direct, &via_node, conns, secs).await;
+        let [d, b, n] = interleaved([&direct, &via_bare, &via_node], conns, secs).await;
+        for (what, p) in [("p50", 0.5), ("p99", 0.99)] {
+            rows.push(Row {
+                what: format!("{what} latency, {conns} conn"),
+                direct: percentile(&d.latencies, p),
+                bare: Some(percentile(&b.latencies, p)),
+                node: percentile(&n.latencies, p),
+                unit: "ms",
+            });
+        }
         rows.push(Row {
-            what: format!("p50 latency, {conns} conn"),
-            direct: percentile(&d, 0.5),
-            node: percentile(&n, 0.5),
-            unit: "ms",
+            what: format!("throughput, {conns} conn"),
+            direct: d.rps,
+            bare: Some(b.rps),
+            node: n.rps,
+            unit: "req/s",
         });
-        rows.push(Row {
-            what: format!("p99 latency, {conns} conn"),
-            direct: percentile(&d, 0.99),
-            node: percentile(&n, 0.99),
-            unit: "ms",
-        });
-        rows.push(Row { what: format!("throughput, {conns} conn"), direct: drps, node: nrps, unit: "req/s" });
-        if derr + nerr > 0 {
-            notes.push(format!("{conns} conn: {derr} direct and {nerr} node errors"));
+        if d.errors + b.errors + n.errors > 0 {
+            notes.push(format!(
+                "{conns} conn: {} direct, {} bare proxy and {} node errors",
+                d.errors, b.errors, n.errors
+            ));
         }
     }
 
@@ -343,12 +416,14 @@ async fn main() {
     rows.push(Row {
         what: format!("stream time to first byte, median ({chunks} chunks, 1 ms apart)"),
         direct: median(dt),
+        bare: None,
         node: median(nt),
         unit: "ms",
     });
     rows.push(Row {
         what: "stream gap between chunks, median".into(),
         direct: median(dg),
+        bare: None,
         node: median(ng),
         unit: "ms",
     });
@@ -381,6 +456,7 @@ async fn main() {
     rows.push(Row {
         what: "X-Cashu request vs one mint swap (p50)".into(),
         direct: percentile(&swap, 0.5),
+        bare: None,
         node: percentile(&paid, 0.5),
         unit: "ms",
     });
@@ -412,13 +488,16 @@ async fn main() {
     let mut out = String::new();
     out.push_str(&format!(
         "Measured {} on this machine ({} cores), node release build, ledger `LEDGER_SYNC={}`, {} s per load figure \
-         (direct and via node in {SLICES} alternating slices each).\n\n",
+         (direct, bare proxy and node in {SLICES} alternating slices each).\n\n",
         chrono_free_date(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.ledger_sync,
         opts.seconds
     ));
-    out.push_str("| figure | direct | via node | difference | ratio |\n|---|---|---|---|---|\n");
+    out.push_str(
+        "| figure | direct | bare proxy | via node | node − direct | node ÷ direct | node ÷ bare proxy |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
     for r in &rows {
         out.push_str(&r.line());
         out.push('\n');
@@ -435,15 +514,24 @@ async fn main() {
     println!("{out}");
     if opts.write {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
+        // The analysis written below the marker stays; the figures above it are replaced.
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|doc| doc.find(GENERATED_END).map(|i| doc[i..].to_owned()))
+            .unwrap_or_else(|| format!("{GENERATED_END}\n"));
         let doc = format!(
-            "# Benchmarks\n\nCommand: `cargo bench --bench proxy -- --write` (add `--ledger-sync normal` for the other sync setting).\n\n{out}"
+            "# Benchmarks\n\nCommand: `cargo bench --bench proxy -- --write` (add `--ledger-sync normal` for the other sync setting).\n\n{out}\n{kept}"
         );
         std::fs::write(&path, doc).expect("write docs/benchmarks.md");
         eprintln!("wrote {}", path.display());
     }
     let _ = node.kill().await;
+    let _ = bare.kill().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// Where the generated part of docs/benchmarks.md ends.
+const GENERATED_END: &str = "<!-- end of the generated figures -->";
 
 /// Today's date from the system clock, without a date crate: `date -u +%F`.
 fn chrono_free_date() -> String {

@@ -24,8 +24,14 @@ const BARE_PROXY_PATHS: &[&str] = &["chat/completions", "completions", "embeddin
 /// Body limit for the node's own JSON endpoints.
 const SMALL_BODY_LIMIT: usize = 64 * 1024;
 
+/// `req-` and 24 hex digits: the time in milliseconds (6 bytes), then 6 random bytes. Ids in time
+/// order keep the ledger's request records appended at the end of their index: random ones
+/// would dirty a different index page per request, for every commit and checkpoint to write.
 pub fn new_request_id() -> String {
-    let bytes: [u8; 12] = rand::random();
+    let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut bytes = [0u8; 12];
+    bytes[..6].copy_from_slice(&(millis as u64).to_be_bytes()[2..]);
+    bytes[6..].copy_from_slice(&rand::random::<[u8; 6]>());
     format!("req-{}", hex::encode(bytes))
 }
 
@@ -374,5 +380,15 @@ mod tests {
         assert_eq!(param(None, &body, &["cashu_token"]).as_deref(), Some("cashuBx"));
         assert_eq!(param(Some("x=%zz"), &None, &["x"]).as_deref(), Some("%zz"));
         assert_eq!(param(Some("x=%4"), &None, &["x"]).as_deref(), Some("%4"));
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_in_time_order() {
+        let first = new_request_id();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let ids: Vec<String> = (0..1000).map(|_| new_request_id()).collect();
+        assert!(ids.iter().all(|id| id.len() == 28 && id.starts_with("req-") && id > &first));
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
     }
 }

@@ -672,16 +672,18 @@ async fn whole_answer(
             return;
         }
     };
-    let mut parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    // Usage at the top of the answer (the usual case) is read and costed without building the
+    // whole answer; a remote provider's answer is read whole (its own cost is in it).
+    let top = if spend.is_none() { usage::TopUsage::read(&body) } else { None };
+    let mut parsed: Option<Value> = if top.is_some() { None } else { serde_json::from_slice(&body).ok() };
+    let reported = top.as_ref().map(|t| t.usage).or_else(|| parsed.as_ref().and_then(usage::find_usage));
     let usage = match &parsed {
-        Some(v) => {
-            usage::find_usage(v).or_else(|| Some(usage::estimate(metering.request_len, usage::json_output_estimate(v))))
-        }
+        _ if reported.is_some() => reported,
+        Some(v) => Some(usage::estimate(metering.request_len, usage::json_output_estimate(v))),
         None if body.is_empty() => None,
         None => Some(usage::estimate(metering.request_len, (body.len() as u64).div_ceil(4))),
     };
-    let note =
-        if parsed.as_ref().and_then(usage::find_usage).is_some() { "usage" } else { "estimated: no usage reported" };
+    let note = if reported.is_some() { "usage" } else { "estimated: no usage reported" };
     let mut pending: Option<QueuedSettlement> = None;
     let (cost, change) = match (&spend, &priced.remote) {
         (Some(spend), Some(offer)) => {
@@ -698,8 +700,9 @@ async fn whole_answer(
         }
         _ => metering.settle(&priced.prices, usage, note).await,
     };
-    let body = match (&mut parsed, &cost) {
-        (Some(v), Some(cost)) => {
+    let body = match (top, &mut parsed, &cost) {
+        (Some(top), _, Some(cost)) => top.with_cost(&body, usage::cost_json(cost, metering.usd(cost))),
+        (None, Some(v), Some(cost)) => {
             usage::insert_cost(v, usage::cost_json(cost, metering.usd(cost)));
             serde_json::to_vec(v).map(Bytes::from).unwrap_or(body)
         }

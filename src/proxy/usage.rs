@@ -98,6 +98,51 @@ pub fn insert_cost(v: &mut Value, cost: Value) {
     }
 }
 
+/// An answer whose usage sits at the top (`{…, "usage": {…}, …}`, every shape's whole answer),
+/// read without building the whole answer: the fast path for metering and costing it.
+pub struct TopUsage {
+    pub usage: Usage,
+    object: Value,
+    /// Where the usage object's text is in the answer.
+    span: std::ops::Range<usize>,
+}
+
+impl TopUsage {
+    /// `None` unless `body` is a JSON object with one top-level `usage` object holding token
+    /// counts; the caller then reads it through `Value` (`find_usage`), which agrees with this
+    /// whenever this answers.
+    pub fn read(body: &[u8]) -> Option<TopUsage> {
+        #[derive(serde::Deserialize)]
+        struct Top<'a> {
+            #[serde(borrow, default)]
+            usage: Option<&'a serde_json::value::RawValue>,
+        }
+        // A struct also deserializes from an array; only an object is an answer with fields.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return None;
+        }
+        // Checks the whole answer is JSON, skipping everything but `usage` (a repeated `usage`
+        // is an error here, so the slow path decides).
+        let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
+        let object: Value = serde_json::from_str(raw.get()).ok()?;
+        let usage = from_usage_object(&object)?;
+        let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+        let span = start..start + raw.get().len();
+        (span.end <= body.len()).then_some(TopUsage { usage, object, span })
+    }
+
+    /// The answer with `cost` in its usage object, the rest of its text unchanged.
+    pub fn with_cost(mut self, body: &[u8], cost: Value) -> Bytes {
+        self.object["cost"] = cost;
+        let usage = serde_json::to_vec(&self.object).unwrap_or_default();
+        let mut out = BytesMut::with_capacity(body.len() + usage.len());
+        out.extend_from_slice(&body[..self.span.start]);
+        out.extend_from_slice(&usage);
+        out.extend_from_slice(&body[self.span.end..]);
+        out.freeze()
+    }
+}
+
 /// Rough output tokens of a JSON answer without usage: its generated text / 4.
 pub fn json_output_estimate(v: &Value) -> u64 {
     fn text_len(v: &Value) -> usize {
@@ -303,6 +348,38 @@ mod tests {
         let text = std::str::from_utf8(&with).unwrap();
         assert!(text.starts_with("event: message_delta\ndata: "));
         assert!(text.contains("\"cost\":{\"total_msats\":7}"));
+    }
+
+    #[test]
+    fn top_level_usage_fast_path_agrees_with_the_value_path() {
+        let cost = json!({ "total_msats": 1234, "input_msats": 34, "output_msats": 1200 });
+        let answers = [
+            r#"{"id":"x","choices":[{"message":{"content":"h\u00e9llo \"usage\": {}"}}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}}"#,
+            r#"  {"type":"message","usage":{"input_tokens":3,"output_tokens":7,"cache_read_input_tokens":2},"content":[]} "#,
+            r#"{"usage":{"input_tokens":8,"output_tokens":1,"total_tokens":9,"cost":{"old":true}},"output":[]}"#,
+        ];
+        for answer in answers {
+            let fast = TopUsage::read(answer.as_bytes()).expect("fast path");
+            let mut slow: Value = serde_json::from_str(answer).unwrap();
+            assert_eq!(Some(fast.usage), find_usage(&slow));
+            let rewritten: Value = serde_json::from_slice(&fast.with_cost(answer.as_bytes(), cost.clone())).unwrap();
+            insert_cost(&mut slow, cost.clone());
+            assert_eq!(rewritten, slow);
+        }
+        // Not for the fast path: no usage at the top, usage without counts, a repeated usage,
+        // an array, broken JSON. The Value path handles them (or refuses them) as before.
+        for answer in [
+            r#"{"message":{"usage":{"input_tokens":1}}}"#,
+            r#"{"usage":null,"message":{"usage":{"input_tokens":1}}}"#,
+            r#"{"usage":{}}"#,
+            r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"[{"prompt_tokens":1}]"#,
+            r#"{"usage":{"prompt_tokens":1}"#,
+            "",
+        ] {
+            assert!(TopUsage::read(answer.as_bytes()).is_none(), "{answer}");
+        }
     }
 
     #[test]
