@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
@@ -90,7 +91,12 @@ pub struct Upstream {
     pub markup: Markup,
     consecutive_failures: AtomicU32,
     cooldown_until_ms: AtomicU64,
+    /// `url_for` of each of `COMMON_PATHS`, parsed at first use.
+    common_urls: [OnceLock<Option<reqwest::Url>>; COMMON_PATHS.len()],
 }
+
+/// The paths nearly every request goes to: their URLs are parsed once, not per request.
+const COMMON_PATHS: [&str; 5] = ["chat/completions", "completions", "embeddings", "responses", "messages"];
 
 impl Upstream {
     /// `extra_markup` (EXCHANGE_FEE) is applied on top of the upstream's own markup.
@@ -118,6 +124,7 @@ impl Upstream {
             name: spec.name,
             consecutive_failures: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
+            common_urls: Default::default(),
         })
     }
 
@@ -129,6 +136,12 @@ impl Upstream {
             url.push_str(q);
         }
         url
+    }
+
+    /// `url_for(path, None)` already parsed, for the common paths; `None` for the others.
+    pub fn common_url(&self, path: &str, query: Option<&str>) -> Option<reqwest::Url> {
+        let i = COMMON_PATHS.iter().position(|p| *p == path).filter(|_| query.is_none())?;
+        self.common_urls[i].get_or_init(|| reqwest::Url::parse(&self.url_for(path, None)).ok()).clone()
     }
 
     pub fn is_cooling_down(&self) -> bool {
@@ -209,6 +222,13 @@ mod tests {
         assert_eq!(u.url_for("/chat/completions", None), "http://127.0.0.1:9/v1/chat/completions");
         assert_eq!(u.url_for("models", Some("a=b")), "http://127.0.0.1:9/v1/models?a=b");
         assert_eq!(u.markup, Markup(11_000));
+        // The common paths' parsed URLs are the same URLs; other paths and queries are not cached.
+        for _ in 0..2 {
+            let url = u.common_url("chat/completions", None).expect("a common path");
+            assert_eq!(url.as_str(), u.url_for("chat/completions", None));
+        }
+        assert!(u.common_url("chat/completions", Some("a=b")).is_none());
+        assert!(u.common_url("models", None).is_none());
         assert!(Upstream::from_spec(spec(0.9), Markup::NONE).is_err());
     }
 

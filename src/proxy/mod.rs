@@ -449,8 +449,12 @@ impl Forward {
                 }
             }
         }
-        let mut req =
-            client.request(self.method.clone(), upstream.url_for(&self.path, self.query.as_deref())).headers(headers);
+        let query = self.query.as_deref();
+        let req = match upstream.common_url(&self.path, query) {
+            Some(url) => client.request(self.method.clone(), url),
+            None => client.request(self.method.clone(), upstream.url_for(&self.path, query)),
+        };
+        let mut req = req.headers(headers);
         if !body.is_empty() || self.method == Method::POST {
             req = req.body(body);
         }
@@ -585,9 +589,14 @@ fn describe(e: &reqwest::Error) -> String {
 
 fn response_head(status: StatusCode, upstream: &reqwest::header::HeaderMap) -> hyper::http::response::Builder {
     let mut builder = Response::builder().status(status);
-    for (name, value) in upstream {
-        if !STRIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
-            builder = builder.header(name, value);
+    if let Some(headers) = builder.headers_mut() {
+        // Room for the cost, change and request id headers too: a map grown one step at a time
+        // rehashes every header each time.
+        headers.reserve(upstream.len() + 8);
+        for (name, value) in upstream {
+            if !STRIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
+                headers.append(name.clone(), value.clone());
+            }
         }
     }
     builder
