@@ -260,7 +260,11 @@ async fn bare_proxy(port: u16, upstream: String) {
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).build(connector);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the bare proxy");
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors and the like: pause instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         stream.set_nodelay(true).ok();
         let (client, upstream) = (client.clone(), upstream.clone());
         tokio::spawn(async move {
@@ -305,13 +309,6 @@ async fn bench() {
         .spawn()
         .expect("start the node");
     let pid = node.id().expect("pid");
-    let bare_port = free_port();
-    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"))
-        .args(["--bare-proxy", &bare_port.to_string(), &upstream.addr.to_string()])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the bare proxy");
     let node_addr = format!("127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -319,6 +316,14 @@ async fn bench() {
         assert!(Instant::now() < deadline, "node did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Its port is picked once the node holds its own.
+    let bare_port = free_port();
+    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"))
+        .args(["--bare-proxy", &bare_port.to_string(), &upstream.addr.to_string()])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the bare proxy");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let idle_rss = rss_kib(pid);
 

@@ -24,14 +24,16 @@ const BARE_PROXY_PATHS: &[&str] = &["chat/completions", "completions", "embeddin
 /// Body limit for the node's own JSON endpoints.
 const SMALL_BODY_LIMIT: usize = 64 * 1024;
 
-/// `req-` and 24 hex digits: the time in milliseconds (6 bytes), then 6 random bytes. Ids in time
+/// `req-` and 32 hex digits: the time in milliseconds (6 bytes), then 10 random bytes. Ids in time
 /// order keep the ledger's request records appended at the end of their index: random ones
 /// would dirty a different index page per request, for every commit and checkpoint to write.
+/// 80 random bits per millisecond keep two requests from ever sharing an id (the ledger records
+/// a request's charge once per id).
 pub fn new_request_id() -> String {
     let millis = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
-    let mut bytes = [0u8; 12];
+    let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&(millis as u64).to_be_bytes()[2..]);
-    bytes[6..].copy_from_slice(&rand::random::<[u8; 6]>());
+    bytes[6..].copy_from_slice(&rand::random::<[u8; 10]>());
     format!("req-{}", hex::encode(bytes))
 }
 
@@ -387,7 +389,7 @@ mod tests {
         let first = new_request_id();
         std::thread::sleep(std::time::Duration::from_millis(2));
         let ids: Vec<String> = (0..1000).map(|_| new_request_id()).collect();
-        assert!(ids.iter().all(|id| id.len() == 28 && id.starts_with("req-") && id > &first));
+        assert!(ids.iter().all(|id| id.len() == 36 && id.starts_with("req-") && id > &first));
         let unique: std::collections::HashSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
     }

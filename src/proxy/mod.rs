@@ -592,10 +592,10 @@ fn response_head(status: StatusCode, upstream: &reqwest::header::HeaderMap) -> h
     if let Some(headers) = builder.headers_mut() {
         // Room for the cost, change and request id headers too: a map grown one step at a time
         // rehashes every header each time.
-        headers.reserve(upstream.len() + 8);
+        let _ = headers.try_reserve(upstream.len() + 8);
         for (name, value) in upstream {
             if !STRIPPED_RESPONSE_HEADERS.contains(&name.as_str()) {
-                headers.append(name.clone(), value.clone());
+                let _ = headers.try_append(name.clone(), value.clone());
             }
         }
     }

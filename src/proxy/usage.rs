@@ -110,7 +110,10 @@ pub struct TopUsage {
 impl TopUsage {
     /// `None` unless `body` is a JSON object with one top-level `usage` object holding token
     /// counts; the caller then reads it through `Value` (`find_usage`), which agrees with this
-    /// whenever this answers.
+    /// whenever both can read the answer. This one reads a little more: the fields it skips are
+    /// checked for syntax only (not for valid UTF-8 in strings, unpaired surrogates, number
+    /// range or nesting depth), so such an answer is charged by the usage it reports rather than
+    /// estimated, and passed on as it came.
     pub fn read(body: &[u8]) -> Option<TopUsage> {
         #[derive(serde::Deserialize)]
         struct Top<'a> {

@@ -321,12 +321,12 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             // The node commits within a few milliseconds of its last job (a millisecond apart at
-            // most, plus an fsync): nothing running, and the file unchanged for far longer than
-            // that, means the requests answered so far are all on disk, even one whose
-            // reservation had not reached it yet when first looked at.
+            // most, once the previous fsync is done): nothing running, and the file unchanged for
+            // far longer than that, means the requests answered so far are all on disk, even one
+            // whose reservation had not reached it yet when first looked at.
             let before = self.totals();
             if before.open_reservations == 0 {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 if self.totals() == before {
                     return;
                 }
