@@ -210,7 +210,7 @@ fn restrict_permissions(path: &Path) {
 fn restrict_permissions(_path: &Path) {}
 
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-    // Cached statements: these run twice per job, on the hot path.
+    // Cached statements: they run around nearly every job (all but the two hot-path ones).
     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     // Should the savepoint not close, the job's changes (or its half-done ones) would commit
     // with the transaction whatever its caller was told.
