@@ -10,7 +10,8 @@
 //! Options (after `--`): `--quick` (a seconds-long smoke run; CI runs it as
 //! `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`, asserting no timing),
 //! `--write` (write the table to docs/benchmarks.md, above the analysis), `--seconds N` per measurement,
-//! `--ledger-sync full|normal`.
+//! `--ledger-sync full|normal`, `--connections 1,64,1024` (the load figures' connection counts).
+//! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -33,6 +34,8 @@ struct Options {
     write: bool,
     seconds: f64,
     ledger_sync: String,
+    /// Concurrent connections of each load figure.
+    connections: Vec<usize>,
 }
 
 fn options() -> Options {
@@ -45,6 +48,9 @@ fn options() -> Options {
         write: args.iter().any(|a| a == "--write"),
         seconds: value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(if quick { 0.5 } else { 5.0 }),
         ledger_sync: value("--ledger-sync").unwrap_or_else(|| "full".into()),
+        connections: value("--connections")
+            .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 64, 1024]),
     }
 }
 
@@ -55,6 +61,8 @@ struct Target {
     path: String,
     headers: Vec<(String, String)>,
     body: Bytes,
+    /// The process whose CPU time this target's requests are charged with.
+    pid: u32,
 }
 
 impl Target {
@@ -79,8 +87,34 @@ async fn connect(addr: &str) -> http1::SendRequest<Full<Bytes>> {
     try_connect(addr).await.expect("connect")
 }
 
-/// Latencies (ns) of every request completed in `duration` over `connections` connections.
-async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u64>, f64, u64) {
+/// CPU time (user + system, all threads) a process has used so far, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields 14 and 15 (utime, stime), counted after the command name's closing parenthesis.
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+            let user: f64 = fields.next()?.parse().ok()?;
+            let system: f64 = fields.next()?.parse().ok()?;
+            Some((user + system) / ticks_per_second)
+        })
+        .unwrap_or(0.0)
+}
+
+/// What one `load` gave: latencies (ns, sorted), requests per second, errors, and the CPU seconds
+/// the target's process used meanwhile.
+struct Loaded {
+    latencies: Vec<u64>,
+    rps: f64,
+    errors: u64,
+    cpu_seconds: f64,
+}
+
+/// Every request completed in `duration` over `connections` connections.
+async fn load(target: &Target, connections: usize, duration: Duration) -> Loaded {
+    let cpu_before = cpu_seconds(target.pid);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -125,9 +159,10 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> (Vec<u
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu_seconds = cpu_seconds(target.pid) - cpu_before;
     all.sort_unstable();
     let rps = all.len() as f64 / elapsed;
-    (all, rps, errors)
+    Loaded { latencies: all, rps, errors, cpu_seconds }
 }
 
 /// Slices of this many alternate between the direct and the node load, so that both see the same
@@ -141,6 +176,14 @@ struct Measured {
     latencies: Vec<u64>,
     rps: f64,
     errors: u64,
+    cpu_seconds: f64,
+}
+
+impl Measured {
+    /// CPU time of the target's process per completed request, in µs.
+    fn cpu_per_request_us(&self) -> f64 {
+        self.cpu_seconds * 1e6 / self.latencies.len().max(1) as f64
+    }
 }
 
 /// `load` of each target for `duration`, in alternating slices: latencies merged, throughput over
@@ -150,10 +193,11 @@ async fn interleaved<const N: usize>(targets: [&Target; N], connections: usize, 
     let mut out: [Measured; N] = std::array::from_fn(|_| Measured::default());
     for _ in 0..SLICES {
         for (target, out) in targets.iter().zip(out.iter_mut()) {
-            let (latencies, rps, errors) = load(target, connections, slice).await;
-            out.latencies.extend(latencies);
-            out.rps += rps / f64::from(SLICES);
-            out.errors += errors;
+            let loaded = load(target, connections, slice).await;
+            out.latencies.extend(loaded.latencies);
+            out.rps += loaded.rps / f64::from(SLICES);
+            out.errors += loaded.errors;
+            out.cpu_seconds += loaded.cpu_seconds;
         }
     }
     for m in &mut out {
@@ -217,6 +261,9 @@ struct Row {
     bare: Option<f64>,
     node: f64,
     unit: &'static str,
+    /// Whether `node − direct` means anything (not for CPU time, where the direct column is the
+    /// load generator's and the upstream's process).
+    difference: bool,
 }
 
 impl Row {
@@ -224,12 +271,12 @@ impl Row {
         let ratio = |base: f64| if base > 0.0 { format!("{:.2}×", self.node / base) } else { "–".into() };
         let unit = self.unit;
         let bare = self.bare.map_or("–".into(), |b| format!("{b:.3} {unit}"));
+        let difference = if self.difference { format!("{:+.3} {unit}", self.node - self.direct) } else { "–".into() };
         format!(
-            "| {} | {:.3} {unit} | {bare} | {:.3} {unit} | {:+.3} {unit} | {} | {} |",
+            "| {} | {:.3} {unit} | {bare} | {:.3} {unit} | {difference} | {} | {} |",
             self.what,
             self.direct,
             self.node,
-            self.node - self.direct,
             ratio(self.direct),
             self.bare.map_or("–".into(), ratio),
         )
@@ -303,6 +350,7 @@ async fn bench() {
         .env("RATE_LIMIT_PER_MINUTE", "0")
         .env("NOSTR_ENABLED", "false")
         .env("LOG_LEVEL", "warn")
+        .envs(extra_node_env())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -354,18 +402,20 @@ async fn bench() {
         path: "/v1/chat/completions".into(),
         headers: vec![("authorization".into(), "Bearer x".into())],
         body: body.clone(),
+        pid: std::process::id(),
     };
-    let via_bare = Target { addr: bare_addr.clone(), ..direct.clone() };
+    let via_bare = Target { addr: bare_addr.clone(), pid: bare.id().expect("bare proxy pid"), ..direct.clone() };
     let via_node = Target {
         addr: node_addr.clone(),
         path: "/v1/chat/completions".into(),
         headers: vec![("authorization".into(), format!("Bearer {key}"))],
         body: body.clone(),
+        pid,
     };
 
     let mut rows = Vec::new();
     let mut notes = Vec::new();
-    for conns in [1usize, 64, 1024] {
+    for &conns in &opts.connections {
         // Warm up both paths.
         load(&direct, conns, Duration::from_millis(200)).await;
         load(&via_bare, conns, Duration::from_millis(200)).await;
@@ -378,6 +428,7 @@ async fn bench() {
                 bare: Some(percentile(&b.latencies, p)),
                 node: percentile(&n.latencies, p),
                 unit: "ms",
+                difference: true,
             });
         }
         rows.push(Row {
@@ -386,6 +437,15 @@ async fn bench() {
             bare: Some(b.rps),
             node: n.rps,
             unit: "req/s",
+            difference: true,
+        });
+        rows.push(Row {
+            what: format!("CPU per request, {conns} conn"),
+            direct: d.cpu_per_request_us(),
+            bare: Some(b.cpu_per_request_us()),
+            node: n.cpu_per_request_us(),
+            unit: "µs",
+            difference: false,
         });
         if d.errors + b.errors + n.errors > 0 {
             notes.push(format!(
@@ -424,6 +484,7 @@ async fn bench() {
         bare: None,
         node: median(nt),
         unit: "ms",
+        difference: true,
     });
     rows.push(Row {
         what: "stream gap between chunks, median".into(),
@@ -431,6 +492,7 @@ async fn bench() {
         bare: None,
         node: median(ng),
         unit: "ms",
+        difference: true,
     });
 
     // X-Cashu: each request redeems a fresh token and pays change; compare to the mint's own swap.
@@ -464,7 +526,13 @@ async fn bench() {
         bare: None,
         node: percentile(&paid, 0.5),
         unit: "ms",
+        difference: true,
     });
+    notes.push(
+        "CPU per request: user + system time of all threads per completed request; the direct column is the \
+         benchmark's own process (load generator and upstream), the others the proxy's process alone."
+            .into(),
+    );
     notes.push("The X-Cashu path makes two mint round trips (swap in, change out); the direct column is one swap by a fresh wallet.".into());
 
     // Memory with many open streams.
@@ -533,6 +601,17 @@ async fn bench() {
     let _ = node.kill().await;
     let _ = bare.kill().await;
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// `ROUTSTR_BENCH_NODE_ENV="NAME=value,NAME=value"`: more environment for the node only (for
+/// experiments such as `TOKIO_WORKER_THREADS=1` or `MALLOC_ARENA_MAX=4`).
+fn extra_node_env() -> Vec<(String, String)> {
+    std::env::var("ROUTSTR_BENCH_NODE_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
 }
 
 /// Where the generated part of docs/benchmarks.md ends.

@@ -429,6 +429,12 @@ impl RunningNode {
                 "requests still settling at the deadline; their reservations are released at the next start"
             );
         }
+        // Key holders' charges are queued without anyone waiting for the disk: wait here.
+        match tokio::time::timeout(Duration::from_secs(10), self.node.ledger().flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "the ledger could not be flushed at shutdown"),
+            Err(_) => tracing::error!("the ledger did not flush within 10 s at shutdown"),
+        }
     }
 }
 

@@ -329,6 +329,29 @@ impl Ledger {
             .submit_with(Answer::Durable, Undo::FailStop, move |c| end_reservation(c, &reservation, cost_msat, &note))
     }
 
+    /// `end`, for a caller that does not wait: `done` gets the outcome once it is durable (on a
+    /// ledger thread). Every job submitted after this call sees the result.
+    pub fn end_detached(
+        &self,
+        reservation: &Reservation,
+        cost_msat: Option<u64>,
+        note: &str,
+        done: impl FnOnce(Result<Settled, LedgerError>) + Send + 'static,
+    ) -> Result<(), LedgerError> {
+        let (reservation, note) = (reservation.clone(), note.to_owned());
+        self.store.submit_detached(
+            Answer::Durable,
+            Undo::FailStop,
+            move |c| end_reservation(c, &reservation, cost_msat, &note),
+            done,
+        )
+    }
+
+    /// Resolves once every job submitted before it is durable (jobs commit in order).
+    pub async fn flush(&self) -> Result<(), LedgerError> {
+        self.store.run(|_| Ok(())).await
+    }
+
     /// Records a redemption before the token is swapped. The token hash is the primary key, so the
     /// same token racing in many requests is redeemed once; a failed earlier attempt may retry.
     pub async fn begin_redemption(

@@ -4,7 +4,8 @@
 //! inside one open transaction (each job in its own savepoint, but for the two hot-path jobs,
 //! see `Undo`). The transaction commits when the syncer is free to sync it, so a busy node
 //! commits and fsyncs about once per fsync time (at most once a millisecond), whatever the number
-//! of requests.
+//! of requests; one that holds nothing anyone waits for (only reservations) waits for the next
+//! job that someone does, up to `VISIBLE_LINGER`.
 //!
 //! With `LEDGER_SYNC=full` the fsync is pipelined: SQLite commits without syncing
 //! (`synchronous=NORMAL`) and a second thread, the syncer, fsyncs the write-ahead log and only
@@ -144,36 +145,67 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel::<Result<T, LedgerError>>();
-        let job = Job {
-            run: Box::new(move |conn: &Connection| {
-                let result = match undo {
-                    Undo::Savepoint => in_savepoint(conn, f),
-                    Undo::FailStop => f(conn),
-                };
-                let poisons = undo == Undo::FailStop && matches!(result, Err(LedgerError::Sqlite(_)));
-                let reply = Box::new(move || {
-                    let _ = reply_tx.send(result);
-                }) as Reply;
-                Ran { reply, poisons }
-            }),
-            durable: answer == Answer::Durable,
-        };
-        // The queue is bounded: a full queue blocks, so only then is the send handed to the
-        // blocking pool (under such backpressure the order among those callers is not kept).
-        let queued = match self.jobs.try_send(job) {
-            Ok(()) => Ok(None),
-            Err(mpsc::TrySendError::Full(job)) => Ok(Some((self.jobs.clone(), job))),
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(LedgerError::Closed),
-        };
+        let queued = self.queue(job(answer, undo, f, move |result| {
+            let _ = reply_tx.send(result);
+        }));
         async move {
-            if let Some((jobs, job)) = queued? {
-                tokio::task::spawn_blocking(move || jobs.send(job))
-                    .await
-                    .map_err(|_| LedgerError::Closed)?
-                    .map_err(|_| LedgerError::Closed)?;
+            if let Some(send) = queued? {
+                tokio::task::spawn_blocking(send).await.map_err(|_| LedgerError::Closed)??;
             }
             reply_rx.await.map_err(|_| LedgerError::Closed)?
         }
+    }
+
+    /// Queues `f` now, like `submit_with`, for a caller that does not wait: `done` gets the
+    /// result when it would have been answered (on a ledger thread, so it must be quick).
+    pub fn submit_detached<T, F, D>(&self, answer: Answer, undo: Undo, f: F, done: D) -> Result<(), LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+        D: FnOnce(Result<T, LedgerError>) + Send + 'static,
+    {
+        if let Some(send) = self.queue(job(answer, undo, f, done))? {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(send)),
+                Err(_) => send()?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a job in the queue. The queue is bounded: when it is full, the send that waits for
+    /// room is returned, to run where blocking is allowed (under such backpressure the order
+    /// among those callers is not kept).
+    #[allow(clippy::type_complexity)]
+    fn queue(&self, job: Job) -> Result<Option<Box<dyn FnOnce() -> Result<(), LedgerError> + Send>>, LedgerError> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(None),
+            Err(mpsc::TrySendError::Full(job)) => {
+                let jobs = self.jobs.clone();
+                Ok(Some(Box::new(move || jobs.send(job).map_err(|_| LedgerError::Closed))))
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(LedgerError::Closed),
+        }
+    }
+}
+
+/// A job running `f` (undone as `undo` says) whose result goes to `deliver` when `answer` says.
+fn job<T, F, D>(answer: Answer, undo: Undo, f: F, deliver: D) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    D: FnOnce(Result<T, LedgerError>) + Send + 'static,
+{
+    Job {
+        run: Box::new(move |conn: &Connection| {
+            let result = match undo {
+                Undo::Savepoint => in_savepoint(conn, f),
+                Undo::FailStop => f(conn),
+            };
+            let poisons = undo == Undo::FailStop && matches!(result, Err(LedgerError::Sqlite(_)));
+            Ran { reply: Box::new(move || deliver(result)), poisons }
+        }),
+        durable: answer == Answer::Durable,
     }
 }
 
@@ -319,41 +351,58 @@ const MAX_TRANSACTION: usize = 4096;
 /// requests. A quiet node commits at once; nobody's answer waits on this but `Durable` ones.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
+/// Longest a transaction holding only `Visible` jobs (reservations) stays open. Nobody waits on
+/// its commit, and a reservation lost to a crash is released at the next start anyway, so it
+/// waits for the job that ends it: one commit per request instead of two on a quiet node.
+pub(super) const VISIBLE_LINGER: Duration = Duration::from_millis(50);
+
 /// The writer: runs jobs as they come, in one open transaction, and commits it when the syncer
 /// is free to sync it (at once with `LEDGER_SYNC=normal`) and `COMMIT_INTERVAL` has passed since
 /// the last commit. While the syncer is busy with the previous commit there is nothing to gain
 /// from committing, so jobs gather in the transaction: a busy node commits (and writes each
-/// changed page) about once per fsync or interval, not once per batch.
+/// changed page) about once per fsync or interval, not once per batch. A transaction nobody
+/// waits on (only `Visible` jobs) commits after `VISIBLE_LINGER`, or with the next one that
+/// someone waits on.
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability) {
-    let mut open = false;
+    let mut opened_at: Option<Instant> = None;
     let mut jobs_in_transaction = 0usize;
     let mut durable: Vec<Reply> = Vec::new();
     let mut last_commit: Option<Instant> = None;
     let interval_left =
         |last: Option<Instant>| last.map_or(Duration::ZERO, |t| COMMIT_INTERVAL.saturating_sub(t.elapsed()));
     loop {
-        let first = if open {
-            let left = interval_left(last_commit);
-            match rx.recv_timeout(if left.is_zero() { SYNCER_POLL } else { left }) {
-                Ok(job) => Some(job),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            match rx.recv() {
+        let first = match opened_at {
+            None => match rx.recv() {
                 Ok(job) => Some(job),
                 Err(_) => break,
+            },
+            Some(opened) => {
+                let wait = if durable.is_empty() {
+                    VISIBLE_LINGER.saturating_sub(opened.elapsed())
+                } else {
+                    let left = interval_left(last_commit);
+                    if left.is_zero() {
+                        SYNCER_POLL
+                    } else {
+                        left
+                    }
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(job) => Some(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
             }
         };
         if let Some(first) = first {
-            if !open {
+            if opened_at.is_none() {
                 if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
                     // Dropped unanswered: its caller gets LedgerError::Closed, not a false Ok.
                     tracing::error!(error = %e, "ledger: cannot begin a transaction");
                     drop(first);
                     continue;
                 }
-                open = true;
+                opened_at = Some(Instant::now());
             }
             let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
             for job in batch {
@@ -361,19 +410,24 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
                 jobs_in_transaction += 1;
             }
         }
-        let free = match &durability {
-            Durability::AtCommit => true,
-            Durability::Syncer(syncer) => syncer.idle(),
+        let Some(opened) = opened_at else { continue };
+        let due = if durable.is_empty() {
+            opened.elapsed() >= VISIBLE_LINGER
+        } else {
+            let free = match &durability {
+                Durability::AtCommit => true,
+                Durability::Syncer(syncer) => syncer.idle(),
+            };
+            free && interval_left(last_commit).is_zero()
         };
-        let commit_now = (free && interval_left(last_commit).is_zero()) || jobs_in_transaction >= MAX_TRANSACTION;
-        if open && commit_now {
+        if due || jobs_in_transaction >= MAX_TRANSACTION {
             last_commit = Some(Instant::now());
             commit(&conn, &durability, std::mem::take(&mut durable));
-            open = false;
+            opened_at = None;
             jobs_in_transaction = 0;
         }
     }
-    if open {
+    if opened_at.is_some() {
         commit(&conn, &durability, durable);
     }
 }

@@ -320,3 +320,39 @@ async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlem
     assert_eq!(t.balances_msat, 1_000_000 - charged);
     assert!(t.conserved(), "{t:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detached_ends_are_seen_at_once_and_on_disk_after_a_flush() {
+    let path = temp_path("detached");
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 100_000).await;
+    let reader = open_reader(&path).unwrap();
+
+    // A reservation alone is not committed right away (nobody waits on it) ...
+    let r1 = ledger.reserve("k1", "r1", 10_000, "m").await.unwrap();
+    assert_eq!(read_totals(&reader).unwrap().reserved_msat, 0, "committed before anything waited on it");
+    // ... and the charge that ends it is visible to the next job before anyone waits for it.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    ledger
+        .end_detached(&r1, Some(2_500), "ok", move |result| {
+            let _ = done_tx.send(result);
+        })
+        .unwrap();
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat), (97_500, 0));
+    let settled = done_rx.await.unwrap().unwrap();
+    assert_eq!(settled, Settled { charged_msat: 2_500, uncollected_msat: 0, first_time: true });
+
+    // A flush resolves once every earlier job is on disk: another connection sees them.
+    let r2 = ledger.reserve("k1", "r2", 10_000, "m").await.unwrap();
+    ledger.end_detached(&r2, Some(1_000), "ok", |_| {}).unwrap();
+    ledger.flush().await.unwrap();
+    let t = read_totals(&reader).unwrap();
+    assert_eq!((t.charged_msat, t.reserved_msat, t.open_reservations), (3_500, 0, 0));
+    assert!(t.conserved(), "{t:?}");
+
+    // A transaction holding only a reservation still commits after the linger.
+    let _r3 = ledger.reserve("k1", "r3", 7_000, "m").await.unwrap();
+    tokio::time::sleep(store::VISIBLE_LINGER * 4).await;
+    assert_eq!(read_totals(&reader).unwrap().reserved_msat, 7_000);
+}

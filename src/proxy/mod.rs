@@ -155,10 +155,31 @@ impl Metering {
                 }
             }),
             Err(e) => {
-                tracing::error!(request_id = %self.request_id, error = %e, "settlement failed: not charged; a hold still on the key is released at the next start");
+                settlement_failed(&self.request_id, &e);
                 cost
             }
         }
+    }
+
+    /// Queues the charge of a key-paid request (or its release when `None`) without waiting for
+    /// it: every later ledger job sees it, and a failure is logged once known. The answer to a
+    /// key holder need not wait for the disk; the node's shutdown waits for the ledger instead.
+    fn settle_detached(&self, cost: Option<Cost>, note: &str) -> Option<Cost> {
+        let request_id = self.request_id.clone();
+        let queued = self.node.ledger().end_detached(
+            &self.payer.reservation,
+            cost.map(|c| c.total_msats),
+            note,
+            move |result| {
+                if let Err(e) = result {
+                    settlement_failed(&request_id, &e);
+                }
+            },
+        );
+        if let Err(e) = queued {
+            settlement_failed(&self.request_id, &e);
+        }
+        cost
     }
 
     async fn pay_change(&self) -> Option<PaidOut> {
@@ -180,6 +201,10 @@ impl Metering {
     fn usd(&self, cost: &Cost) -> Option<f64> {
         self.node.rates.get().map(|r| r.msat_to_usd(cost.total_msats))
     }
+}
+
+fn settlement_failed(request_id: &str, e: &crate::ledger::LedgerError) {
+    tracing::error!(request_id, error = %e, "settlement failed: not charged; a hold still on the key is released at the next start");
 }
 
 pub async fn handle(
@@ -693,7 +718,6 @@ async fn whole_answer(
         None => Some(usage::estimate(metering.request_len, (body.len() as u64).div_ceil(4))),
     };
     let note = if reported.is_some() { "usage" } else { "estimated: no usage reported" };
-    let mut pending: Option<QueuedSettlement> = None;
     let (cost, change) = match (&spend, &priced.remote) {
         (Some(spend), Some(offer)) => {
             let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
@@ -702,10 +726,8 @@ async fn whole_answer(
         }
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
-            // goes out now; the charge reaches the disk with its batch, awaited below.
-            let (cost, queued) = metering.queue_settlement(usage.map(|u| priced.prices.cost(&u)), note);
-            pending = Some(queued);
-            (cost, None)
+            // goes out now; the charge reaches the disk with its batch.
+            (metering.settle_detached(usage.map(|u| priced.prices.cost(&u)), note), None)
         }
         _ => metering.settle(&priced.prices, usage, note).await,
     };
@@ -723,9 +745,6 @@ async fn whole_answer(
     }
     add_change_header(&mut out, change.as_ref());
     let _ = respond.send(Ok(out));
-    if let Some(queued) = pending {
-        metering.settled(cost, queued).await;
-    }
 }
 
 /// Settles a request bought from a remote provider: the client pays what the provider kept,

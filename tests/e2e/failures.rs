@@ -278,6 +278,22 @@ async fn sigterm_stops_cleanly_with_the_books_closed() {
 }
 
 #[tokio::test]
+async fn sigterm_right_after_an_answer_keeps_its_charge() {
+    let mut h = Harness::start("sigterm-charge").await;
+    let key = h.key(20).await;
+    // A key holder's answer goes out before its charge is on disk; the shutdown waits for it.
+    let answer = h.post("/v1/chat/completions", Some(&key), &chat(false)).await;
+    assert_eq!(answer.status, 200);
+    let cost: u64 = answer.header("x-routstr-cost-msats").unwrap().parse().unwrap();
+    assert!(cost > 0);
+    h.node.stop().await;
+    // Read straight from the file of a stopped node: nothing more can land.
+    let t = h.totals();
+    assert_eq!((t.charged_msat, t.open_reservations), (cost, 0), "{t:?}");
+    assert!(t.conserved(), "{t:?}");
+}
+
+#[tokio::test]
 async fn clearnet_clients_are_rate_limited() {
     let h = Harness::start_with(
         "rate-limit",
