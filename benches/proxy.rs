@@ -49,7 +49,8 @@ fn options() -> Options {
         seconds: value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(if quick { 0.5 } else { 5.0 }),
         ledger_sync: value("--ledger-sync").unwrap_or_else(|| "full".into()),
         connections: value("--connections")
-            .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > 0).collect::<Vec<_>>())
+            .filter(|list| !list.is_empty())
             .unwrap_or_else(|| vec![1, 64, 1024]),
     }
 }
@@ -159,6 +160,8 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> Loaded
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // What the target does after its last answer (its ledger's last commit and fsync) is its own.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let cpu_seconds = cpu_seconds(target.pid) - cpu_before;
     all.sort_unstable();
     let rps = all.len() as f64 / elapsed;

@@ -329,15 +329,16 @@ impl Ledger {
             .submit_with(Answer::Durable, Undo::FailStop, move |c| end_reservation(c, &reservation, cost_msat, &note))
     }
 
-    /// `end`, for a caller that does not wait: `done` gets the outcome once it is durable (on a
-    /// ledger thread). Every job submitted after this call sees the result.
+    /// `end`, for a caller that does not wait for the disk: `done` gets the outcome once it is
+    /// durable (on a ledger thread). The future resolves once the job is queued (at once unless
+    /// the queue is full); every job submitted after that sees its result.
     pub fn end_detached(
         &self,
         reservation: &Reservation,
         cost_msat: Option<u64>,
         note: &str,
         done: impl FnOnce(Result<Settled, LedgerError>) + Send + 'static,
-    ) -> Result<(), LedgerError> {
+    ) -> impl std::future::Future<Output = Result<(), LedgerError>> + Send + 'static {
         let (reservation, note) = (reservation.clone(), note.to_owned());
         self.store.submit_detached(
             Answer::Durable,
@@ -347,7 +348,7 @@ impl Ledger {
         )
     }
 
-    /// Resolves once every job submitted before it is durable (jobs commit in order).
+    /// Resolves once every job queued before it is durable (jobs commit in queue order).
     pub async fn flush(&self) -> Result<(), LedgerError> {
         self.store.run(|_| Ok(())).await
     }

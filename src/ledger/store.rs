@@ -24,6 +24,7 @@
 //! stops the process (fail-stop), and the restart recovers from what the disk holds.
 
 use std::fs::File;
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -156,21 +157,30 @@ impl Store {
         }
     }
 
-    /// Queues `f` now, like `submit_with`, for a caller that does not wait: `done` gets the
-    /// result when it would have been answered (on a ledger thread, so it must be quick).
-    pub fn submit_detached<T, F, D>(&self, answer: Answer, undo: Undo, f: F, done: D) -> Result<(), LedgerError>
+    /// Queues `f` like `submit_with`, for a caller that does not wait for its answer: `done` gets
+    /// the result when it would have been answered (on a ledger thread, so it must be quick), or
+    /// `Closed` if the job is dropped unrun. The future resolves once the job is in the queue
+    /// (at once unless the queue is full): from then on every later job sees it.
+    pub fn submit_detached<T, F, D>(
+        &self,
+        answer: Answer,
+        undo: Undo,
+        f: F,
+        done: D,
+    ) -> impl std::future::Future<Output = Result<(), LedgerError>> + Send
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
         D: FnOnce(Result<T, LedgerError>) + Send + 'static,
     {
-        if let Some(send) = self.queue(job(answer, undo, f, done))? {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(send)),
-                Err(_) => send()?,
+        let done = Unanswered(Some(done), PhantomData);
+        let queued = self.queue(job(answer, undo, f, move |result| done.answer(result)));
+        async move {
+            if let Some(send) = queued? {
+                tokio::task::spawn_blocking(send).await.map_err(|_| LedgerError::Closed)??;
             }
+            Ok(())
         }
-        Ok(())
     }
 
     /// Puts a job in the queue. The queue is bounded: when it is full, the send that waits for
@@ -185,6 +195,25 @@ impl Store {
                 Ok(Some(Box::new(move || jobs.send(job).map_err(|_| LedgerError::Closed))))
             }
             Err(mpsc::TrySendError::Disconnected(_)) => Err(LedgerError::Closed),
+        }
+    }
+}
+
+/// A detached job's callback: called with `Closed` if the job is dropped without running.
+struct Unanswered<T, D: FnOnce(Result<T, LedgerError>)>(Option<D>, PhantomData<fn(T)>);
+
+impl<T, D: FnOnce(Result<T, LedgerError>)> Unanswered<T, D> {
+    fn answer(mut self, result: Result<T, LedgerError>) {
+        if let Some(done) = self.0.take() {
+            done(result);
+        }
+    }
+}
+
+impl<T, D: FnOnce(Result<T, LedgerError>)> Drop for Unanswered<T, D> {
+    fn drop(&mut self) {
+        if let Some(done) = self.0.take() {
+            done(Err(LedgerError::Closed));
         }
     }
 }

@@ -6,6 +6,7 @@
 //! cannot leave a reservation open: the task always settles or releases.
 
 pub mod remote;
+pub mod request;
 pub mod usage;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::node::Node;
 use crate::payment::{PaidOut, Payer};
 use crate::pricing::{Cost, MsatPrices, Usage};
 use crate::upstream::Upstream;
+use request::{BodyError, RequestFields, MAX_CHOICES};
 
 /// Largest upstream answer read whole (non-streaming JSON); larger ones are refused.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
@@ -87,9 +89,6 @@ type Respond = oneshot::Sender<Result<Response<Body>, ApiError>>;
 
 /// Longest wait for a client to take the next chunk of a stream before it counts as gone.
 const CLIENT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Most completions one request may ask for (`n`), so a reservation stays bounded.
-const MAX_CHOICES: u64 = 128;
 
 /// One way to serve the request, priced.
 struct PricedRoute {
@@ -162,9 +161,9 @@ impl Metering {
     }
 
     /// Queues the charge of a key-paid request (or its release when `None`) without waiting for
-    /// it: every later ledger job sees it, and a failure is logged once known. The answer to a
-    /// key holder need not wait for the disk; the node's shutdown waits for the ledger instead.
-    fn settle_detached(&self, cost: Option<Cost>, note: &str) -> Option<Cost> {
+    /// the disk: every later ledger job sees it, and a failure is logged once known. The answer to
+    /// a key holder need not wait for the fsync; the node's shutdown waits for the ledger instead.
+    async fn settle_detached(&self, cost: Option<Cost>, note: &str) -> Option<Cost> {
         let request_id = self.request_id.clone();
         let queued = self.node.ledger().end_detached(
             &self.payer.reservation,
@@ -176,9 +175,9 @@ impl Metering {
                 }
             },
         );
-        if let Err(e) = queued {
-            settlement_failed(&self.request_id, &e);
-        }
+        // Queued before the answer leaves (and while this request still counts as in flight). A
+        // job that could not be queued is dropped unrun: the callback above hears of it.
+        let _ = queued.await;
         cost
     }
 
@@ -215,41 +214,55 @@ pub async fn handle(
 ) -> Result<Response<Body>, ApiError> {
     let (parts, body) = req.into_parts();
     let body = http::read_limited(body, node.settings.max_body_bytes).await?;
-    let json: Option<Value> = if body.is_empty() {
+    let fields = if body.is_empty() {
         None
     } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v @ Value::Object(_)) => Some(v),
-            Ok(_) => return Err(ApiError::BadRequest("the request body must be a JSON object".into())),
-            Err(e) if is_json(&parts.headers) || parts.method == Method::POST => {
-                return Err(ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        match RequestFields::parse(&body) {
+            Ok(fields) => Some(fields),
+            Err(BodyError::NotAnObject) => {
+                return Err(ApiError::BadRequest("the request body must be a JSON object".into()))
             }
-            Err(_) => None,
+            Err(BodyError::Invalid(why)) if is_json(&parts.headers) || parts.method == Method::POST => {
+                return Err(ApiError::BadRequest(format!("invalid JSON body: {why}")))
+            }
+            Err(BodyError::Invalid(_)) => None,
         }
     };
-    let model = json.as_ref().and_then(|j| j.get("model")).and_then(Value::as_str).unwrap_or_default().to_owned();
+    let model = fields.as_ref().map(RequestFields::model).unwrap_or_default().to_owned();
     if let Some(slot) = parts.extensions.get::<crate::admin::ModelSlot>() {
         slot.set(&model); // the label of this request in /metrics
     }
     if parts.method == Method::POST && model.is_empty() && BODY_NEEDS_MODEL.contains(&path.as_str()) {
         return Err(ApiError::BadRequest("the request has no \"model\"".into()));
     }
-    let choices = ["n", "best_of"].iter().filter_map(|k| json.as_ref()?.get(*k)?.as_u64()).max().unwrap_or(1);
-    if choices > MAX_CHOICES {
+    if fields.as_ref().map_or(1, RequestFields::choices_asked) > MAX_CHOICES {
         return Err(ApiError::BadRequest(format!("at most {MAX_CHOICES} completions per request")));
     }
     let local = price_routes(&node, &model);
 
-    let stream = json.as_ref().and_then(|j| j.get("stream")).and_then(Value::as_bool).unwrap_or(false);
+    // A body the node rewrites for some route is parsed whole, once, here: what the partial
+    // parse skipped must be JSON too (invalid UTF-8 in a skipped string is already refused).
+    let whole = match &fields {
+        Some(f)
+            if wants_usage(f, &path)
+                || local.as_ref().is_ok_and(|routes| routes.iter().any(|r| renames(f, &r.route))) =>
+        {
+            Some(
+                serde_json::from_slice::<Value>(&body)
+                    .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?,
+            )
+        }
+        _ => None,
+    };
     let forward = Forward {
         method: parts.method,
         path,
         query: parts.uri.query().map(str::to_owned),
         hops: remote::hops(&parts.headers),
         headers: parts.headers,
-        json,
+        fields,
+        whole,
         raw: body,
-        stream,
     };
     // Providers discovered on Nostr, when routing may use them (never for a request that
     // already came through a router).
@@ -258,14 +271,14 @@ pub async fn handle(
             return Err(remote::NoOffer::Nobody);
         }
         let body_len = forward.body_for(&remote_route(&model)).len();
-        remote::offers(&node, &model, forward.json.as_ref(), &forward.path, body_len)
+        remote::offers(&node, &model, forward.fields.as_ref(), &forward.path, body_len)
     };
     let (routes, max_cost) = match local {
         Ok(mut routes) => {
             let max_completion = if forward.path == "embeddings" {
                 0
             } else {
-                max_completion_tokens(forward.json.as_ref(), &routes[0].route, &node)
+                max_completion_tokens(forward.fields.as_ref(), &routes[0].route, &node)
             };
             let prompt_estimate = (forward.raw.len() as u64).div_ceil(3);
             let max_cost = routes
@@ -409,12 +422,20 @@ fn remote_priced(model: &str, offer: remote::RemoteOffer) -> Option<PricedRoute>
 /// The most completion tokens a request can produce: the largest limit it gives (upstreams
 /// differ in which one they honour), else the model's, else the default; times the number of
 /// completions asked for.
-fn max_completion_tokens(json: Option<&Value>, route: &ModelRoute, node: &Node) -> u64 {
-    let field = |k: &str| json.and_then(|j| j.get(k)).and_then(Value::as_u64);
-    let asked = ["max_tokens", "max_completion_tokens", "max_output_tokens"].iter().filter_map(|k| field(k)).max();
+fn max_completion_tokens(fields: Option<&RequestFields>, route: &ModelRoute, node: &Node) -> u64 {
+    let (asked, choices) = fields.map_or((None, 1), RequestFields::asked_completion);
     let per_choice = asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens);
-    let choices = field("n").max(field("best_of")).unwrap_or(1).clamp(1, MAX_CHOICES);
     per_choice.saturating_mul(choices)
+}
+
+/// Whether a route's upstream knows the model under another name, so the body names it.
+fn renames(fields: &RequestFields, route: &ModelRoute) -> bool {
+    !route.upstream_model.is_empty() && fields.model() != route.upstream_model
+}
+
+/// Whether a stream must ask its upstream for usage (the charge is by usage).
+fn wants_usage(fields: &RequestFields, path: &str) -> bool {
+    fields.stream && matches!(path, "chat/completions" | "completions") && fields.include_usage != Some(true)
 }
 
 /// The request as it will be forwarded.
@@ -423,9 +444,11 @@ struct Forward {
     path: String,
     query: Option<String>,
     headers: HeaderMap,
-    json: Option<Value>,
+    /// `None` when the body is empty or, outside a POST, not JSON: it is passed on as it is.
+    fields: Option<RequestFields>,
+    /// The whole body, parsed only when some route rewrites it.
+    whole: Option<Value>,
     raw: Bytes,
-    stream: bool,
     /// Routers the request came through (`X-Routstr-Hops`).
     hops: u64,
 }
@@ -433,16 +456,14 @@ struct Forward {
 impl Forward {
     /// The body for one route: its upstream model name, and usage asked for on streams.
     fn body_for(&self, route: &ModelRoute) -> Bytes {
-        let Some(json) = &self.json else { return self.raw.clone() };
-        let rename = !route.upstream_model.is_empty()
-            && json.get("model").and_then(Value::as_str) != Some(&route.upstream_model);
-        let wants_usage = self.stream
-            && matches!(self.path.as_str(), "chat/completions" | "completions")
-            && json.pointer("/stream_options/include_usage").and_then(Value::as_bool) != Some(true);
+        // `whole` is there whenever a route of this request rewrites its body (see `handle`).
+        let (Some(fields), Some(whole)) = (&self.fields, &self.whole) else { return self.raw.clone() };
+        let rename = renames(fields, route);
+        let wants_usage = wants_usage(fields, &self.path);
         if !rename && !wants_usage {
             return self.raw.clone();
         }
-        let mut json = json.clone();
+        let mut json = whole.clone();
         if rename {
             json["model"] = json!(route.upstream_model);
         }
@@ -727,7 +748,7 @@ async fn whole_answer(
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
             // goes out now; the charge reaches the disk with its batch.
-            (metering.settle_detached(usage.map(|u| priced.prices.cost(&u)), note), None)
+            (metering.settle_detached(usage.map(|u| priced.prices.cost(&u)), note).await, None)
         }
         _ => metering.settle(&priced.prices, usage, note).await,
     };

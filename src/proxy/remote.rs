@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use hyper::header::HeaderMap;
 use serde_json::{json, Value};
 
+use super::request::RequestFields;
 use crate::error::ApiError;
 use crate::ledger::RemoteSpend;
 use crate::node::Node;
@@ -136,21 +137,13 @@ pub fn prices_from_sats(sats: &Value) -> Option<MsatPrices> {
     })
 }
 
-/// The completion tokens a request asks for at most (its largest limit, times `n`), if it says.
-fn asked_completion(json: Option<&Value>) -> (Option<u64>, u64) {
-    let field = |k: &str| json.and_then(|j| j.get(k)).and_then(Value::as_u64);
-    let asked = ["max_tokens", "max_completion_tokens", "max_output_tokens"].iter().filter_map(|k| field(k)).max();
-    let choices = field("n").max(field("best_of")).unwrap_or(1).clamp(1, 128);
-    (asked, choices)
-}
-
 /// The most a provider charges for this request, in msat, as it reserves it (PROTOCOL.md §3):
 /// prompt estimate × prompt + max completion × completion + request fee. Without a limit in the
 /// request, the completion part is the model's own `max_completion_cost`.
 pub fn max_cost_msat(
     sats: &Value,
     prices: &MsatPrices,
-    json: Option<&Value>,
+    fields: Option<&RequestFields>,
     path: &str,
     body_len: usize,
     default_completion: u64,
@@ -159,7 +152,7 @@ pub fn max_cost_msat(
     if path == "embeddings" {
         return prices.max_cost(prompt_estimate, 0).total_msats;
     }
-    let (asked, choices) = asked_completion(json);
+    let (asked, choices) = fields.map_or((None, 1), RequestFields::asked_completion);
     match (asked, sats.get("max_completion_cost").and_then(Value::as_f64).filter(|c| c.is_finite() && *c >= 0.0)) {
         (None, Some(per_choice_sats)) => {
             let completion = ((per_choice_sats * 1000.0).round() as u64).saturating_mul(choices);
@@ -185,7 +178,7 @@ pub enum NoOffer {
 pub fn offers(
     node: &Node,
     model: &str,
-    json: Option<&Value>,
+    fields: Option<&RequestFields>,
     path: &str,
     body_len: usize,
 ) -> Result<Vec<RemoteOffer>, NoOffer> {
@@ -218,7 +211,7 @@ pub fn offers(
             no_shared_mint += 1;
             continue;
         };
-        let max = max_cost_msat(&offer.sats_pricing, &prices, json, path, body_len, s.default_max_completion_tokens);
+        let max = max_cost_msat(&offer.sats_pricing, &prices, fields, path, body_len, s.default_max_completion_tokens);
         let token_msat = max.max(1).div_ceil(1000).saturating_mul(1000);
         if token_msat > cap_msat {
             tracing::info!(provider = %offer.name, price_sats = token_msat / 1000, cap_sats = s.max_remote_price_sats, "provider skipped: above MAX_REMOTE_PRICE_SATS");
@@ -549,11 +542,17 @@ mod tests {
         let p = prices_from_sats(&sats).unwrap();
         assert_eq!((p.prompt_per_mtok, p.completion_per_mtok, p.request_msat), (1_000_000, 2_000_000, 0));
         // 300 body bytes → 100 prompt tokens (100 msat) + 100 completion tokens (200 msat).
-        let body = json!({"max_tokens": 100});
-        assert_eq!(max_cost_msat(&sats, &p, Some(&body), "chat/completions", 300, 4096), 300);
+        let fields = |body: &str| RequestFields::parse(body.as_bytes()).unwrap();
+        assert_eq!(
+            max_cost_msat(&sats, &p, Some(&fields(r#"{"max_tokens": 100}"#)), "chat/completions", 300, 4096),
+            300
+        );
         // No limit in the request: the model's max completion cost.
-        assert_eq!(max_cost_msat(&sats, &p, Some(&json!({})), "chat/completions", 300, 4096), 100 + 8192);
-        assert_eq!(max_cost_msat(&sats, &p, Some(&json!({"n": 2})), "chat/completions", 300, 4096), 100 + 2 * 8192);
+        assert_eq!(max_cost_msat(&sats, &p, Some(&fields("{}")), "chat/completions", 300, 4096), 100 + 8192);
+        assert_eq!(
+            max_cost_msat(&sats, &p, Some(&fields(r#"{"n": 2}"#)), "chat/completions", 300, 4096),
+            100 + 2 * 8192
+        );
         assert_eq!(max_cost_msat(&sats, &p, None, "embeddings", 300, 4096), 100);
         assert!(prices_from_sats(&json!({"prompt": -1.0, "completion": 0.1})).is_none());
     }

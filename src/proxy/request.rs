@@ -1,0 +1,218 @@
+//! The few fields of a request body the node reads (model, stream, limits), parsed without
+//! building the rest: a chat request is mostly `messages`, which is checked for syntax and
+//! skipped, not turned into a tree of maps and strings. A body the node rewrites (a model alias,
+//! usage asked for on a stream) is parsed whole as well; one it passes on unchanged may hold what
+//! only a whole parse refuses (a lone surrogate escape, a number beyond `f64`, nesting deeper
+//! than 128): that is the upstream's to judge, and a refusal there charges nothing.
+
+use std::fmt;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::Value;
+
+/// Most completions one request may ask for (`n`, `best_of`), so a reservation stays bounded.
+pub const MAX_CHOICES: u64 = 128;
+
+/// What the node reads from a JSON request body. A field of an unexpected type counts as absent
+/// (as the upstream would judge it, not us); a repeated field counts as its last value.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RequestFields {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// `stream_options.include_usage`.
+    pub include_usage: Option<bool>,
+    n: Option<u64>,
+    best_of: Option<u64>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    max_output_tokens: Option<u64>,
+}
+
+/// Why a body is not a request the node can read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Valid JSON, but not an object.
+    NotAnObject,
+    /// Not JSON at all: why.
+    Invalid(String),
+}
+
+impl RequestFields {
+    pub fn parse(body: &[u8]) -> Result<RequestFields, BodyError> {
+        // Skipped strings are not checked for UTF-8 by the parser: the whole body is, here.
+        if let Err(e) = std::str::from_utf8(body) {
+            return Err(BodyError::Invalid(format!("not UTF-8 ({e})")));
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            // A type error at the top means valid JSON of another kind, unless the rest of it is
+            // not JSON either: tell which (only on this error path is the body read twice).
+            if e.is_data() && serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+                BodyError::NotAnObject
+            } else {
+                BodyError::Invalid(e.to_string())
+            }
+        })
+    }
+
+    pub fn model(&self) -> &str {
+        self.model.as_deref().unwrap_or_default()
+    }
+
+    /// Completions asked for (`n`, `best_of`), as given.
+    pub fn choices_asked(&self) -> u64 {
+        self.n.max(self.best_of).unwrap_or(1)
+    }
+
+    /// The largest completion limit the request gives (upstreams differ in which one they
+    /// honour), if any, and the number of completions, within `1..=MAX_CHOICES`.
+    pub fn asked_completion(&self) -> (Option<u64>, u64) {
+        let asked = self.max_tokens.max(self.max_completion_tokens).max(self.max_output_tokens);
+        (asked, self.choices_asked().clamp(1, MAX_CHOICES))
+    }
+}
+
+/// The body's keys the node reads; any other is skipped.
+enum Field {
+    Model,
+    Stream,
+    StreamOptions,
+    N,
+    BestOf,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Field {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Field, D::Error> {
+        struct FieldVisitor;
+        impl Visitor<'_> for FieldVisitor {
+            type Value = Field;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Field, E> {
+                Ok(match name {
+                    "model" => Field::Model,
+                    "stream" => Field::Stream,
+                    "stream_options" => Field::StreamOptions,
+                    "n" => Field::N,
+                    "best_of" => Field::BestOf,
+                    "max_tokens" => Field::MaxTokens,
+                    "max_completion_tokens" => Field::MaxCompletionTokens,
+                    "max_output_tokens" => Field::MaxOutputTokens,
+                    _ => Field::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(FieldVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for RequestFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RequestFields, D::Error> {
+        struct BodyVisitor;
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = RequestFields;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestFields, A::Error> {
+                let mut fields = RequestFields::default();
+                while let Some(key) = map.next_key::<Field>()? {
+                    // The fields read are small: each is taken as a `Value` and kept if of the
+                    // expected type.
+                    let slot = match key {
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        Field::Model => {
+                            fields.model = match map.next_value::<Value>()? {
+                                Value::String(s) => Some(s),
+                                _ => None,
+                            };
+                            continue;
+                        }
+                        Field::Stream => {
+                            fields.stream = map.next_value::<Value>()?.as_bool().unwrap_or(false);
+                            continue;
+                        }
+                        Field::StreamOptions => {
+                            let options = map.next_value::<Value>()?;
+                            fields.include_usage = options.get("include_usage").and_then(Value::as_bool);
+                            continue;
+                        }
+                        Field::N => &mut fields.n,
+                        Field::BestOf => &mut fields.best_of,
+                        Field::MaxTokens => &mut fields.max_tokens,
+                        Field::MaxCompletionTokens => &mut fields.max_completion_tokens,
+                        Field::MaxOutputTokens => &mut fields.max_output_tokens,
+                    };
+                    *slot = map.next_value::<Value>()?.as_u64();
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(BodyVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fields as the node read them from a whole `Value` before this module.
+    fn from_value(v: &Value) -> RequestFields {
+        let u = |k: &str| v.get(k).and_then(Value::as_u64);
+        RequestFields {
+            model: v.get("model").and_then(Value::as_str).map(str::to_owned),
+            stream: v.get("stream").and_then(Value::as_bool).unwrap_or(false),
+            include_usage: v.pointer("/stream_options/include_usage").and_then(Value::as_bool),
+            n: u("n"),
+            best_of: u("best_of"),
+            max_tokens: u("max_tokens"),
+            max_completion_tokens: u("max_completion_tokens"),
+            max_output_tokens: u("max_output_tokens"),
+        }
+    }
+
+    #[test]
+    fn reads_what_a_whole_parse_reads() {
+        for body in [
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi \"there\" \u00e9"}],"max_tokens":16}"#,
+            r#"{"model":"m","stream":true,"stream_options":{"include_usage":false},"n":3,"best_of":5}"#,
+            r#"{"model":"m","stream_options":{"include_usage":true},"max_completion_tokens":7,"max_output_tokens":9}"#,
+            // Unexpected types count as absent, repeated keys as their last value.
+            r#"{"model":42,"stream":"yes","n":-1,"max_tokens":1.5,"stream_options":[1]}"#,
+            r#"{"model":"first","model":"second","n":2,"n":4}"#,
+            r#"{"mod\u0065l":"escaped key","tools":[{"a":{"b":[null,true,{"c":"d"}]}}]}"#,
+            r#"  {}  "#,
+        ] {
+            let value: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(RequestFields::parse(body.as_bytes()).unwrap(), from_value(&value), "{body}");
+        }
+    }
+
+    #[test]
+    fn limits_and_choices() {
+        let f = RequestFields::parse(br#"{"max_tokens":10,"max_completion_tokens":30,"n":2,"best_of":3}"#).unwrap();
+        assert_eq!(f.asked_completion(), (Some(30), 3));
+        assert_eq!(RequestFields::parse(b"{}").unwrap().asked_completion(), (None, 1));
+        let many = RequestFields::parse(br#"{"n":100000}"#).unwrap();
+        assert_eq!((many.choices_asked(), many.asked_completion().1), (100_000, MAX_CHOICES));
+    }
+
+    #[test]
+    fn tells_other_json_from_no_json() {
+        for other in ["[1,2]", "\"text\"", "42", "null", "true"] {
+            assert!(matches!(RequestFields::parse(other.as_bytes()), Err(BodyError::NotAnObject)), "{other}");
+        }
+        for broken in ["{", "{\"model\":}", "[1,2", "hello", "{} trailing", "{\"a\":1,}"] {
+            assert!(matches!(RequestFields::parse(broken.as_bytes()), Err(BodyError::Invalid(_))), "{broken}");
+        }
+        // Invalid UTF-8 in a string the parser skips.
+        assert!(matches!(RequestFields::parse(b"{\"messages\":\"\xff\"}"), Err(BodyError::Invalid(_))));
+    }
+}
