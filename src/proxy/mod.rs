@@ -516,6 +516,9 @@ enum Failure {
     Status(StatusCode, HeaderMap, Bytes),
 }
 
+/// Runs in the request's own task. Every path but a local answer to a key holder is boxed where
+/// it begins (remote providers, `X-Cashu` settlement, failures, streams): the task's state is
+/// copied when it is spawned and when it ends, so it should be the size of the common path.
 async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRoute>, respond: Respond) {
     let node = metering.node.clone();
     let threshold = node.settings.upstream_failure_threshold;
@@ -527,7 +530,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
         // A discovered provider is paid up front with a token from our wallet.
         let mut spend = None;
         if let Some(offer) = &priced.remote {
-            match remote::pay(&node, &metering.request_id, offer).await {
+            match Box::pin(remote::pay(&node, &metering.request_id, offer)).await {
                 Ok(s) => {
                     req = req
                         .header(crate::payment::X_CASHU, s.token.as_str())
@@ -550,15 +553,16 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 let change = remote::change_from_headers(&headers);
                 if !remote::refused(status, &body) {
                     // The provider judged the request itself (a client error): passed on.
-                    remote::finish(&node, spend, change.as_deref(), false, None).await;
+                    Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
                     node.router.record_success(&offer.provider);
-                    let (_, change) = metering.settle(&priced.prices, None, "the provider refused the request").await;
+                    let (_, change) =
+                        Box::pin(metering.settle(&priced.prices, None, "the provider refused the request")).await;
                     let mut out = passthrough_error(status, &headers, body, &metering.request_id);
                     add_change_header(&mut out, change.as_ref());
                     let _ = respond.send(Ok(out));
                     return;
                 }
-                remote::finish(&node, spend, change.as_deref(), false, None).await;
+                Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
                 Failure::Transport(ApiError::Upstream(format!("provider {} answered {status}", offer.name)))
             }
             (Ok(resp), _, _) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
@@ -577,7 +581,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
             }
             (Err(e), spend, offer) => {
                 if let Some(spend) = spend {
-                    remote::finish(&node, spend, None, false, None).await;
+                    Box::pin(remote::finish(&node, spend, None, false, None)).await;
                 }
                 match (offer, e.is_timeout()) {
                     (Some(o), true) => Failure::Transport(ApiError::Upstream(format!("provider {} timed out", o.name))),
@@ -597,7 +601,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
         last_failure = Some(failure);
     }
     // Nothing was served: release everything, and X-Cashu gets its whole token back as change.
-    let (_, change) = metering.settle(&routes[0].prices, None, "upstream failed").await;
+    let (_, change) = Box::pin(metering.settle(&routes[0].prices, None, "upstream failed")).await;
     let mut resp = match last_failure {
         Some(Failure::Status(status, headers, body)) => passthrough_error(status, &headers, body, &metering.request_id),
         Some(Failure::Transport(err)) => http::error_response(&err, &metering.request_id),
@@ -684,14 +688,15 @@ async fn deliver(
         // A client error (bad request, unknown model upstream…): nothing is charged.
         let headers = resp.headers().clone();
         let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
-        let (_, change) = metering.settle(&priced.prices, None, "upstream refused the request").await;
+        let (_, change) = Box::pin(metering.settle(&priced.prices, None, "upstream refused the request")).await;
         let mut out = passthrough_error(status, &headers, body, &metering.request_id);
         add_change_header(&mut out, change.as_ref());
         let _ = respond.send(Ok(out));
         return;
     }
     if content_type.starts_with("text/event-stream") {
-        stream_answer(metering, priced, resp, respond, spend).await;
+        // Boxed: a stream's state is large, and only streams should carry it.
+        Box::pin(stream_answer(metering, priced, resp, respond, spend)).await;
     } else {
         whole_answer(metering, priced, resp, respond, spend).await;
     }
@@ -718,9 +723,9 @@ async fn whole_answer(
         Ok(body) => body,
         Err(err) => {
             if let Some(spend) = &spend {
-                remote::finish(&metering.node, spend, remote_change.as_deref(), true, None).await;
+                Box::pin(remote::finish(&metering.node, spend, remote_change.as_deref(), true, None)).await;
             }
-            let (_, change) = metering.settle(&priced.prices, None, "upstream answer unreadable").await;
+            let (_, change) = Box::pin(metering.settle(&priced.prices, None, "upstream answer unreadable")).await;
             let mut out = http::error_response(&err, &metering.request_id);
             add_change_header(&mut out, change.as_ref());
             let _ = respond.send(Ok(out));
@@ -743,14 +748,14 @@ async fn whole_answer(
         (Some(spend), Some(offer)) => {
             let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
             let due = remote::change_due(spend.amount_msat, theirs.as_ref());
-            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage).await
+            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage)).await
         }
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
             // goes out now; the charge reaches the disk with its batch.
             (metering.settle_detached(usage.map(|u| priced.prices.cost(&u)), note).await, None)
         }
-        _ => metering.settle(&priced.prices, usage, note).await,
+        _ => Box::pin(metering.settle(&priced.prices, usage, note)).await,
     };
     let body = match (top, &mut parsed, &cost) {
         (Some(top), _, Some(cost)) => top.with_cost(&body, usage::cost_json(cost, metering.usd(cost))),
@@ -809,9 +814,9 @@ async fn stream_answer(
         // The client left before the answer began.
         drop(resp);
         if let Some(spend) = &spend {
-            remote::finish(&metering.node, spend, None, true, None).await;
+            Box::pin(remote::finish(&metering.node, spend, None, true, None)).await;
         }
-        metering.settle(&priced.prices, None, "client left before the stream began").await;
+        Box::pin(metering.settle(&priced.prices, None, "client left before the stream began")).await;
         return;
     }
     // A remote provider's change arrives as an event of its own, never shown to our client.
@@ -895,7 +900,7 @@ async fn stream_answer(
             let theirs = held.as_deref().and_then(usage::event_json).as_ref().and_then(remote::their_cost);
             // The provider's cost is final only when its stream ended properly.
             let due = if terminal.is_some() { remote::change_due(spend.amount_msat, theirs.as_ref()) } else { None };
-            settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage).await
+            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage)).await
         }
         _ => metering.settle(&priced.prices, charged_usage, note).await,
     };
