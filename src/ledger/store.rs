@@ -146,13 +146,11 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
     {
         let (reply_tx, reply_rx) = oneshot::channel::<Result<T, LedgerError>>();
-        let queued = self.queue(job(answer, undo, f, move |result| {
+        let queued = self.submit_detached(answer, undo, f, move |result| {
             let _ = reply_tx.send(result);
-        }));
+        });
         async move {
-            if let Some(send) = queued? {
-                tokio::task::spawn_blocking(send).await.map_err(|_| LedgerError::Closed)??;
-            }
+            queued.await?;
             reply_rx.await.map_err(|_| LedgerError::Closed)?
         }
     }
