@@ -1,16 +1,19 @@
 //! What the node adds, measured against the same load sent directly to the upstream.
 //!
 //! `cargo bench --bench proxy` builds the release binary, starts a real Cashu mint (fake
-//! Lightning) and an instant stand-in upstream in this process, starts the node with a
-//! file-backed ledger, funds a key with a real token, and drives both with the load generator
-//! below (keep-alive HTTP/1.1 connections, one request in flight per connection). The load
+//! Lightning) and a stand-in upstream (instant, but for the below-saturation figure) in this
+//! process, starts the node with a file-backed ledger, funds a key with a real token, and drives
+//! both with the load generator below (keep-alive HTTP/1.1 connections, one request in flight per
+//! connection). The load
 //! figures also go through a bare hyper proxy (this program started again with `--bare-proxy`):
 //! what any proxy costs here, the floor under the node's figures.
 //!
 //! Options (after `--`): `--quick` (a seconds-long smoke run; CI runs it as
 //! `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`, asserting no timing),
 //! `--write` (write the table to docs/benchmarks.md, above the analysis), `--seconds N` per measurement,
-//! `--ledger-sync full|normal`, `--connections 1,64,1024` (the load figures' connection counts).
+//! `--ledger-sync full|normal`, `--connections 1,64,1024` (the instant-upstream load figures'
+//! connection counts), `--think-ms 40` (the upstream's mean time per answer in the
+//! below-saturation figure, which runs at 64 connections after the others).
 //! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone.
 
 use std::path::PathBuf;
@@ -26,7 +29,7 @@ use hyper::client::conn::http1;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use routstr_node::demo::mint::{mint_token, redeem_token, start_test_mint, TestMintConfig};
-use routstr_node::demo::upstream::{StandInConfig, StandInUpstream};
+use routstr_node::demo::upstream::{StandInConfig, StandInUpstream, ANSWER_DELAY_HEADER};
 use tokio::net::TcpStream;
 
 struct Options {
@@ -36,7 +39,12 @@ struct Options {
     ledger_sync: String,
     /// Concurrent connections of each load figure.
     connections: Vec<usize>,
+    /// How long the upstream takes per answer in the below-saturation figure, in ms.
+    think_ms: f64,
 }
+
+/// Connections of the below-saturation figure (the targets' 64).
+const PACED_CONNECTIONS: usize = 64;
 
 fn options() -> Options {
     let args: Vec<String> = std::env::args().collect();
@@ -52,6 +60,7 @@ fn options() -> Options {
             .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > 0).collect::<Vec<_>>())
             .filter(|list| !list.is_empty())
             .unwrap_or_else(|| vec![1, 64, 1024]),
+        think_ms: value("--think-ms").and_then(|s| s.parse().ok()).filter(|&ms: &f64| ms > 0.0).unwrap_or(40.0),
     }
 }
 
@@ -207,6 +216,50 @@ async fn interleaved<const N: usize>(targets: [&Target; N], connections: usize, 
         m.latencies.sort_unstable();
     }
     out
+}
+
+/// The latency, throughput and CPU rows of one load figure (direct, bare proxy, node).
+fn load_rows(label: &str, [d, b, n]: &[Measured; 3], rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+    for (what, p) in [("p50", 0.5), ("p99", 0.99)] {
+        rows.push(Row {
+            what: format!("{what} latency, {label}"),
+            direct: percentile(&d.latencies, p),
+            bare: Some(percentile(&b.latencies, p)),
+            node: percentile(&n.latencies, p),
+            unit: "ms",
+            difference: true,
+        });
+    }
+    rows.push(Row {
+        what: format!("throughput, {label}"),
+        direct: d.rps,
+        bare: Some(b.rps),
+        node: n.rps,
+        unit: "req/s",
+        difference: true,
+    });
+    rows.push(Row {
+        what: format!("CPU per request, {label}"),
+        direct: d.cpu_per_request_us(),
+        bare: Some(b.cpu_per_request_us()),
+        node: n.cpu_per_request_us(),
+        unit: "µs",
+        difference: false,
+    });
+    if d.errors + b.errors + n.errors > 0 {
+        notes.push(format!("{label}: {} direct, {} bare proxy and {} node errors", d.errors, b.errors, n.errors));
+    }
+}
+
+/// The think times of the below-saturation figure: half to one and a half times `think_ms`, in µs.
+fn think_range_us(think_ms: f64) -> (u64, u64) {
+    ((think_ms * 500.0) as u64, (think_ms * 1500.0) as u64)
+}
+
+/// The think time range, for the figure's label (in ms).
+fn think_label(think_ms: f64) -> String {
+    let (low, high) = think_range_us(think_ms);
+    format!("{}–{}", low as f64 / 1000.0, high as f64 / 1000.0)
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -423,40 +476,29 @@ async fn bench() {
         load(&direct, conns, Duration::from_millis(200)).await;
         load(&via_bare, conns, Duration::from_millis(200)).await;
         load(&via_node, conns, Duration::from_millis(200)).await;
-        let [d, b, n] = interleaved([&direct, &via_bare, &via_node], conns, secs).await;
-        for (what, p) in [("p50", 0.5), ("p99", 0.99)] {
-            rows.push(Row {
-                what: format!("{what} latency, {conns} conn"),
-                direct: percentile(&d.latencies, p),
-                bare: Some(percentile(&b.latencies, p)),
-                node: percentile(&n.latencies, p),
-                unit: "ms",
-                difference: true,
-            });
-        }
-        rows.push(Row {
-            what: format!("throughput, {conns} conn"),
-            direct: d.rps,
-            bare: Some(b.rps),
-            node: n.rps,
-            unit: "req/s",
-            difference: true,
-        });
-        rows.push(Row {
-            what: format!("CPU per request, {conns} conn"),
-            direct: d.cpu_per_request_us(),
-            bare: Some(b.cpu_per_request_us()),
-            node: n.cpu_per_request_us(),
-            unit: "µs",
-            difference: false,
-        });
-        if d.errors + b.errors + n.errors > 0 {
-            notes.push(format!(
-                "{conns} conn: {} direct, {} bare proxy and {} node errors",
-                d.errors, b.errors, n.errors
-            ));
-        }
+        let measured = interleaved([&direct, &via_bare, &via_node], conns, secs).await;
+        load_rows(&format!("{conns} conn"), &measured, &mut rows, &mut notes);
     }
+
+    // Below saturation: 64 connections again, the upstream now taking `--think-ms` per answer,
+    // so the machine is not at its limit (≈ 64 ÷ think time requests per second): the latency
+    // a client sees added by the proxy itself rather than by queueing for the CPU.
+    // Each answer its own think time, spread over half to one and a half times `--think-ms`:
+    // clients that all wait the same time move in step and arrive in bursts.
+    let (think_low, think_high) = think_range_us(opts.think_ms);
+    let think_us = format!("{think_low}-{think_high}");
+    let paced = |t: &Target| {
+        let mut t = t.clone();
+        t.headers.push((ANSWER_DELAY_HEADER.into(), think_us.clone()));
+        t
+    };
+    let (paced_direct, paced_bare, paced_node) = (paced(&direct), paced(&via_bare), paced(&via_node));
+    for target in [&paced_direct, &paced_bare, &paced_node] {
+        load(target, PACED_CONNECTIONS, Duration::from_millis(200)).await;
+    }
+    let measured = interleaved([&paced_direct, &paced_bare, &paced_node], PACED_CONNECTIONS, secs).await;
+    let label = format!("{PACED_CONNECTIONS} conn, upstream {} ms", think_label(opts.think_ms));
+    load_rows(&label, &measured, &mut rows, &mut notes);
 
     let streaming_body = Bytes::from_static(br#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"stream please"}],"max_tokens":600}"#);
     let chunks = if opts.quick { "50" } else { "500" };
@@ -536,6 +578,14 @@ async fn bench() {
          benchmark's own process (load generator and upstream), the others the proxy's process alone."
             .into(),
     );
+    notes.push(format!(
+        "Rows marked \"upstream {} ms\": the upstream takes that long before each answer (spread evenly over \
+         the range), so {PACED_CONNECTIONS} connections offer at most ≈ {:.0} requests/s, well below what \
+         the machine can serve: the difference to direct is mostly what the proxy adds to each request, not queueing \
+         for the CPU.",
+        think_label(opts.think_ms),
+        PACED_CONNECTIONS as f64 * 1000.0 / opts.think_ms
+    ));
     notes.push("The X-Cashu path makes two mint round trips (swap in, change out); the direct column is one swap by a fresh wallet.".into());
 
     // Memory with many open streams.

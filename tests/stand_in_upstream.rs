@@ -279,6 +279,52 @@ async fn chunks_are_flushed_one_by_one_with_delay() {
 }
 
 #[tokio::test]
+async fn a_whole_answer_waits_its_answer_delay() {
+    let up = start().await;
+    let send = |delay: &str| {
+        client()
+            .post(format!("{}/chat/completions", up.base_url))
+            .header("x-stand-in-answer-delay-us", delay)
+            .json(&chat_body(false, false))
+            .send()
+    };
+    let started = Instant::now();
+    let resp = send("150000").await.expect("request");
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    assert!(started.elapsed() >= Duration::from_millis(150), "answered after {:?}", started.elapsed());
+
+    // A range: each request its own delay within it.
+    let started = Instant::now();
+    assert_eq!(send("40000-60000").await.expect("request").status(), 200);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(40), "answered after {took:?}");
+
+    for bad in ["60000-40000", "1-x"] {
+        let resp = send(bad).await.expect("request");
+        assert_eq!(resp.status(), 400, "{bad}");
+    }
+    let resp = send("soon").await.expect("request");
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.expect("json");
+    assert!(v["error"]["message"].as_str().unwrap_or_default().contains("x-stand-in-answer-delay-us"));
+
+    // Only whole answers wait: a stream begins at once.
+    let started = Instant::now();
+    let resp = client()
+        .post(format!("{}/chat/completions", up.base_url))
+        .header("x-stand-in-answer-delay-us", "5000000")
+        .json(&chat_body(true, false))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.text().await.expect("stream");
+    assert!(started.elapsed() < Duration::from_secs(4), "the stream waited {:?}", started.elapsed());
+}
+
+#[tokio::test]
 async fn status_behaviors_return_openai_errors() {
     let up = start().await;
     up.set_behavior(Behavior::Status(500));

@@ -16,7 +16,9 @@
 //! Faults are injected either globally ([`StandInUpstream::set_behavior`]) or per request with
 //! the header `x-stand-in-behavior: normal|<status>|stall|no-usage|disconnect|stall-mid-stream|drop`
 //! (the proxy forwards unknown headers). `x-stand-in-chunks: N` sets the stream length and
-//! `x-stand-in-delay-ms: N` the delay between content chunks.
+//! `x-stand-in-delay-ms: N` the delay between content chunks; `x-stand-in-answer-delay-us: N`
+//! (or `LOW-HIGH`, a different delay for each request) delays a non-streamed answer by that many
+//! microseconds (the benchmark's upstream "think time").
 //!
 //! The hot path takes no blocking lock: counters are atomics, the behaviour is one atomic word,
 //! and the last request is recorded with a `try_lock` (skipped if another request is recording
@@ -51,6 +53,8 @@ pub const BEHAVIOR_HEADER: &str = "x-stand-in-behavior";
 pub const CHUNKS_HEADER: &str = "x-stand-in-chunks";
 /// Header overriding the delay between content chunks, in milliseconds.
 pub const DELAY_HEADER: &str = "x-stand-in-delay-ms";
+/// Header delaying a non-streamed answer, in microseconds.
+pub const ANSWER_DELAY_HEADER: &str = "x-stand-in-answer-delay-us";
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -522,6 +526,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         None => Ok(shared.chunk_delay),
         Some(v) => v.trim().parse::<u64>().map(Duration::from_millis).map_err(|_| "x-stand-in-delay-ms"),
     };
+    let answer_delay = match header_str(&parts.headers, ANSWER_DELAY_HEADER) {
+        None => Ok(None),
+        Some(v) => answer_delay_range(v).map(Some).ok_or("x-stand-in-answer-delay-us"),
+    };
 
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(c) => c.to_bytes(),
@@ -539,9 +547,10 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     shared.record(RawRecord { method: parts.method, uri: parts.uri, headers: parts.headers, body: body.clone() });
     let seq = shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
 
-    let (behavior, chunks, delay) = match (behavior, chunks, delay) {
-        (Ok(b), Ok(c), Ok(d)) => (b, c, d),
-        (Err(h), _, _) | (_, Err(h), _) | (_, _, Err(h)) => {
+    let (behavior, chunks, delay, answer_delay) = match (behavior, chunks, delay, answer_delay) {
+        // Picked by this request's own sequence number: requests arriving together differ.
+        (Ok(b), Ok(c), Ok(d), Ok(a)) => (b, c, d, a.map_or(Duration::ZERO, |range| pick_delay(range, seq))),
+        (Err(h), _, _, _) | (_, Err(h), _, _) | (_, _, Err(h), _) | (_, _, _, Err(h)) => {
             return Ok(error_response(
                 StatusCode::BAD_REQUEST,
                 &format!("invalid {h} header"),
@@ -626,6 +635,11 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             Endpoint::Messages => gen.messages_json(),
         };
         let json = Bytes::from(json);
+        if !answer_delay.is_zero() {
+            // tokio's timer rounds up to its next millisecond tick: a delay spread over a range
+            // wider than that gets the same rounding, on average, whatever path reached it.
+            tokio::time::sleep(answer_delay).await;
+        }
         if !cut {
             return Ok(json_response(StatusCode::OK, json));
         }
@@ -650,6 +664,25 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
     let mut resp = with_content_type(Response::new(body), HeaderValue::from_static("text/event-stream"));
     resp.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(resp)
+}
+
+/// `N` or `LOW-HIGH` microseconds, as an inclusive range.
+fn answer_delay_range(header: &str) -> Option<(u64, u64)> {
+    let (low, high) = match header.trim().split_once('-') {
+        None => {
+            let micros = header.trim().parse::<u64>().ok()?;
+            (micros, micros)
+        }
+        Some((low, high)) => (low.trim().parse::<u64>().ok()?, high.trim().parse::<u64>().ok()?),
+    };
+    (low <= high).then_some((low, high))
+}
+
+/// A delay in `range` for request `seq`, spread evenly over it (a multiplicative hash of the
+/// sequence number: cheap and repeatable), so that clients waiting on it do not move in step.
+fn pick_delay((low, high): (u64, u64), seq: u64) -> Duration {
+    let spread = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11;
+    Duration::from_micros(low + (high - low).checked_add(1).map_or(spread, |width| spread % width))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &'static str) -> Option<&'a str> {
@@ -1313,5 +1346,30 @@ impl Body for StandInBody {
             BodyInner::Full(None) => SizeHint::with_exact(0),
             BodyInner::Frames(_) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answer_delays_are_read_and_spread_over_their_range() {
+        assert_eq!(answer_delay_range(" 250 "), Some((250, 250)));
+        assert_eq!(answer_delay_range("5 - 9"), Some((5, 9)));
+        for bad in ["", "x", "9-1", "1-", "-4", "1-2-3"] {
+            assert_eq!(answer_delay_range(bad), None, "{bad:?}");
+        }
+        assert_eq!(pick_delay((250, 250), 7), Duration::from_micros(250));
+        // The widest range does not overflow.
+        let _ = pick_delay((0, u64::MAX), 3);
+        let picked: Vec<u64> = (0..1000).map(|seq| pick_delay((5000, 15000), seq).as_micros() as u64).collect();
+        assert!(picked.iter().all(|us| (5000..=15000).contains(us)));
+        // Spread over the range, not bunched: each tenth of it gets some of the thousand.
+        let mut tenths = [0u32; 10];
+        for us in &picked {
+            tenths[((us - 5000) * 10 / 10001) as usize] += 1;
+        }
+        assert!(tenths.iter().all(|&n| n > 50), "{tenths:?}");
     }
 }
