@@ -281,13 +281,14 @@ async fn chunks_are_flushed_one_by_one_with_delay() {
 #[tokio::test]
 async fn a_whole_answer_waits_its_answer_delay() {
     let up = start().await;
-    let send = |delay: &str| {
+    let send_as = |delay: &str, stream: bool| {
         client()
             .post(format!("{}/chat/completions", up.base_url))
             .header("x-stand-in-answer-delay-us", delay)
-            .json(&chat_body(false, false))
+            .json(&chat_body(stream, false))
             .send()
     };
+    let send = |delay: &str| send_as(delay, false);
     let started = Instant::now();
     let resp = send("150000").await.expect("request");
     assert_eq!(resp.status(), 200);
@@ -312,13 +313,7 @@ async fn a_whole_answer_waits_its_answer_delay() {
 
     // Only whole answers wait: a stream begins at once.
     let started = Instant::now();
-    let resp = client()
-        .post(format!("{}/chat/completions", up.base_url))
-        .header("x-stand-in-answer-delay-us", "5000000")
-        .json(&chat_body(true, false))
-        .send()
-        .await
-        .expect("request");
+    let resp = send_as("5000000", true).await.expect("request");
     assert_eq!(resp.status(), 200);
     let _ = resp.text().await.expect("stream");
     assert!(started.elapsed() < Duration::from_secs(4), "the stream waited {:?}", started.elapsed());
