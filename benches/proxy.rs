@@ -4,9 +4,8 @@
 //! Lightning) and a stand-in upstream (instant, but for the below-saturation figure) in this
 //! process, starts the node with a file-backed ledger, funds a key with a real token, and drives
 //! both with the load generator below (keep-alive HTTP/1.1 connections, one request in flight per
-//! connection). The load
-//! figures also go through a bare hyper proxy (this program started again with `--bare-proxy`):
-//! what any proxy costs here, the floor under the node's figures.
+//! connection). The load figures also go through a bare hyper proxy (this program started again
+//! with `--bare-proxy`): what any proxy costs here, the floor under the node's figures.
 //!
 //! Options (after `--`): `--quick` (a seconds-long smoke run; CI runs it as
 //! `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`, asserting no timing),
@@ -480,11 +479,10 @@ async fn bench() {
         load_rows(&format!("{conns} conn"), &measured, &mut rows, &mut notes);
     }
 
-    // Below saturation: 64 connections again, the upstream now taking `--think-ms` per answer,
-    // so the machine is not at its limit (≈ 64 ÷ think time requests per second): the latency
-    // a client sees added by the proxy itself rather than by queueing for the CPU.
-    // Each answer its own think time, spread over half to one and a half times `--think-ms`:
-    // clients that all wait the same time move in step and arrive in bursts.
+    // Below saturation: 64 connections again, the upstream now thinking about `--think-ms` per
+    // answer (≈ 64 ÷ think time requests per second): the latency a client sees added by the
+    // proxy itself rather than by queueing for the CPU. Each answer gets its own think time
+    // (see `think_range_us`): clients that all wait the same time move in step, in bursts.
     let (think_low, think_high) = think_range_us(opts.think_ms);
     let think_us = format!("{think_low}-{think_high}");
     let paced = |t: &Target| {
