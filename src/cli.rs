@@ -62,11 +62,8 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
             }
             println!();
             println!("wallet total:            {:>16} sat", msat_to_sats(held));
-            println!(
-                "users' balances:         {:>16} sat  (of which reserved by running requests: {} sat)",
-                msat_to_sats(totals.balances_msat),
-                msat_to_sats(totals.reserved_msat)
-            );
+            // Running requests' holds live in the node's memory: the node's /admin shows them.
+            println!("users' balances:         {:>16} sat", msat_to_sats(totals.balances_msat));
             println!(
                 "operator earnings:       {:>16} sat",
                 msat_to_sats(held.saturating_sub(totals.liabilities_msat()))

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{key_info_at, now_secs, to_i64, to_u64, KeyInfo, Ledger, LedgerError};
+use super::{holds::Holds, key_info_at, now_secs, to_i64, to_u64, KeyInfo, Ledger, LedgerError};
 
 /// The `mint_url` of redemptions that are operator credits, not tokens.
 pub const OPERATOR_CREDIT_MINT: &str = "operator";
@@ -33,6 +33,12 @@ const KEY_COLUMNS: &str = "key_hash, kind, balance_msat, reserved_msat, spent_ms
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
     Ok(KeyRow { key_hash: r.get(0)?, kind: r.get(1)?, info: key_info_at(r, 2)?, created_at: r.get(10)? })
+}
+
+impl KeyRow {
+    fn with_holds(self, holds: &Holds) -> KeyRow {
+        KeyRow { info: super::with_holds(self.info, holds, &self.key_hash), ..self }
+    }
 }
 
 fn read_key_row(c: &Connection, key_hash: &str) -> Result<Option<KeyRow>, LedgerError> {
@@ -69,6 +75,7 @@ fn has_table(c: &Connection, name: &str) -> Result<bool, LedgerError> {
 impl Ledger {
     /// Keys whose hash starts with `prefix` (all when empty), newest first.
     pub async fn admin_keys(&self, prefix: String, limit: u32, offset: u32) -> Result<(Vec<KeyRow>, u64), LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
                 let pattern = format!("{}%", prefix.replace(['%', '_'], ""));
@@ -79,6 +86,7 @@ impl Ledger {
                      ORDER BY created_at DESC, key_hash LIMIT ?2 OFFSET ?3"
                 ))?;
                 let rows = stmt.query_map(params![pattern, limit, offset], key_row)?;
+                let rows = rows.map(|row| row.map(|row| row.with_holds(&holds)));
                 Ok((rows.collect::<Result<Vec<_>, _>>()?, to_u64(total)))
             })
             .await
@@ -86,9 +94,11 @@ impl Ledger {
 
     /// One key and its latest requests.
     pub async fn admin_key(&self, key_hash: String) -> Result<Option<(KeyRow, Vec<Value>)>, LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
                 let Some(key) = read_key_row(c, &key_hash)? else { return Ok(None) };
+                let key = key.with_holds(&holds);
                 let mut stmt = c.prepare(
                     "SELECT request_id, model, state, amount_msat, charged_msat, note, created_at, ended_at
                      FROM reservations WHERE key_hash = ?1 ORDER BY created_at DESC LIMIT 50",
@@ -113,8 +123,11 @@ impl Ledger {
     /// Adds `delta_msat` to a key's balance (negative: takes it away, at most what is not
     /// reserved). The caller checks that a credit is covered by the operator's earnings.
     pub async fn admin_adjust(&self, key_hash: String, delta_msat: i64, note: String) -> Result<KeyRow, LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
+                // Seized before it is read: a request reserving meanwhile waits for this job.
+                let held = if delta_msat < 0 { holds.seize(&key_hash) } else { 0 };
                 let key = read_key_row(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?;
                 let now = now_secs();
                 let id = format!("{ADMIN_ADJUST_PREFIX}{}", hex::encode(rand::random::<[u8; 8]>()));
@@ -131,7 +144,7 @@ impl Ledger {
                         params![key_hash, to_i64(amount)],
                     )?;
                 } else if delta_msat < 0 {
-                    let available = key.info.available_msat();
+                    let available = key.info.available_msat().saturating_sub(held);
                     if amount > available {
                         return Err(LedgerError::Insufficient { required: amount, available });
                     }
@@ -146,17 +159,18 @@ impl Ledger {
                         params![key_hash, to_i64(amount)],
                     )?;
                 }
-                read_key_row(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)
+                Ok(read_key_row(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?.with_holds(&holds))
             })
             .await
     }
 
     /// Revokes (or restores) a key. A revoked key cannot pay for requests.
     pub async fn admin_set_revoked(&self, key_hash: String, revoked: bool) -> Result<KeyRow, LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
                 c.execute("UPDATE keys SET revoked = ?2 WHERE key_hash = ?1", params![key_hash, i64::from(revoked)])?;
-                read_key_row(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)
+                Ok(read_key_row(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?.with_holds(&holds))
             })
             .await
     }

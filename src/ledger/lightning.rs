@@ -232,10 +232,10 @@ impl Ledger {
         key_hash: &str,
         destination: &str,
     ) -> Result<Option<Payout>, LedgerError> {
-        let (key_hash, destination) = (key_hash.to_owned(), destination.to_owned());
+        let (key_hash, destination, holds) = (key_hash.to_owned(), destination.to_owned(), self.holds.clone());
         self.store
             .run(move |c| {
-                let Some(payout) = super::debit_for_payout(c, &key_hash, None, None)? else {
+                let Some(payout) = super::debit_for_payout(c, &holds, &key_hash, None, None)? else {
                     return Ok(None);
                 };
                 c.execute(
@@ -349,6 +349,7 @@ impl Ledger {
         min_msat: u64,
         retry_after_secs: i64,
     ) -> Result<Vec<(String, String)>, LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
                 let mut stmt = c.prepare(
@@ -362,7 +363,8 @@ impl Ledger {
                 let rows = stmt.query_map(params![now, to_i64(min_msat), now - retry_after_secs], |r| {
                     Ok((r.get(0)?, r.get(1)?))
                 })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                let keys = rows.collect::<Result<Vec<(String, String)>, _>>()?;
+                Ok(keys.into_iter().filter(|(key_hash, _)| !holds.is_held(key_hash)).collect())
             })
             .await
     }

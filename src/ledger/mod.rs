@@ -2,7 +2,8 @@
 //!
 //! Money only moves through these operations, each one atomic and durable before it returns:
 //! - in: a token redemption is recorded `pending` before the swap, `credited` after it;
-//! - reserve → settle (charge what was used, release the rest) or release, exactly once;
+//! - reserve (a hold in memory, see `holds`: it moves nothing) → settle (charge what was used,
+//!   release the rest) or release, exactly once;
 //! - out: a payout (refund or change) debits the balance before the token is made, and keeps the
 //!   token once made, so it can be handed out again if the first answer was lost.
 //!
@@ -15,17 +16,20 @@
 //! whatever the operator put in or took out directly.
 
 mod admin;
+mod holds;
 mod lightning;
 mod schema;
 mod store;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 pub use admin::*;
+use holds::{Account, Admission, Holds};
 pub use lightning::{Invoice, LightningPayout, OperatorPayout, Swap};
 pub use store::open_reader;
 use store::{Answer, Store, Undo};
@@ -235,8 +239,8 @@ impl std::fmt::Debug for RemoteSpend {
     }
 }
 
-/// A running request's hold on a key's balance, kept by the request. The key's row counts it
-/// (`reserved_msat`, `open_requests`); the request's record is written once, when it ends.
+/// A running request's hold on a key's balance, kept by the request and in memory (`holds`):
+/// the request's record is written once, when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub request_id: String,
@@ -249,21 +253,27 @@ pub struct Reservation {
 #[derive(Clone)]
 pub struct Ledger {
     store: Store,
+    holds: Arc<Holds>,
 }
 
 impl Ledger {
     pub fn open(path: &Path, sync: LedgerSync) -> Result<Ledger, LedgerError> {
-        Ok(Ledger { store: Store::open(path, sync)? })
+        let holds = Arc::new(Holds::default());
+        let watched = holds.clone();
+        let store = Store::open(path, sync, Box::new(move |c, changed| refresh_copies(c, &watched, changed)))?;
+        Ok(Ledger { store, holds })
     }
 
+    /// A key's row, with what its running requests hold.
     pub async fn key_info(&self, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
-        let key_hash = key_hash.to_owned();
-        self.store.run(move |c| read_key(c, &key_hash)).await
+        let (key_hash, holds) = (key_hash.to_owned(), self.holds.clone());
+        self.store.run(move |c| Ok(read_key(c, &key_hash)?.map(|info| with_holds(info, &holds, &key_hash)))).await
     }
 
-    /// Reserves `amount_msat` on a key for a request: one conditional update, so concurrent
-    /// requests can never reserve more than the balance. The reservation itself lives in memory,
-    /// with the request; the key's row carries its amount until `end` writes the request's record.
+    /// Reserves `amount_msat` on a key for a request, never more than the key's balance leaves
+    /// free whatever runs at the same time. Taken in memory against the key's copy (see `holds`);
+    /// a key without one is read, and decided, on the writer. Holds are not written: a restart
+    /// releases them all anyway.
     pub async fn reserve(
         &self,
         key_hash: &str,
@@ -278,26 +288,23 @@ impl Ledger {
             model: model.to_owned(),
             created_at: now_secs(),
         };
-        let key_hash = reservation.key_hash.clone();
-        // Visible, not durable: later jobs see the reservation at once, and it reaches the disk
-        // with its commit. Lost to a crash before that, it is as if released at the next start,
-        // which is what happens to every open reservation anyway. One statement: nothing to undo.
+        match self.holds.try_reserve(key_hash, request_id, amount_msat) {
+            Ok(Admission::Held) => return Ok(reservation),
+            // Refused here, it may still fit once the ends queued before it ran (a client's
+            // previous request, answered before its charge was taken): decided after them.
+            Ok(Admission::Unknown) | Err(LedgerError::Insufficient { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let (holds, key_hash, request_id) = (self.holds.clone(), key_hash.to_owned(), request_id.to_owned());
+        // Visible: nothing is written, and nobody waits on the commit.
         self.store
-            .submit_with(Answer::Visible, Undo::FailStop, move |c| {
-                let updated = c
-                    .prepare_cached(
-                        "UPDATE keys SET reserved_msat = reserved_msat + ?1, open_requests = open_requests + 1
-                         WHERE key_hash = ?2 AND revoked = 0 AND balance_msat - reserved_msat >= ?1",
-                    )?
-                    .execute(params![to_i64(amount_msat), key_hash])?;
-                if updated == 0 {
-                    return Err(match read_key(c, &key_hash)? {
-                        None => LedgerError::KeyNotFound,
-                        Some(k) if k.revoked => LedgerError::KeyRevoked,
-                        Some(k) => LedgerError::Insufficient { required: amount_msat, available: k.available_msat() },
-                    });
+            .submit(Answer::Visible, move |c| {
+                let account = read_account(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?;
+                holds.load(&key_hash, account);
+                match holds.try_reserve(&key_hash, &request_id, amount_msat)? {
+                    Admission::Held => Ok(()),
+                    Admission::Unknown => Err(LedgerError::Schema("a key read for a reservation has no copy".into())),
                 }
-                Ok(())
             })
             .await?;
         Ok(reservation)
@@ -316,7 +323,8 @@ impl Ledger {
     }
 
     /// Ends a reservation (`Some(cost)` charges it, `None` releases it), queued NOW: every ledger
-    /// job submitted after this call sees the result, so a caller may answer its client before
+    /// job submitted after this call sees the result (and a reservation refused without it is
+    /// decided again after it, see `reserve`), so a caller may answer its client before
     /// awaiting the returned future, which resolves once the change is durable.
     pub fn end(
         &self,
@@ -324,9 +332,10 @@ impl Ledger {
         cost_msat: Option<u64>,
         note: &str,
     ) -> impl std::future::Future<Output = Result<Settled, LedgerError>> + Send + 'static {
-        let (reservation, note) = (reservation.clone(), note.to_owned());
-        self.store
-            .submit_with(Answer::Durable, Undo::FailStop, move |c| end_reservation(c, &reservation, cost_msat, &note))
+        let (reservation, note, holds) = (reservation.clone(), note.to_owned(), self.holds.clone());
+        self.store.submit_with(Answer::Durable, Undo::FailStop, move |c| {
+            end_reservation(c, &holds, &reservation, cost_msat, &note)
+        })
     }
 
     /// `end`, for a caller that does not wait for the disk: `done` gets the outcome once it is
@@ -339,11 +348,11 @@ impl Ledger {
         note: &str,
         done: impl FnOnce(Result<Settled, LedgerError>) + Send + 'static,
     ) -> impl std::future::Future<Output = Result<(), LedgerError>> + Send + 'static {
-        let (reservation, note) = (reservation.clone(), note.to_owned());
+        let (reservation, note, holds) = (reservation.clone(), note.to_owned(), self.holds.clone());
         self.store.submit_detached(
             Answer::Durable,
             Undo::FailStop,
-            move |c| end_reservation(c, &reservation, cost_msat, &note),
+            move |c| end_reservation(c, &holds, &reservation, cost_msat, &note),
             done,
         )
     }
@@ -538,7 +547,8 @@ impl Ledger {
         let key_hash = key_hash.to_owned();
         let source = source_token_hash.map(str::to_owned);
         let request_id = request_id.map(str::to_owned);
-        self.store.run(move |c| debit_for_payout(c, &key_hash, source.as_deref(), request_id.as_deref())).await
+        let holds = self.holds.clone();
+        self.store.run(move |c| debit_for_payout(c, &holds, &key_hash, source.as_deref(), request_id.as_deref())).await
     }
 
     /// The payout's token exists: keep it (it is handed out from here, and again on request).
@@ -632,9 +642,10 @@ impl Ledger {
             .await
     }
 
-    /// At start, before serving: reservations left open by a previous process are released (the
+    /// At start, before serving: holds a previous node recorded in the ledger are released (the
     /// request died with the process; what it used is unknowable, so the user is not charged).
-    /// Returns how many requests were interrupted.
+    /// Returns how many requests were interrupted. (Holds live in memory now; only a ledger
+    /// written by an older node has any.)
     pub async fn release_interrupted_reservations(&self) -> Result<u64, LedgerError> {
         self.store
             .run(|c| {
@@ -671,6 +682,7 @@ impl Ledger {
     /// X-Cashu balances left behind (change that could not be paid, or a crash) and older than
     /// `min_age_secs`: their keys.
     pub async fn unpaid_xcashu_keys(&self, min_age_secs: i64) -> Result<Vec<String>, LedgerError> {
+        let holds = self.holds.clone();
         self.store
             .run(move |c| {
                 let mut stmt = c.prepare(
@@ -678,13 +690,25 @@ impl Ledger {
                      WHERE kind = 'xcashu' AND balance_msat > 0 AND reserved_msat = 0 AND created_at <= ?1",
                 )?;
                 let rows = stmt.query_map([now_secs() - min_age_secs], |r| r.get(0))?;
-                Ok(rows.collect::<Result<Vec<String>, _>>()?)
+                let keys = rows.collect::<Result<Vec<String>, _>>()?;
+                Ok(keys.into_iter().filter(|k| !holds.is_held(k)).collect())
             })
             .await
     }
 
+    /// The conservation sums, with what running requests hold (a reader in another process,
+    /// `read_totals` alone, cannot see those).
     pub async fn totals(&self) -> Result<Totals, LedgerError> {
-        self.store.run(read_totals).await
+        let holds = self.holds.clone();
+        self.store
+            .run(move |c| {
+                let mut totals = read_totals(c)?;
+                let (reserved, open) = holds.totals();
+                totals.reserved_msat += reserved;
+                totals.open_reservations += open;
+                Ok(totals)
+            })
+            .await
     }
 
     /// Records a remote spend before its token is made (`pending`): a crash from here on cannot
@@ -845,17 +869,20 @@ impl Ledger {
     }
 }
 
-/// Debits a key's whole free balance for a payout and records it `pending`, in one step.
+/// Debits a key's whole free balance (what no running request holds) for a payout and records
+/// it `pending`, in one step.
 fn debit_for_payout(
     c: &Connection,
+    holds: &Holds,
     key_hash: &str,
     source: Option<&str>,
     request_id: Option<&str>,
 ) -> Result<Option<Payout>, LedgerError> {
+    let held = holds.seize(key_hash);
     let Some(key) = read_key(c, key_hash)? else {
         return Err(LedgerError::KeyNotFound);
     };
-    let debit = key.available_msat();
+    let debit = key.available_msat().saturating_sub(held);
     if debit == 0 {
         return Ok(None);
     }
@@ -951,6 +978,8 @@ pub(crate) fn key_info_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Resu
     })
 }
 
+/// A key's row as the ledger file holds it: `reserved_msat` is only what an older node left there
+/// (see `with_holds`).
 fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerError> {
     Ok(c.prepare_cached(
         "SELECT balance_msat, reserved_msat, spent_msat, requests, mint_url, refund_address, expiry_time, revoked
@@ -958,6 +987,54 @@ fn read_key(c: &Connection, key_hash: &str) -> Result<Option<KeyInfo>, LedgerErr
     )?
     .query_row([key_hash], |r| key_info_at(r, 0))
     .optional()?)
+}
+
+/// A key's row with what its running requests hold.
+fn with_holds(mut info: KeyInfo, holds: &Holds, key_hash: &str) -> KeyInfo {
+    info.reserved_msat = info.reserved_msat.saturating_add(holds.reserved_of(key_hash));
+    info
+}
+
+fn account_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Account> {
+    let (balance, reserved): (i64, i64) = (r.get(first)?, r.get(first + 1)?);
+    Ok(Account {
+        free_msat: to_u64(balance).saturating_sub(to_u64(reserved)),
+        revoked: r.get::<_, i64>(first + 2)? != 0,
+    })
+}
+
+/// What a reservation needs of a key's row.
+fn read_account(c: &Connection, key_hash: &str) -> Result<Option<Account>, LedgerError> {
+    Ok(c.prepare_cached("SELECT balance_msat, reserved_msat, revoked FROM keys WHERE key_hash = ?1")?
+        .query_row([key_hash], |r| account_at(r, 0))
+        .optional()?)
+}
+
+/// After each job, on the writer: the copies of the keys it changed or seized follow their rows
+/// (see `holds`). Should a row not read back, every copy is dropped and read again when needed.
+fn refresh_copies(c: &Connection, holds: &Holds, changed: &[i64]) {
+    let seized = holds.take_seized();
+    if changed.is_empty() && seized.is_empty() {
+        return;
+    }
+    let refreshed = (|| -> Result<(), LedgerError> {
+        let mut by_rowid =
+            c.prepare_cached("SELECT key_hash, balance_msat, reserved_msat, revoked FROM keys WHERE rowid = ?1")?;
+        for rowid in changed {
+            let row = by_rowid.query_row([rowid], |r| Ok((r.get::<_, String>(0)?, account_at(r, 1)?))).optional()?;
+            if let Some((key_hash, account)) = row {
+                holds.refresh(&key_hash, Some(account));
+            }
+        }
+        for key_hash in &seized {
+            holds.refresh(key_hash, read_account(c, key_hash)?);
+        }
+        Ok(())
+    })();
+    if let Err(e) = refreshed {
+        tracing::warn!(error = %e, "ledger: keys changed by a job could not be read back; their copies are read again");
+        holds.forget_copies();
+    }
 }
 
 /// The charge recorded for a request that already ended, if it did.
@@ -971,22 +1048,24 @@ fn ended_charge(c: &Connection, request_id: &str) -> Result<Option<u64>, LedgerE
 
 /// Ends a reservation exactly once: `Some(cost)` charges, `None` releases. Runs without a
 /// savepoint (`Undo::FailStop`): every check comes before the first write.
-fn end_reservation(c: &Connection, r: &Reservation, cost: Option<u64>, note: &str) -> Result<Settled, LedgerError> {
+fn end_reservation(
+    c: &Connection,
+    holds: &Holds,
+    r: &Reservation,
+    cost: Option<u64>,
+    note: &str,
+) -> Result<Settled, LedgerError> {
     let already = |charged: u64| Settled { charged_msat: charged, uncollected_msat: 0, first_time: false };
-    let key = read_key(c, &r.key_hash)?.ok_or(LedgerError::KeyNotFound)?;
-    if key.reserved_msat < r.amount_msat {
+    let account = read_account(c, &r.key_hash)?.ok_or(LedgerError::KeyNotFound)?;
+    // The hold is released and the charge taken from the key's copy in one step (see `holds`).
+    let Some(charge) = holds.end(&r.key_hash, &r.request_id, r.amount_msat, account.free_msat, cost) else {
         // Not held (any more): ended before, or never reserved.
         return match ended_charge(c, &r.request_id)? {
             Some(charged) => Ok(already(charged)),
             None => Err(LedgerError::Schema(format!("no reservation held for request {}", r.request_id))),
         };
-    }
-    let wanted = cost.unwrap_or(0);
-    // The reservation itself plus whatever else is free on the key.
-    let collectable = r.amount_msat.saturating_add(key.available_msat());
-    let charged = wanted.min(collectable);
-    let uncollected = wanted - charged;
-    let now = now_secs();
+    };
+    let (charged, uncollected) = (charge.charged_msat, charge.uncollected_msat);
     let recorded = c
         .prepare_cached(
             "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, uncollected_msat, model,
@@ -1004,18 +1083,19 @@ fn end_reservation(c: &Connection, r: &Reservation, cost: Option<u64>, note: &st
             r.model,
             note,
             r.created_at,
-            now
+            now_secs()
         ])?;
     if recorded == 0 {
-        // Ended before: the first end's charge stands.
+        // A record under this request's id already (ids are the node's own, so not expected):
+        // the first one stands; the copy, lowered by the charge, is read back from the row.
+        holds.seize(&r.key_hash);
         return Ok(already(ended_charge(c, &r.request_id)?.unwrap_or(0)));
     }
     c.prepare_cached(
-        "UPDATE keys SET reserved_msat = reserved_msat - ?2, open_requests = MAX(open_requests - 1, 0),
-             balance_msat = balance_msat - ?3, spent_msat = spent_msat + ?3, requests = requests + ?4
+        "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
          WHERE key_hash = ?1",
     )?
-    .execute(params![r.key_hash, to_i64(r.amount_msat), to_i64(charged), i64::from(cost.is_some())])?;
+    .execute(params![r.key_hash, to_i64(charged), i64::from(cost.is_some())])?;
     if uncollected > 0 {
         tracing::warn!(request_id = %r.request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
     }

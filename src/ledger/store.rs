@@ -1,11 +1,11 @@
 //! The ledger's writer thread: one SQLite connection, jobs from a queue, group commit.
 //!
 //! Jobs run strictly in the order they were submitted, each seeing every earlier job's changes,
-//! inside one open transaction (each job in its own savepoint, but for the two hot-path jobs,
-//! see `Undo`). The transaction commits when the syncer is free to sync it, so a busy node
-//! commits and fsyncs about once per fsync time (at most once a millisecond), whatever the number
-//! of requests; one that holds nothing anyone waits for (only reservations) waits for the next
-//! job that someone does, up to `VISIBLE_LINGER`.
+//! inside one open transaction (each job in its own savepoint, but for the hot-path one, ending
+//! a request's reservation, see `Undo`). The transaction commits when the syncer is free to sync
+//! it, so a busy node commits and fsyncs about once per fsync time (at most once a millisecond),
+//! whatever the number of requests; one that holds nothing anyone waits for (only `Visible` jobs)
+//! waits for the next job that someone does, up to `VISIBLE_LINGER`.
 //!
 //! With `LEDGER_SYNC=full` the fsync is pipelined: SQLite commits without syncing
 //! (`synchronous=NORMAL`) and a second thread, the syncer, fsyncs the write-ahead log and only
@@ -17,9 +17,8 @@
 //!
 //! A `Durable` job is answered once its commit is on disk (to the `LEDGER_SYNC` level). A
 //! `Visible` job is answered as soon as it ran: later jobs see its change, which reaches the disk
-//! with its commit. Reservations are `Visible` (losing one to a crash is the same as releasing it
-//! at the next start, which happens to every open reservation anyway); everything that moves money
-//! for good is `Durable`. A transaction is never rolled back behind an answered job: a storage
+//! with its commit (a reservation reading a key's row is one; it writes nothing). Everything that
+//! moves money is `Durable`. A transaction is never rolled back behind an answered job: a storage
 //! error that would undo more than one job's own savepoint, a failed commit or a failed fsync
 //! stops the process (fail-stop), and the restart recovers from what the disk holds.
 
@@ -27,7 +26,7 @@ use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -75,18 +74,23 @@ const MAX_BATCH: usize = 256;
 /// Most jobs waiting for the writer; callers wait for room beyond that (backpressure).
 const QUEUE_DEPTH: usize = 8192;
 
+/// Told on the writer, after every job (and before its caller is answered), which rows of `keys`
+/// the job changed: their rowids, changes the job undid included.
+pub type AfterJob = Box<dyn FnMut(&Connection, &[i64]) + Send>;
+
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::SyncSender<Job>,
 }
 
 impl Store {
-    pub fn open(path: &Path, sync: LedgerSync) -> Result<Store, LedgerError> {
+    pub fn open(path: &Path, sync: LedgerSync, after_job: AfterJob) -> Result<Store, LedgerError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| LedgerError::Io(e.to_string()))?;
             }
         }
+        let in_use = lock_exclusively(path)?;
         let conn = open_connection(path)?;
         let wal = wal_path(&conn)?;
         if wal.is_none() || sync == LedgerSync::Normal {
@@ -106,10 +110,14 @@ impl Store {
             }
             _ => Durability::AtCommit,
         };
+        let watch = KeysWatch::install(&conn, after_job)?;
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("ledger-writer".into())
-            .spawn(move || writer_loop(conn, rx, durability))
+            .spawn(move || {
+                writer_loop(conn, rx, durability, watch);
+                drop(in_use);
+            })
             .map_err(|e| LedgerError::Io(e.to_string()))?;
         Ok(Store { jobs: tx })
     }
@@ -236,6 +244,43 @@ where
     }
 }
 
+/// How long opening waits for another holder of the ledger to let go (a node restarting while
+/// the previous one still closes its ledger).
+pub(super) const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// One node per ledger file: running requests' holds live in the memory of the node that writes
+/// it, so another process writing the same file could pay out money they hold. An exclusive lock
+/// on `<ledger>.lock`, held until the writer has committed its last job; readers (the `wallet`
+/// command) do not take it.
+fn lock_exclusively(path: &Path) -> Result<File, LedgerError> {
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| LedgerError::Io(format!("cannot open {}: {e}", lock_path.display())))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::Io(format!(
+                    "the ledger {} is in use by another node (it holds {})",
+                    path.display(),
+                    lock_path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(LedgerError::Io(format!("cannot lock {}: {e}", lock_path.display())))
+            }
+        }
+    }
+}
+
 fn open_connection(path: &Path) -> Result<Connection, LedgerError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
@@ -269,7 +314,7 @@ fn restrict_permissions(path: &Path) {
 fn restrict_permissions(_path: &Path) {}
 
 fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
-    // Cached statements: they run around nearly every job (all but the two hot-path ones).
+    // Cached statements: they run around nearly every job (all but the hot-path one).
     conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     // Should the savepoint not close, the job's changes (or its half-done ones) would commit
     // with the transaction whatever its caller was told.
@@ -286,6 +331,30 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, L
             }
             Err(e)
         }
+    }
+}
+
+/// Which rows of `keys` each job changes (SQLite's update hook), handed to `AfterJob`.
+struct KeysWatch {
+    changed: Arc<Mutex<Vec<i64>>>,
+    after_job: AfterJob,
+}
+
+impl KeysWatch {
+    fn install(conn: &Connection, after_job: AfterJob) -> Result<KeysWatch, LedgerError> {
+        let changed = Arc::new(Mutex::new(Vec::new()));
+        let sink = changed.clone();
+        conn.update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
+            if table == "keys" {
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push(rowid);
+            }
+        }))?;
+        Ok(KeysWatch { changed, after_job })
+    }
+
+    fn job_done(&mut self, conn: &Connection) {
+        let changed = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|p| p.into_inner()));
+        (self.after_job)(conn, &changed);
     }
 }
 
@@ -378,9 +447,9 @@ const MAX_TRANSACTION: usize = 4096;
 /// requests. A quiet node commits at once; nobody's answer waits on this but `Durable` ones.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
-/// Longest a transaction holding only `Visible` jobs (reservations) stays open. Nobody waits on
-/// its commit, and a reservation lost to a crash is released at the next start anyway, so it
-/// waits for the job that ends it: one commit per request instead of two on a quiet node.
+/// Longest a transaction holding only `Visible` jobs stays open. Nobody waits on its commit, so
+/// it waits for a job that someone does (a request reading its key's row is followed by the job
+/// that ends it): one commit per request instead of two on a quiet node.
 pub(super) const VISIBLE_LINGER: Duration = Duration::from_millis(50);
 
 /// The writer: runs jobs as they come, in one open transaction, and commits it when the syncer
@@ -390,7 +459,7 @@ pub(super) const VISIBLE_LINGER: Duration = Duration::from_millis(50);
 /// changed page) about once per fsync or interval, not once per batch. A transaction nobody
 /// waits on (only `Visible` jobs) commits after `VISIBLE_LINGER`, or with the next one that
 /// someone waits on.
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability) {
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability, mut watch: KeysWatch) {
     let mut opened_at: Option<Instant> = None;
     let mut jobs_in_transaction = 0usize;
     let mut durable: Vec<Reply> = Vec::new();
@@ -433,7 +502,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
             }
             let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
             for job in batch {
-                run_job(&conn, job, &mut durable);
+                run_job(&conn, job, &mut durable, &mut watch);
                 jobs_in_transaction += 1;
             }
         }
@@ -461,7 +530,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
 
 /// Runs one job inside the open transaction: a `Visible` job is answered at once, a `Durable`
 /// one once its commit is on disk.
-fn run_job(conn: &Connection, job: Job, durable: &mut Vec<Reply>) {
+fn run_job(conn: &Connection, job: Job, durable: &mut Vec<Reply>, watch: &mut KeysWatch) {
     let Ran { reply, poisons } = (job.run)(conn);
     if poisons || conn.is_autocommit() {
         // A storage error without a savepoint (its half-done changes cannot be told apart from
@@ -469,6 +538,7 @@ fn run_job(conn: &Connection, job: Job, durable: &mut Vec<Reply>) {
         // jobs already answered `Visible` from it would be undone behind their callers' backs.
         fail_stop("a storage error in the middle of a transaction");
     }
+    watch.job_done(conn);
     if job.durable {
         durable.push(reply);
     } else {
