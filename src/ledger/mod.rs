@@ -350,7 +350,7 @@ impl Ledger {
     ) -> impl std::future::Future<Output = Result<(), LedgerError>> + Send + 'static {
         let (reservation, note, holds) = (reservation.clone(), note.to_owned(), self.holds.clone());
         self.store.submit_detached(
-            Answer::Durable,
+            Answer::Background,
             Undo::FailStop,
             move |c| end_reservation(c, &holds, &reservation, cost_msat, &note),
             done,

@@ -46,7 +46,7 @@ struct Ran {
 
 struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
-    durable: bool,
+    answer: Answer,
 }
 
 /// How a job's partial changes are undone when it fails.
@@ -65,6 +65,10 @@ pub enum Undo {
 pub enum Answer {
     /// Once its commit is on disk.
     Durable,
+    /// Once its commit is on disk, for a caller that does not wait for it (a key holder's
+    /// charge, answered before it is durable): the commit may wait up to `BACKGROUND_LINGER`
+    /// for others to join it.
+    Background,
     /// As soon as it ran (its change is visible to later jobs, on disk with its commit).
     Visible,
 }
@@ -81,6 +85,8 @@ pub type AfterJob = Box<dyn FnMut(&Connection, &[i64]) + Send>;
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::SyncSender<Job>,
+    /// Woken for every job someone waits for; `Background` jobs let it sleep (see `writer_loop`).
+    writer: std::thread::Thread,
 }
 
 impl Store {
@@ -112,14 +118,14 @@ impl Store {
         };
         let watch = KeysWatch::install(&conn, after_job)?;
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
                 writer_loop(conn, rx, durability, watch);
                 drop(in_use);
             })
             .map_err(|e| LedgerError::Io(e.to_string()))?;
-        Ok(Store { jobs: tx })
+        Ok(Store { jobs: tx, writer: writer.thread().clone() })
     }
 
     /// Runs `f` on the writer thread in its own savepoint; resolves after the batch committed.
@@ -194,11 +200,19 @@ impl Store {
     /// among those callers is not kept).
     #[allow(clippy::type_complexity)]
     fn queue(&self, job: Job) -> Result<Option<Box<dyn FnOnce() -> Result<(), LedgerError> + Send>>, LedgerError> {
+        let writer = (job.answer != Answer::Background).then(|| self.writer.clone());
         match self.jobs.try_send(job) {
-            Ok(()) => Ok(None),
+            Ok(()) => {
+                writer.inspect(std::thread::Thread::unpark);
+                Ok(None)
+            }
             Err(mpsc::TrySendError::Full(job)) => {
                 let jobs = self.jobs.clone();
-                Ok(Some(Box::new(move || jobs.send(job).map_err(|_| LedgerError::Closed))))
+                Ok(Some(Box::new(move || {
+                    jobs.send(job).map_err(|_| LedgerError::Closed)?;
+                    writer.inspect(std::thread::Thread::unpark);
+                    Ok(())
+                })))
             }
             Err(mpsc::TrySendError::Disconnected(_)) => Err(LedgerError::Closed),
         }
@@ -240,7 +254,7 @@ where
             let poisons = undo == Undo::FailStop && matches!(result, Err(LedgerError::Sqlite(_)));
             Ran { reply: Box::new(move || deliver(result)), poisons }
         }),
-        durable: answer == Answer::Durable,
+        answer,
     }
 }
 
@@ -452,17 +466,37 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 /// that ends it): one commit per request instead of two on a quiet node.
 pub(super) const VISIBLE_LINGER: Duration = Duration::from_millis(50);
 
+/// Longest a transaction whose durable jobs nobody waits for (`Background`: key holders'
+/// charges) stays open gathering more. A quiet node would otherwise write, commit and fsync once
+/// per request, and wake two threads for it; this way one commit covers the requests of 10 ms.
+/// A job someone waits for (`Durable`) ends the wait: it commits with everything before it.
+pub(super) const BACKGROUND_LINGER: Duration = Duration::from_millis(10);
+
+/// How long a transaction stays open before it may commit, given what it holds.
+fn linger(opened: Instant, hurried: bool, durable_jobs: bool) -> Duration {
+    let linger = match (hurried, durable_jobs) {
+        (true, _) => return Duration::ZERO,
+        (false, true) => BACKGROUND_LINGER,
+        (false, false) => VISIBLE_LINGER,
+    };
+    linger.saturating_sub(opened.elapsed())
+}
+
 /// The writer: runs jobs as they come, in one open transaction, and commits it when the syncer
 /// is free to sync it (at once with `LEDGER_SYNC=normal`) and `COMMIT_INTERVAL` has passed since
 /// the last commit. While the syncer is busy with the previous commit there is nothing to gain
 /// from committing, so jobs gather in the transaction: a busy node commits (and writes each
 /// changed page) about once per fsync or interval, not once per batch. A transaction nobody
-/// waits on (only `Visible` jobs) commits after `VISIBLE_LINGER`, or with the next one that
-/// someone waits on.
+/// waits on commits after `VISIBLE_LINGER` (only `Visible` jobs) or `BACKGROUND_LINGER`, or with
+/// the next job someone waits on. While `Background` jobs linger the writer sleeps: more of them
+/// queue without waking it (each wake-up costs both threads a switch), and a job someone waits
+/// for wakes it (`Store::queue`).
 fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability, mut watch: KeysWatch) {
     let mut opened_at: Option<Instant> = None;
     let mut jobs_in_transaction = 0usize;
     let mut durable: Vec<Reply> = Vec::new();
+    // Whether someone waits for this transaction's commit (a `Durable` job).
+    let mut hurried = false;
     let mut last_commit: Option<Instant> = None;
     let interval_left =
         |last: Option<Instant>| last.map_or(Duration::ZERO, |t| COMMIT_INTERVAL.saturating_sub(t.elapsed()));
@@ -472,9 +506,18 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
                 Ok(job) => Some(job),
                 Err(_) => break,
             },
+            Some(opened) if !durable.is_empty() && !hurried && !linger(opened, false, true).is_zero() => {
+                std::thread::park_timeout(linger(opened, false, true));
+                match rx.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => break,
+                }
+            }
             Some(opened) => {
-                let wait = if durable.is_empty() {
-                    VISIBLE_LINGER.saturating_sub(opened.elapsed())
+                let lingering = linger(opened, hurried, !durable.is_empty());
+                let wait = if !lingering.is_zero() || durable.is_empty() {
+                    lingering
                 } else {
                     let left = interval_left(last_commit);
                     if left.is_zero() {
@@ -502,13 +545,16 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
             }
             let batch = std::iter::once(first).chain(rx.try_iter().take(MAX_BATCH - 1));
             for job in batch {
+                hurried |= job.answer == Answer::Durable;
                 run_job(&conn, job, &mut durable, &mut watch);
                 jobs_in_transaction += 1;
             }
         }
         let Some(opened) = opened_at else { continue };
-        let due = if durable.is_empty() {
-            opened.elapsed() >= VISIBLE_LINGER
+        let due = if !linger(opened, hurried, !durable.is_empty()).is_zero() {
+            false
+        } else if durable.is_empty() {
+            true
         } else {
             let free = match &durability {
                 Durability::AtCommit => true,
@@ -520,6 +566,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
             last_commit = Some(Instant::now());
             commit(&conn, &durability, std::mem::take(&mut durable));
             opened_at = None;
+            hurried = false;
             jobs_in_transaction = 0;
         }
     }
@@ -539,7 +586,7 @@ fn run_job(conn: &Connection, job: Job, durable: &mut Vec<Reply>, watch: &mut Ke
         fail_stop("a storage error in the middle of a transaction");
     }
     watch.job_done(conn);
-    if job.durable {
+    if job.answer != Answer::Visible {
         durable.push(reply);
     } else {
         reply();

@@ -677,3 +677,30 @@ async fn a_refused_debit_gives_the_key_its_copy_back() {
     assert_eq!(ledger.holds.try_reserve("k1", "r2", 6_000).unwrap(), Admission::Held);
     ledger.settle(&running, 4_000, "ok").await.unwrap();
 }
+
+/// Key holders' charges (nobody waits for their commit) gather for a while before one commit
+/// covers them all; a job someone waits for commits them at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_charges_share_a_commit_unless_someone_waits() {
+    let path = temp_path("background");
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 100_000).await;
+    let reader = open_reader(&path).unwrap();
+    let charged_on_disk = || read_totals(&reader).unwrap().charged_msat;
+
+    let queued_at = std::time::Instant::now();
+    for i in 0..3 {
+        let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
+        ledger.end_detached(&r, Some(100), "ok", |_| {}).await.unwrap();
+    }
+    if queued_at.elapsed() < store::BACKGROUND_LINGER / 2 {
+        assert_eq!(charged_on_disk(), 0, "committed before the linger");
+    }
+    tokio::time::sleep(store::BACKGROUND_LINGER * 5).await;
+    assert_eq!(charged_on_disk(), 300, "committed after the linger, nothing else needed");
+
+    let r = ledger.reserve("k1", "r3", 1_000, "m").await.unwrap();
+    ledger.end_detached(&r, Some(100), "ok", |_| {}).await.unwrap();
+    ledger.flush().await.unwrap();
+    assert_eq!(charged_on_disk(), 400, "a job someone waits for commits everything before it");
+}

@@ -319,11 +319,16 @@ impl Harness {
 
     pub async fn wait_until_settled(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Running requests hold reservations in the node's memory, counted by its /metrics (a
+        // stopped node runs none).
+        while self.running_requests().await.is_some_and(|n| n > 0) {
+            assert!(Instant::now() < deadline, "requests kept running");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         loop {
-            // The node commits within a few milliseconds of its last job (a millisecond apart at
-            // most, once the previous fsync is done): nothing running, and the file unchanged for
-            // far longer than that, means the requests answered so far are all on disk, even one
-            // whose reservation had not reached it yet when first looked at.
+            // The node commits within a few tens of milliseconds of its last job (key holders'
+            // charges gather for 10 ms): the file unchanged for far longer than that means the
+            // requests answered so far are all on disk.
             let before = self.totals();
             if before.open_reservations == 0 {
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -334,6 +339,12 @@ impl Harness {
             assert!(Instant::now() < deadline, "reservations stayed open");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Requests the node is running (`None` when it does not answer).
+    async fn running_requests(&self) -> Option<u64> {
+        let metrics = self.http.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
+        metrics.lines().find_map(|l| l.strip_prefix("routstr_reservations_open ")).and_then(|n| n.trim().parse().ok())
     }
 }
 
