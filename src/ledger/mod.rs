@@ -23,7 +23,7 @@ mod store;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -258,9 +258,15 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn open(path: &Path, sync: LedgerSync) -> Result<Ledger, LedgerError> {
+        Ledger::open_lingering(path, sync, store::BACKGROUND_LINGER)
+    }
+
+    /// `open`, with key holders' charges gathered for `background_linger` before their commit.
+    fn open_lingering(path: &Path, sync: LedgerSync, background_linger: Duration) -> Result<Ledger, LedgerError> {
         let holds = Arc::new(Holds::default());
         let watched = holds.clone();
-        let store = Store::open(path, sync, Box::new(move |c, changed| refresh_copies(c, &watched, changed)))?;
+        let after_job = Box::new(move |c: &Connection, changed: &[i64]| refresh_copies(c, &watched, changed));
+        let store = Store::open(path, sync, after_job, background_linger)?;
         Ok(Ledger { store, holds })
     }
 

@@ -4,8 +4,9 @@
 //! inside one open transaction (each job in its own savepoint, but for the hot-path one, ending
 //! a request's reservation, see `Undo`). The transaction commits when the syncer is free to sync
 //! it, so a busy node commits and fsyncs about once per fsync time (at most once a millisecond),
-//! whatever the number of requests; one that holds nothing anyone waits for (only `Visible` jobs)
-//! waits for the next job that someone does, up to `VISIBLE_LINGER`.
+//! whatever the number of requests; one that holds nothing anyone waits for (only `Visible` jobs,
+//! or `Background` ones: key holders' charges) waits for the next job that someone does, up to
+//! `VISIBLE_LINGER` or `BACKGROUND_LINGER`.
 //!
 //! With `LEDGER_SYNC=full` the fsync is pipelined: SQLite commits without syncing
 //! (`synchronous=NORMAL`) and a second thread, the syncer, fsyncs the write-ahead log and only
@@ -18,7 +19,7 @@
 //! A `Durable` job is answered once its commit is on disk (to the `LEDGER_SYNC` level). A
 //! `Visible` job is answered as soon as it ran: later jobs see its change, which reaches the disk
 //! with its commit (a reservation reading a key's row is one; it writes nothing). Everything that
-//! moves money is `Durable`. A transaction is never rolled back behind an answered job: a storage
+//! moves money is `Durable`, or `Background` when its caller does not wait for the disk. A transaction is never rolled back behind an answered job: a storage
 //! error that would undo more than one job's own savepoint, a failed commit or a failed fsync
 //! stops the process (fail-stop), and the restart recovers from what the disk holds.
 
@@ -90,7 +91,14 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(path: &Path, sync: LedgerSync, after_job: AfterJob) -> Result<Store, LedgerError> {
+    /// Opens the ledger; `Background` jobs linger `background_linger` (`BACKGROUND_LINGER`, but
+    /// tests stretch it).
+    pub fn open(
+        path: &Path,
+        sync: LedgerSync,
+        after_job: AfterJob,
+        background_linger: Duration,
+    ) -> Result<Store, LedgerError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| LedgerError::Io(e.to_string()))?;
@@ -121,7 +129,7 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, durability, watch);
+                writer_loop(conn, rx, durability, watch, background_linger);
                 drop(in_use);
             })
             .map_err(|e| LedgerError::Io(e.to_string()))?;
@@ -458,7 +466,8 @@ const MAX_TRANSACTION: usize = 4096;
 /// Shortest time from one commit to the next. A commit writes every page its jobs changed, and
 /// under load most of them are the same few pages (a key's row, the ends of the request record
 /// and its index): gathering a millisecond of jobs writes each of them once, not once per few
-/// requests. A quiet node commits at once; nobody's answer waits on this but `Durable` ones.
+/// requests. A quiet node commits a `Durable` job at once; nobody's answer waits on this but
+/// `Durable` ones.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Longest a transaction holding only `Visible` jobs stays open. Nobody waits on its commit, so
@@ -473,10 +482,10 @@ pub(super) const VISIBLE_LINGER: Duration = Duration::from_millis(50);
 pub(super) const BACKGROUND_LINGER: Duration = Duration::from_millis(10);
 
 /// How long a transaction stays open before it may commit, given what it holds.
-fn linger(opened: Instant, hurried: bool, durable_jobs: bool) -> Duration {
+fn linger(opened: Instant, hurried: bool, durable_jobs: bool, background: Duration) -> Duration {
     let linger = match (hurried, durable_jobs) {
         (true, _) => return Duration::ZERO,
-        (false, true) => BACKGROUND_LINGER,
+        (false, true) => background,
         (false, false) => VISIBLE_LINGER,
     };
     linger.saturating_sub(opened.elapsed())
@@ -491,7 +500,13 @@ fn linger(opened: Instant, hurried: bool, durable_jobs: bool) -> Duration {
 /// the next job someone waits on. While `Background` jobs linger the writer sleeps: more of them
 /// queue without waking it (each wake-up costs both threads a switch), and a job someone waits
 /// for wakes it (`Store::queue`).
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability, mut watch: KeysWatch) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    durability: Durability,
+    mut watch: KeysWatch,
+    background_linger: Duration,
+) {
     let mut opened_at: Option<Instant> = None;
     let mut jobs_in_transaction = 0usize;
     let mut durable: Vec<Reply> = Vec::new();
@@ -506,16 +521,27 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
                 Ok(job) => Some(job),
                 Err(_) => break,
             },
-            Some(opened) if !durable.is_empty() && !hurried && !linger(opened, false, true).is_zero() => {
-                std::thread::park_timeout(linger(opened, false, true));
-                match rx.try_recv() {
+            Some(opened)
+                if !durable.is_empty() && !hurried && !linger(opened, false, true, background_linger).is_zero() =>
+            {
+                // Jobs already queued first (more than a batch, or one someone waits for whose
+                // wake-up the last park used up); then sleep. A job queued after the look is
+                // queued before its unpark, which then ends the sleep or prevents it.
+                let job = match rx.try_recv() {
+                    Err(mpsc::TryRecvError::Empty) => {
+                        std::thread::park_timeout(linger(opened, false, true, background_linger));
+                        rx.try_recv()
+                    }
+                    queued => queued,
+                };
+                match job {
                     Ok(job) => Some(job),
                     Err(mpsc::TryRecvError::Empty) => None,
                     Err(mpsc::TryRecvError::Disconnected) => break,
                 }
             }
             Some(opened) => {
-                let lingering = linger(opened, hurried, !durable.is_empty());
+                let lingering = linger(opened, hurried, !durable.is_empty(), background_linger);
                 let wait = if !lingering.is_zero() || durable.is_empty() {
                     lingering
                 } else {
@@ -551,7 +577,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>, durability: Durability
             }
         }
         let Some(opened) = opened_at else { continue };
-        let due = if !linger(opened, hurried, !durable.is_empty()).is_zero() {
+        let due = if !linger(opened, hurried, !durable.is_empty(), background_linger).is_zero() {
             false
         } else if durable.is_empty() {
             true

@@ -678,29 +678,43 @@ async fn a_refused_debit_gives_the_key_its_copy_back() {
     ledger.settle(&running, 4_000, "ok").await.unwrap();
 }
 
-/// Key holders' charges (nobody waits for their commit) gather for a while before one commit
-/// covers them all; a job someone waits for commits them at once.
+/// Key holders' charges (nobody waits for their commit) gather before one commit covers them
+/// all; a job that waits for the disk commits them at once, however many are queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_charges_share_a_commit_unless_someone_waits() {
     let path = temp_path("background");
-    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
-    funded(&ledger, "t1", "k1", 100_000).await;
+    let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
+    funded(&ledger, "t1", "k1", 1_000_000).await;
     let reader = open_reader(&path).unwrap();
     let charged_on_disk = || read_totals(&reader).unwrap().charged_msat;
 
-    let queued_at = std::time::Instant::now();
-    for i in 0..3 {
+    // One, to put the writer to sleep; then more than a batch (the writer takes 256 jobs at a
+    // time) queue behind it.
+    for i in 0..301 {
         let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
         ledger.end_detached(&r, Some(100), "ok", |_| {}).await.unwrap();
+        if i == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
-    if queued_at.elapsed() < store::BACKGROUND_LINGER / 2 {
-        assert_eq!(charged_on_disk(), 0, "committed before the linger");
-    }
-    tokio::time::sleep(store::BACKGROUND_LINGER * 5).await;
-    assert_eq!(charged_on_disk(), 300, "committed after the linger, nothing else needed");
-
-    let r = ledger.reserve("k1", "r3", 1_000, "m").await.unwrap();
-    ledger.end_detached(&r, Some(100), "ok", |_| {}).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(charged_on_disk(), 0, "committed before the linger, with nobody waiting");
+    let flushed_at = std::time::Instant::now();
     ledger.flush().await.unwrap();
-    assert_eq!(charged_on_disk(), 400, "a job someone waits for commits everything before it");
+    assert!(flushed_at.elapsed() < Duration::from_secs(5), "the flush waited out the linger");
+    assert_eq!(charged_on_disk(), 30_100);
+    drop(ledger);
+
+    // With the node's linger, charges alone reach the disk soon after.
+    let path = temp_path("background-default");
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 100_000).await;
+    let reader = open_reader(&path).unwrap();
+    let r = ledger.reserve("k1", "r", 1_000, "m").await.unwrap();
+    ledger.end_detached(&r, Some(100), "ok", |_| {}).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while read_totals(&reader).unwrap().charged_msat != 100 {
+        assert!(std::time::Instant::now() < deadline, "a lone charge never committed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -328,23 +328,31 @@ impl Harness {
         loop {
             // The node commits within a few tens of milliseconds of its last job (key holders'
             // charges gather for 10 ms): the file unchanged for far longer than that means the
-            // requests answered so far are all on disk.
+            // requests answered so far are all on disk. (Reading /metrics above commits them
+            // too: its totals are a job that waits for the disk.)
             let before = self.totals();
-            if before.open_reservations == 0 {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                if self.totals() == before {
-                    return;
-                }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if self.totals() == before {
+                return;
             }
-            assert!(Instant::now() < deadline, "reservations stayed open");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(Instant::now() < deadline, "the ledger kept changing");
         }
     }
 
-    /// Requests the node is running (`None` when it does not answer).
+    /// Requests the node is running: `None` when it is stopped, or limits this client's rate.
     async fn running_requests(&self) -> Option<u64> {
-        let metrics = self.http.get(self.url("/metrics")).send().await.ok()?.text().await.ok()?;
-        metrics.lines().find_map(|l| l.strip_prefix("routstr_reservations_open ")).and_then(|n| n.trim().parse().ok())
+        let resp = match self.http.get(self.url("/metrics")).send().await {
+            Ok(resp) => resp,
+            Err(e) if e.is_connect() => return None,
+            Err(e) => panic!("/metrics: {e}"),
+        };
+        if resp.status() == 429 {
+            return None;
+        }
+        assert_eq!(resp.status(), 200, "/metrics");
+        let metrics = resp.text().await.expect("/metrics");
+        let open = metrics.lines().find_map(|l| l.strip_prefix("routstr_reservations_open "));
+        Some(open.and_then(|n| n.trim().parse().ok()).expect("routstr_reservations_open in /metrics"))
     }
 }
 
