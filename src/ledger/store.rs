@@ -19,9 +19,10 @@
 //! A `Durable` job is answered once its commit is on disk (to the `LEDGER_SYNC` level). A
 //! `Visible` job is answered as soon as it ran: later jobs see its change, which reaches the disk
 //! with its commit (a reservation reading a key's row is one; it writes nothing). Everything that
-//! moves money is `Durable`, or `Background` when its caller does not wait for the disk. A transaction is never rolled back behind an answered job: a storage
-//! error that would undo more than one job's own savepoint, a failed commit or a failed fsync
-//! stops the process (fail-stop), and the restart recovers from what the disk holds.
+//! moves money is `Durable`, or `Background` when its caller does not wait for the disk. A
+//! transaction is never rolled back behind an answered job: a storage error that would undo more
+//! than one job's own savepoint, a failed commit or a failed fsync stops the process
+//! (fail-stop), and the restart recovers from what the disk holds.
 
 use std::fs::File;
 use std::marker::PhantomData;
