@@ -55,9 +55,10 @@ fn options() -> Options {
         write: args.iter().any(|a| a == "--write"),
         seconds: value("--seconds").and_then(|s| s.parse().ok()).unwrap_or(if quick { 0.5 } else { 5.0 }),
         ledger_sync: value("--ledger-sync").unwrap_or_else(|| "full".into()),
+        // `--connections none`: only the below-saturation figure.
         connections: value("--connections")
             .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > 0).collect::<Vec<_>>())
-            .filter(|list| !list.is_empty())
+            .filter(|list| !list.is_empty() || value("--connections").as_deref() == Some("none"))
             .unwrap_or_else(|| vec![1, 64, 1024]),
         think_ms: value("--think-ms").and_then(|s| s.parse().ok()).filter(|&ms: &f64| ms > 0.0).unwrap_or(40.0),
     }
@@ -72,15 +73,52 @@ struct Target {
     body: Bytes,
     /// The process whose CPU time this target's requests are charged with.
     pid: u32,
+    /// The upstream's think time, in µs, chosen per request from this range (see `Thinking`).
+    think_us: Option<(u64, u64)>,
 }
 
 impl Target {
     fn request(&self) -> Request<Full<Bytes>> {
+        self.request_thinking(None)
+    }
+
+    /// The request, asking the stand-in upstream to wait `think_us` before answering.
+    fn request_thinking(&self, think_us: Option<u64>) -> Request<Full<Bytes>> {
         let mut req = Request::post(&self.path).header("host", &self.addr).header("content-type", "application/json");
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
+        if let Some(us) = think_us {
+            req = req.header(ANSWER_DELAY_HEADER, us);
+        }
         req.body(Full::new(self.body.clone())).expect("request")
+    }
+}
+
+/// The think times one connection asks for: evenly spread over the range, the same sequence for
+/// every target (seeded by the connection's number). Each latency is recorded less its request's
+/// think time, so the figures compare what each path adds, without the sampling noise of the
+/// think times themselves (with 20–60 ms drawn independently per path, the median of ≈ 7,500
+/// latencies moves by ≈ ±0.25 ms between paths by chance alone: as much as the target).
+struct Thinking {
+    range: (u64, u64),
+    state: u64,
+}
+
+impl Thinking {
+    fn new(range: (u64, u64), connection: usize) -> Thinking {
+        Thinking { range, state: 0x9e37_79b9_7f4a_7c15 ^ connection as u64 }
+    }
+
+    /// The next think time, in µs (splitmix64).
+    fn next_us(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let (low, high) = self.range;
+        low + z % (high - low + 1)
     }
 }
 
@@ -126,21 +164,24 @@ async fn load(target: &Target, connections: usize, duration: Duration) -> Loaded
     let cpu_before = cpu_seconds(target.pid);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for connection in 0..connections {
         let target = target.clone();
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(4096);
             let mut errors = 0u64;
+            let mut thinking = target.think_us.map(|range| Thinking::new(range, connection));
             let Some(mut sender) = try_connect(&target.addr).await else { return (latencies, 1) };
             while !stop.load(Ordering::Relaxed) {
+                let think_us = thinking.as_mut().map(Thinking::next_us);
                 let started = Instant::now();
-                match sender.send_request(target.request()).await {
+                match sender.send_request(target.request_thinking(think_us)).await {
                     Ok(resp) => {
                         let ok = resp.status().is_success();
                         let _ = resp.into_body().collect().await;
                         if ok {
-                            latencies.push(started.elapsed().as_nanos() as u64);
+                            let think_ns = think_us.unwrap_or(0) * 1000;
+                            latencies.push((started.elapsed().as_nanos() as u64).saturating_sub(think_ns));
                         } else {
                             errors += 1;
                         }
@@ -218,10 +259,10 @@ async fn interleaved<const N: usize>(targets: [&Target; N], connections: usize, 
 }
 
 /// The latency, throughput and CPU rows of one load figure (direct, bare proxy, node).
-fn load_rows(label: &str, [d, b, n]: &[Measured; 3], rows: &mut Vec<Row>, notes: &mut Vec<String>) {
+fn load_rows(label: &str, latency: &str, [d, b, n]: &[Measured; 3], rows: &mut Vec<Row>, notes: &mut Vec<String>) {
     for (what, p) in [("p50", 0.5), ("p99", 0.99)] {
         rows.push(Row {
-            what: format!("{what} latency, {label}"),
+            what: format!("{what} {latency}, {label}"),
             direct: percentile(&d.latencies, p),
             bare: Some(percentile(&b.latencies, p)),
             node: percentile(&n.latencies, p),
@@ -338,8 +379,33 @@ impl Row {
     }
 }
 
+/// `--help`: the options of the module documentation above.
+const USAGE: &str = "\
+What the node adds, measured against the same load sent directly to the upstream.
+
+Usage: cargo bench --bench proxy [-- OPTIONS]
+
+Options:
+  --quick                 a seconds-long smoke run (also ROUTSTR_BENCH_QUICK=1)
+  --write                 write the table to docs/benchmarks.md, above the analysis
+  --seconds N             seconds per load figure (default 5)
+  --ledger-sync full|normal
+                          the node's LEDGER_SYNC (default full)
+  --connections 1,64,1024 connection counts of the instant-upstream load figures
+                          (none: only the below-saturation figure)
+  --think-ms 40           the upstream's mean think time in the below-saturation figure
+                          (64 connections; each answer waits 0.5-1.5x this)
+
+Environment:
+  ROUTSTR_BENCH_NODE_ENV=\"NAME=value,...\"   extra environment for the node alone
+";
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return;
+    }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match args.iter().position(|a| a == "--bare-proxy") {
         // The floor: this same program, started again as a separate process (see `bare_proxy`).
@@ -458,6 +524,7 @@ async fn bench() {
         headers: vec![("authorization".into(), "Bearer x".into())],
         body: body.clone(),
         pid: std::process::id(),
+        think_us: None,
     };
     let via_bare = Target { addr: bare_addr.clone(), pid: bare.id().expect("bare proxy pid"), ..direct.clone() };
     let via_node = Target {
@@ -466,6 +533,7 @@ async fn bench() {
         headers: vec![("authorization".into(), format!("Bearer {key}"))],
         body: body.clone(),
         pid,
+        think_us: None,
     };
 
     let mut rows = Vec::new();
@@ -476,27 +544,21 @@ async fn bench() {
         load(&via_bare, conns, Duration::from_millis(200)).await;
         load(&via_node, conns, Duration::from_millis(200)).await;
         let measured = interleaved([&direct, &via_bare, &via_node], conns, secs).await;
-        load_rows(&format!("{conns} conn"), &measured, &mut rows, &mut notes);
+        load_rows(&format!("{conns} conn"), "latency", &measured, &mut rows, &mut notes);
     }
 
     // Below saturation: 64 connections again, the upstream now thinking about `--think-ms` per
     // answer (≈ 64 ÷ think time requests per second): the latency a client sees added by the
     // proxy itself rather than by queueing for the CPU. Each answer gets its own think time
     // (see `think_range_us`): clients that all wait the same time move in step, in bursts.
-    let (think_low, think_high) = think_range_us(opts.think_ms);
-    let think_us = format!("{think_low}-{think_high}");
-    let paced = |t: &Target| {
-        let mut t = t.clone();
-        t.headers.push((ANSWER_DELAY_HEADER.into(), think_us.clone()));
-        t
-    };
+    let paced = |t: &Target| Target { think_us: Some(think_range_us(opts.think_ms)), ..t.clone() };
     let (paced_direct, paced_bare, paced_node) = (paced(&direct), paced(&via_bare), paced(&via_node));
     for target in [&paced_direct, &paced_bare, &paced_node] {
         load(target, PACED_CONNECTIONS, Duration::from_millis(200)).await;
     }
     let measured = interleaved([&paced_direct, &paced_bare, &paced_node], PACED_CONNECTIONS, secs).await;
     let label = format!("{PACED_CONNECTIONS} conn, upstream {} ms", think_label(opts.think_ms));
-    load_rows(&label, &measured, &mut rows, &mut notes);
+    load_rows(&label, "latency beyond the upstream's think time", &measured, &mut rows, &mut notes);
 
     let streaming_body = Bytes::from_static(br#"{"model":"gpt-test","stream":true,"messages":[{"role":"user","content":"stream please"}],"max_tokens":600}"#);
     let chunks = if opts.quick { "50" } else { "500" };
@@ -580,7 +642,9 @@ async fn bench() {
         "Rows marked \"upstream {} ms\": the upstream takes that long before each answer (spread evenly over \
          the range), so {PACED_CONNECTIONS} connections offer at most ≈ {:.0} requests/s, well below what \
          the machine can serve: the difference to direct is mostly what the proxy adds to each request, not queueing \
-         for the CPU.",
+         for the CPU. Their latencies are each request's less the think time it asked the upstream for (the same \
+         sequence of think times on every path); the upstream sleeps on tokio's timer, which rounds up to its next \
+         millisecond, so even direct shows ≈ 0.5–1 ms.",
         think_label(opts.think_ms),
         PACED_CONNECTIONS as f64 * 1000.0 / opts.think_ms
     ));

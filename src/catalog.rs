@@ -290,7 +290,10 @@ pub async fn fetch_listing(client: &reqwest::Client, upstream: &Upstream) -> Opt
     let result = async {
         let resp = req.send().await.map_err(|e| e.without_url().to_string())?;
         let resp = resp.error_for_status().map_err(|e| e.without_url().to_string())?;
-        let body = crate::http::read_response(resp, MAX_LISTING_BYTES).await.map_err(|e| e.to_string())?;
+        let body = crate::proxy::client::UpstreamResponse::from(resp)
+            .read_whole(MAX_LISTING_BYTES)
+            .await
+            .map_err(|e| e.to_string())?;
         let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
         listing_from_json(v).ok_or_else(|| "no model list in the answer".to_owned())
     }

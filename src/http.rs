@@ -74,27 +74,6 @@ where
     }
 }
 
-/// Reads an upstream's answer whole, refusing more than `limit` bytes.
-pub async fn read_response(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, ApiError> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
-    }
-    let mut buf = bytes::BytesMut::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if buf.len() + chunk.len() > limit {
-                    return Err(ApiError::Upstream(format!("the upstream answer is larger than {limit} bytes")));
-                }
-                buf.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(buf.freeze()),
-            Err(e) if e.is_timeout() => return Err(ApiError::UpstreamTimeout),
-            Err(_) => return Err(ApiError::Upstream("the upstream connection failed".into())),
-        }
-    }
-}
-
 /// A response body fed by a task through a bounded channel: each chunk goes out as soon as it is
 /// sent, and the sender notices (`closed()`) when the client goes away.
 pub struct ChannelBody {

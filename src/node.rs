@@ -95,6 +95,8 @@ pub struct Node {
     pub policy: PricePolicy,
     pub rates: RateFeed,
     pub client: reqwest::Client,
+    /// Model requests to upstreams and providers (plain HTTP without reqwest's layer).
+    pub upstream_client: crate::proxy::client::UpstreamClient,
     catalog: RwLock<Arc<Catalog>>,
     /// Tor (onion service status, arti client), with ONION_SERVICE or TOR_OUTBOUND.
     pub tor: Option<Arc<crate::tor::Tor>>,
@@ -224,6 +226,13 @@ impl Node {
             .build()
             .map_err(|e| NodeError::Config(format!("HTTP client: {e}")))?;
 
+        let upstream_client = crate::proxy::client::UpstreamClient::new(
+            client.clone(),
+            settings.connect_timeout(),
+            settings.idle_timeout(),
+            tor.clone(),
+        );
+
         let rates = match settings.btc_usd_price {
             Some(usd) => RateFeed::fixed(
                 BtcRate::from_usd(usd)
@@ -254,6 +263,7 @@ impl Node {
             refresh_lock: tokio::sync::Mutex::new(()),
             policy,
             rates,
+            upstream_client,
             client,
             catalog: RwLock::new(Arc::new(Catalog::default())),
             tor,

@@ -91,8 +91,8 @@ pub struct Upstream {
     pub markup: Markup,
     consecutive_failures: AtomicU32,
     cooldown_until_ms: AtomicU64,
-    /// `url_for` of each of `COMMON_PATHS`, parsed at first use.
-    common_urls: [OnceLock<Option<reqwest::Url>>; COMMON_PATHS.len()],
+    /// `uri_for` of each of `COMMON_PATHS`, parsed at first use.
+    common_uris: [OnceLock<Option<hyper::Uri>>; COMMON_PATHS.len()],
 }
 
 /// The paths nearly every request goes to: their URLs are parsed once, not per request.
@@ -124,7 +124,7 @@ impl Upstream {
             name: spec.name,
             consecutive_failures: AtomicU32::new(0),
             cooldown_until_ms: AtomicU64::new(0),
-            common_urls: Default::default(),
+            common_uris: Default::default(),
         })
     }
 
@@ -138,10 +138,17 @@ impl Upstream {
         url
     }
 
-    /// `url_for(path, None)` already parsed, for the common paths; `None` for the others.
-    pub fn common_url(&self, path: &str, query: Option<&str>) -> Option<reqwest::Url> {
-        let i = COMMON_PATHS.iter().position(|p| *p == path).filter(|_| query.is_none())?;
-        self.common_urls[i].get_or_init(|| reqwest::Url::parse(&self.url_for(path, None)).ok()).clone()
+    /// `url_for` as a request URI (its query made valid the way a browser would); `None` when
+    /// it cannot be one. Parsed once for the common paths.
+    pub fn uri_for(&self, path: &str, query: Option<&str>) -> Option<hyper::Uri> {
+        let parse = || {
+            let url = reqwest::Url::parse(&self.url_for(path, query)).ok()?;
+            hyper::Uri::try_from(url.as_str()).ok()
+        };
+        match COMMON_PATHS.iter().position(|p| *p == path).filter(|_| query.is_none()) {
+            Some(i) => self.common_uris[i].get_or_init(parse).clone(),
+            None => parse(),
+        }
     }
 
     pub fn is_cooling_down(&self) -> bool {
@@ -222,13 +229,14 @@ mod tests {
         assert_eq!(u.url_for("/chat/completions", None), "http://127.0.0.1:9/v1/chat/completions");
         assert_eq!(u.url_for("models", Some("a=b")), "http://127.0.0.1:9/v1/models?a=b");
         assert_eq!(u.markup, Markup(11_000));
-        // The common paths' parsed URLs are the same URLs; other paths and queries are not cached.
+        // The common paths' URIs are parsed once, and are the same URLs; so are the others.
         for _ in 0..2 {
-            let url = u.common_url("chat/completions", None).expect("a common path");
-            assert_eq!(url.as_str(), u.url_for("chat/completions", None));
+            let uri = u.uri_for("chat/completions", None).expect("a common path");
+            assert_eq!(uri.to_string(), u.url_for("chat/completions", None));
         }
-        assert!(u.common_url("chat/completions", Some("a=b")).is_none());
-        assert!(u.common_url("models", None).is_none());
+        assert_eq!(u.uri_for("models", Some("a=b")).unwrap().to_string(), "http://127.0.0.1:9/v1/models?a=b");
+        // A query a browser would send is made a valid URI, not refused.
+        assert_eq!(u.uri_for("models", Some("q=a b")).unwrap().to_string(), "http://127.0.0.1:9/v1/models?q=a%20b");
         assert!(Upstream::from_spec(spec(0.9), Markup::NONE).is_err());
     }
 

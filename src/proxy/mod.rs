@@ -5,6 +5,7 @@
 //! Once the reservation is made, the rest runs in its own task, so a client that disconnects
 //! cannot leave a reservation open: the task always settles or releases.
 
+pub mod client;
 pub mod remote;
 pub mod request;
 pub mod usage;
@@ -27,10 +28,13 @@ use crate::node::Node;
 use crate::payment::{PaidOut, Payer};
 use crate::pricing::{Cost, MsatPrices, Usage};
 use crate::upstream::Upstream;
+use client::{ReadError, UpstreamError, UpstreamResponse};
 use request::{BodyError, RequestFields, MAX_CHOICES};
 
 /// Largest upstream answer read whole (non-streaming JSON); larger ones are refused.
 const MAX_UPSTREAM_BODY: usize = 64 * 1024 * 1024;
+/// Largest upstream error answer read (to pass on).
+const ERROR_BODY_LIMIT: usize = 1024 * 1024;
 /// Chunks buffered between the upstream reader and a slow client.
 const STREAM_DEPTH: usize = 64;
 
@@ -478,8 +482,9 @@ impl Forward {
         serde_json::to_vec(&json).map(Bytes::from).unwrap_or_else(|_| self.raw.clone())
     }
 
-    fn request(&self, client: &reqwest::Client, upstream: &Upstream, body: Bytes) -> reqwest::RequestBuilder {
-        let mut headers = reqwest::header::HeaderMap::with_capacity(self.headers.len() + 2);
+    /// The request to one upstream; `None` when its URL cannot be one.
+    fn request(&self, upstream: &Upstream, body: Bytes) -> Option<Request<Bytes>> {
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
         for (name, value) in &self.headers {
             if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
                 headers.append(name.clone(), value.clone());
@@ -495,16 +500,11 @@ impl Forward {
                 }
             }
         }
-        let query = self.query.as_deref();
-        let req = match upstream.common_url(&self.path, query) {
-            Some(url) => client.request(self.method.clone(), url),
-            None => client.request(self.method.clone(), upstream.url_for(&self.path, query)),
-        };
-        let mut req = req.headers(headers);
-        if !body.is_empty() || self.method == Method::POST {
-            req = req.body(body);
-        }
-        req
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = upstream.uri_for(&self.path, self.query.as_deref())?;
+        *req.headers_mut() = headers;
+        Some(req)
     }
 }
 
@@ -526,15 +526,20 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
     let mut last_failure = None;
     for priced in &routes {
         let body = forward.body_for(&priced.route);
-        let mut req = forward.request(&node.client, &priced.upstream, body);
+        let Some(mut req) = forward.request(&priced.upstream, body) else {
+            last_failure = Some(Failure::Transport(ApiError::Upstream("the upstream's URL is not valid".into())));
+            continue;
+        };
         // A discovered provider is paid up front with a token from our wallet.
         let mut spend = None;
         if let Some(offer) = &priced.remote {
             match Box::pin(remote::pay(&node, &metering.request_id, offer)).await {
                 Ok(s) => {
-                    req = req
-                        .header(crate::payment::X_CASHU, s.token.as_str())
-                        .header(remote::HOPS_HEADER, (forward.hops + 1).to_string());
+                    let headers = req.headers_mut();
+                    if let Ok(token) = HeaderValue::from_str(&s.token) {
+                        headers.insert(crate::payment::X_CASHU, token);
+                    }
+                    headers.insert(remote::HOPS_HEADER, HeaderValue::from(forward.hops + 1));
                     spend = Some(s);
                 }
                 Err(e) => {
@@ -544,12 +549,12 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 }
             }
         }
-        let sent = req.send().await;
+        let sent = node.upstream_client.send(req).await;
         let failure = match (sent, &spend, &priced.remote) {
             (Ok(resp), Some(spend), Some(offer)) if !resp.status().is_success() => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
-                let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
+                let body = resp.read_whole(ERROR_BODY_LIMIT).await.unwrap_or_default();
                 let change = remote::change_from_headers(&headers);
                 if !remote::refused(status, &body) {
                     // The provider judged the request itself (a client error): passed on.
@@ -568,7 +573,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
             (Ok(resp), _, _) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
-                let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
+                let body = resp.read_whole(ERROR_BODY_LIMIT).await.unwrap_or_default();
                 Failure::Status(status, headers, body)
             }
             (Ok(resp), _, _) => {
@@ -583,13 +588,16 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 if let Some(spend) = spend {
                     Box::pin(remote::finish(&node, spend, None, false, None)).await;
                 }
-                match (offer, e.is_timeout()) {
+                match (offer, matches!(e, UpstreamError::Timeout)) {
                     (Some(o), true) => Failure::Transport(ApiError::Upstream(format!("provider {} timed out", o.name))),
                     (Some(o), false) => {
                         Failure::Transport(ApiError::Upstream(format!("could not reach provider {}", o.name)))
                     }
                     (None, true) => Failure::Transport(ApiError::UpstreamTimeout),
-                    (None, false) => Failure::Transport(ApiError::Upstream(describe(&e))),
+                    (None, false) => {
+                        tracing::debug!(request_id = %metering.request_id, error = %e, "upstream call failed");
+                        Failure::Transport(ApiError::Upstream(describe(&e)))
+                    }
                 }
             }
         };
@@ -629,15 +637,24 @@ fn passthrough_error(status: StatusCode, headers: &HeaderMap, body: Bytes, reque
     resp
 }
 
-fn describe(e: &reqwest::Error) -> String {
-    if e.is_connect() {
-        "could not connect to the upstream".into()
-    } else {
-        "the upstream connection failed".into()
+/// What the client is told of a failed upstream call (not its cause: that stays in the log).
+fn describe(e: &UpstreamError) -> String {
+    match e {
+        UpstreamError::Connect => "could not connect to the upstream".into(),
+        _ => "the upstream connection failed".into(),
     }
 }
 
-fn response_head(status: StatusCode, upstream: &reqwest::header::HeaderMap) -> hyper::http::response::Builder {
+/// What the client is told when an answer could not be read whole.
+fn read_failure(e: ReadError) -> ApiError {
+    match e {
+        ReadError::TooLarge { .. } => ApiError::Upstream(e.to_string()),
+        ReadError::Upstream(UpstreamError::Timeout) => ApiError::UpstreamTimeout,
+        ReadError::Upstream(e) => ApiError::Upstream(describe(&e)),
+    }
+}
+
+fn response_head(status: StatusCode, upstream: &HeaderMap) -> hyper::http::response::Builder {
     let mut builder = Response::builder().status(status);
     if let Some(headers) = builder.headers_mut() {
         // Room for the cost, change and request id headers too: a map grown one step at a time
@@ -678,7 +695,7 @@ fn add_change_header(resp: &mut Response<Body>, change: Option<&PaidOut>) {
 async fn deliver(
     metering: Metering,
     priced: &PricedRoute,
-    resp: reqwest::Response,
+    resp: UpstreamResponse,
     respond: Respond,
     spend: Option<remote::Spend>,
 ) {
@@ -687,7 +704,7 @@ async fn deliver(
     if !status.is_success() {
         // A client error (bad request, unknown model upstream…): nothing is charged.
         let headers = resp.headers().clone();
-        let body = http::read_response(resp, 1024 * 1024).await.unwrap_or_default();
+        let body = resp.read_whole(ERROR_BODY_LIMIT).await.unwrap_or_default();
         let (_, change) = Box::pin(metering.settle(&priced.prices, None, "upstream refused the request")).await;
         let mut out = passthrough_error(status, &headers, body, &metering.request_id);
         add_change_header(&mut out, change.as_ref());
@@ -706,7 +723,7 @@ async fn deliver(
 async fn whole_answer(
     metering: Metering,
     priced: &PricedRoute,
-    resp: reqwest::Response,
+    resp: UpstreamResponse,
     respond: Respond,
     spend: Option<remote::Spend>,
 ) {
@@ -719,9 +736,10 @@ async fn whole_answer(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map(|total| json!({ "total_msats": total }));
-    let body = match http::read_response(resp, MAX_UPSTREAM_BODY).await {
+    let body = match resp.read_whole(MAX_UPSTREAM_BODY).await {
         Ok(body) => body,
-        Err(err) => {
+        Err(e) => {
+            let err = read_failure(e);
             if let Some(spend) = &spend {
                 Box::pin(remote::finish(&metering.node, spend, remote_change.as_deref(), true, None)).await;
             }
@@ -803,7 +821,7 @@ async fn settle_remote(
 async fn stream_answer(
     metering: Metering,
     priced: &PricedRoute,
-    mut resp: reqwest::Response,
+    mut resp: UpstreamResponse,
     respond: Respond,
     spend: Option<remote::Spend>,
 ) {
@@ -875,7 +893,7 @@ async fn stream_answer(
             }
             Ok(None) => break,
             Err(e) => {
-                tracing::warn!(request_id = %metering.request_id, error = %e.without_url(), "upstream stream broke off");
+                tracing::warn!(request_id = %metering.request_id, error = %e, "upstream stream broke off");
                 break;
             }
         }

@@ -515,7 +515,10 @@ async fn recover(node: &Node, spend: &RemoteSpend) -> Result<(), String> {
         .await
         .map_err(|e| format!("provider unreachable: {}", e.without_url()))?;
     let status = resp.status();
-    let body = crate::http::read_response(resp, REFUND_BODY_LIMIT).await.map_err(|e| e.to_string())?;
+    let body = crate::proxy::client::UpstreamResponse::from(resp)
+        .read_whole(REFUND_BODY_LIMIT)
+        .await
+        .map_err(|e| e.to_string())?;
     if status == reqwest::StatusCode::NOT_FOUND {
         return ledger.settle_remote_spend(spend.id, 0, 0, "the provider holds no change for it").await.map_err(db);
     }

@@ -211,7 +211,26 @@ impl Tor {
 
 /// Whether a URL's host is an onion address (reachable only through Tor).
 pub fn is_onion(url: &reqwest::Url) -> bool {
-    url.host_str().is_some_and(|h| h.trim_end_matches('.').to_ascii_lowercase().ends_with(".onion"))
+    url.host_str().is_some_and(is_onion_host)
+}
+
+fn is_onion_host(host: &str) -> bool {
+    host.trim_end_matches('.').to_ascii_lowercase().ends_with(".onion")
+}
+
+/// Hosts never sent through Tor, even with TOR_OUTBOUND (as `reqwest::NoProxy` reads them).
+const LOOPBACK_HOSTS: &str = "localhost,127.0.0.1,::1";
+
+/// Whether traffic to `host` must go through Tor: the rule `route` gives reqwest, for clients
+/// that do not go through it.
+pub fn carries(tor: Option<&Tor>, host: &str) -> bool {
+    tor.is_some_and(|tor| carries_with(tor.outbound, host))
+}
+
+/// `carries` for a node with Tor, with or without TOR_OUTBOUND.
+fn carries_with(outbound: bool, host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
+    is_onion_host(host) || (outbound && !LOOPBACK_HOSTS.split(',').any(|h| h.eq_ignore_ascii_case(bare)))
 }
 
 /// Routes a reqwest client's traffic through Tor where it must go: `.onion` hosts whenever the
@@ -226,8 +245,27 @@ pub fn route(builder: reqwest::ClientBuilder, tor: Option<&Arc<Tor>>) -> Result<
     let proxy = match tor.outbound {
         true => reqwest::Proxy::all(&url)
             .map_err(|e| format!("Tor proxy: {e}"))?
-            .no_proxy(reqwest::NoProxy::from_string("localhost,127.0.0.1,::1")),
+            .no_proxy(reqwest::NoProxy::from_string(LOOPBACK_HOSTS)),
         false => reqwest::Proxy::custom(move |target| is_onion(target).then(|| url.clone())),
     };
     Ok(builder.proxy(proxy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tor_carries_onions_and_with_outbound_all_but_loopback() {
+        for outbound in [false, true] {
+            assert!(carries_with(outbound, "abcdef.onion"));
+            assert!(carries_with(outbound, "ABCDEF.ONION."));
+            assert!(!carries_with(outbound, "127.0.0.1"));
+            assert!(!carries_with(outbound, "localhost"));
+            assert!(!carries_with(outbound, "[::1]"));
+        }
+        assert!(!carries_with(false, "upstream.internal"));
+        assert!(carries_with(true, "upstream.internal"));
+        assert!(carries_with(true, "10.0.0.1"));
+    }
 }

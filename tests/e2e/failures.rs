@@ -109,6 +109,32 @@ async fn failing_upstream_charges_nothing_and_returns_xcashu_in_full() {
     assert_eq!((stalled.status, stalled.error_code()), (504, "upstream_timeout"));
     assert_eq!(h.balance(&key).await, (100_000, 0));
 
+    // Half an answer, then silence: the idle timeout also bounds each read of the body.
+    let half = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "stall-mid-stream")],
+            &chat(false),
+        )
+        .await;
+    assert_eq!((half.status, half.error_code()), (504, "upstream_timeout"));
+    assert_eq!(h.balance(&key).await, (100_000, 0));
+    let started = std::time::Instant::now();
+    let half_stream = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", "stall-mid-stream")],
+            &chat(true),
+        )
+        .await;
+    assert_eq!(half_stream.status, 200);
+    assert!(!half_stream.sse_data().is_empty(), "what flowed reached the client");
+    assert!(started.elapsed() < Duration::from_secs(10), "the stalled stream was ended by the idle timeout");
+    h.wait_until_settled().await;
+    let (balance, reserved) = h.balance(&key).await;
+    assert_eq!(reserved, 0);
+    assert!(balance < 100_000, "what flowed is charged");
+
     let token = h.token(40, false).await;
     let failed =
         h.post_with("/v1/chat/completions", &[("x-cashu", &token), ("x-stand-in-behavior", "429")], &chat(false)).await;

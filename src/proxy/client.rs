@@ -1,0 +1,250 @@
+//! The call to an upstream (or a discovered provider). Plain-HTTP upstreams that Tor need not
+//! carry go straight to hyper's pooled client; HTTPS and Tor-routed ones go through reqwest (TLS,
+//! proxies). reqwest runs on the same pooled client, but its own layer around each request (URL
+//! and URI conversions, default headers, redirect and proxy checks, boxed futures) was ≈ 8–10 %
+//! of the node's request work at the benchmark (docs/benchmarks.md): most upstreams a node
+//! meters sit next to it, on plain HTTP.
+//!
+//! Both paths keep the same timeouts: a connect timeout, and an idle timeout that bounds the wait
+//! for the answer's head and then for each chunk of its body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::tor::Tor;
+
+/// Idle pooled connections are closed after this long.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle pooled connections kept per upstream.
+const POOL_MAX_IDLE_PER_HOST: usize = 1024;
+
+/// Why an upstream call failed. Deliberately without the URL or the upstream's words: both can
+/// name the client's request.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("could not connect to the upstream")]
+    Connect,
+    #[error("the upstream did not answer in time")]
+    Timeout,
+    #[error("the upstream connection failed: {0}")]
+    Broken(String),
+}
+
+/// How the node calls its upstreams.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    direct: Client<HttpConnector, Full<Bytes>>,
+    /// HTTPS, Tor, and every other call of the node (listings, rates, refunds).
+    general: reqwest::Client,
+    idle: Duration,
+    /// Which hosts Tor must carry (those go through `general`, routed by `tor::route`).
+    tor: Option<Arc<Tor>>,
+}
+
+impl UpstreamClient {
+    /// `general` carries what the direct path cannot; it should have the same timeouts.
+    pub fn new(general: reqwest::Client, connect: Duration, idle: Duration, tor: Option<Arc<Tor>>) -> UpstreamClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect));
+        connector.set_keepalive(Some(Duration::from_secs(15)));
+        let direct = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        UpstreamClient { direct, general, idle, tor }
+    }
+
+    /// The client for the node's other calls.
+    pub fn general(&self) -> &reqwest::Client {
+        &self.general
+    }
+
+    /// Sends a request and waits for the head of its answer.
+    pub async fn send(&self, req: Request<Bytes>) -> Result<UpstreamResponse, UpstreamError> {
+        if !self.is_direct(req.uri()) {
+            return self.send_general(req).await;
+        }
+        let sent = tokio::time::timeout(self.idle, self.direct.request(req.map(Full::new))).await;
+        match sent {
+            Ok(Ok(resp)) => Ok(UpstreamResponse { inner: Inner::Direct(resp), idle: self.idle }),
+            Ok(Err(e)) if timed_out(&e) => Err(UpstreamError::Timeout),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect),
+            Ok(Err(e)) => Err(UpstreamError::Broken(cause(&e))),
+            Err(_) => Err(UpstreamError::Timeout),
+        }
+    }
+
+    async fn send_general(&self, req: Request<Bytes>) -> Result<UpstreamResponse, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let url = reqwest::Url::parse(&parts.uri.to_string()).map_err(|e| UpstreamError::Broken(e.to_string()))?;
+        let mut out = reqwest::Request::new(parts.method, url);
+        *out.headers_mut() = parts.headers;
+        if !body.is_empty() || out.method() == Method::POST {
+            *out.body_mut() = Some(body.into());
+        }
+        match self.general.execute(out).await {
+            Ok(resp) => Ok(UpstreamResponse::from(resp)),
+            Err(e) if e.is_timeout() => Err(UpstreamError::Timeout),
+            Err(e) if e.is_connect() => Err(UpstreamError::Connect),
+            Err(e) => Err(UpstreamError::Broken(e.without_url().to_string())),
+        }
+    }
+
+    /// Whether hyper's client alone can carry a request to `uri`: plain HTTP, and no Tor on
+    /// the way.
+    fn is_direct(&self, uri: &Uri) -> bool {
+        uri.scheme_str() == Some("http")
+            && uri.host().is_some_and(|host| !crate::tor::carries(self.tor.as_deref(), host))
+    }
+}
+
+/// Whether a hyper client error is a timeout (the connect timeout reports itself as one).
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// The innermost cause of an error, for the log.
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(s) = last.source() {
+        last = s;
+    }
+    last.to_string()
+}
+
+/// An upstream's answer, its body still to read.
+pub struct UpstreamResponse {
+    inner: Inner,
+    idle: Duration,
+}
+
+enum Inner {
+    Direct(Response<Incoming>),
+    /// reqwest applies its own idle timeout to each read.
+    General(reqwest::Response),
+}
+
+impl From<reqwest::Response> for UpstreamResponse {
+    fn from(resp: reqwest::Response) -> UpstreamResponse {
+        UpstreamResponse { inner: Inner::General(resp), idle: Duration::MAX }
+    }
+}
+
+impl UpstreamResponse {
+    pub fn status(&self) -> StatusCode {
+        match &self.inner {
+            Inner::Direct(r) => r.status(),
+            Inner::General(r) => r.status(),
+        }
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        match &self.inner {
+            Inner::Direct(r) => r.headers(),
+            Inner::General(r) => r.headers(),
+        }
+    }
+
+    /// The body's length when the upstream announced it.
+    pub fn content_length(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Direct(r) => hyper::body::Body::size_hint(r.body()).exact(),
+            Inner::General(r) => r.content_length(),
+        }
+    }
+
+    /// The next chunk of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        match &mut self.inner {
+            Inner::Direct(r) => loop {
+                let frame = match tokio::time::timeout(self.idle, r.body_mut().frame()).await {
+                    Err(_) => return Err(UpstreamError::Timeout),
+                    Ok(None) => return Ok(None),
+                    Ok(Some(Err(e))) => return Err(UpstreamError::Broken(cause(&e))),
+                    Ok(Some(Ok(frame))) => frame,
+                };
+                // Trailers carry nothing the node passes on.
+                if let Ok(data) = frame.into_data() {
+                    if !data.is_empty() {
+                        return Ok(Some(data));
+                    }
+                }
+            },
+            Inner::General(r) => match r.chunk().await {
+                Ok(chunk) => Ok(chunk),
+                Err(e) if e.is_timeout() => Err(UpstreamError::Timeout),
+                Err(e) => Err(UpstreamError::Broken(e.without_url().to_string())),
+            },
+        }
+    }
+
+    /// Reads the body whole, refusing more than `limit` bytes.
+    pub async fn read_whole(mut self, limit: usize) -> Result<Bytes, ReadError> {
+        if self.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(ReadError::TooLarge { limit });
+        }
+        let first = match self.chunk().await? {
+            Some(chunk) => chunk,
+            None => return Ok(Bytes::new()),
+        };
+        // The usual answer comes in one chunk: passed on without a copy.
+        let Some(second) = self.chunk().await? else {
+            return match first.len() > limit {
+                true => Err(ReadError::TooLarge { limit }),
+                false => Ok(first),
+            };
+        };
+        let mut buf = bytes::BytesMut::with_capacity(first.len() + second.len());
+        let mut next = Some(second);
+        buf.extend_from_slice(&first);
+        while let Some(chunk) = next {
+            if buf.len() + chunk.len() > limit {
+                return Err(ReadError::TooLarge { limit });
+            }
+            buf.extend_from_slice(&chunk);
+            next = self.chunk().await?;
+        }
+        Ok(buf.freeze())
+    }
+}
+
+/// Why an answer could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the upstream answer is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn plain_http_goes_direct_unless_tor_must_carry_it() {
+        let plain = UpstreamClient::new(reqwest::Client::new(), Duration::from_secs(1), Duration::from_secs(1), None);
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert!(plain.is_direct(&uri("http://127.0.0.1:8000/v1/chat/completions")));
+        assert!(plain.is_direct(&uri("http://upstream.internal/v1/models")));
+        assert!(!plain.is_direct(&uri("https://api.openai.com/v1/models")));
+    }
+}
