@@ -13,7 +13,8 @@
 //! `--ledger-sync full|normal`, `--connections 1,64,1024` (the instant-upstream load figures'
 //! connection counts), `--think-ms 40` (the upstream's mean time per answer in the
 //! below-saturation figure, which runs at 64 connections after the others).
-//! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone.
+//! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone;
+//! `ROUTSTR_BENCH_NODE_BIN=path` measures another build of the node.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -398,6 +399,7 @@ Options:
 
 Environment:
   ROUTSTR_BENCH_NODE_ENV=\"NAME=value,...\"   extra environment for the node alone
+  ROUTSTR_BENCH_NODE_BIN=path                another build of the node to measure
 ";
 
 fn main() {
@@ -459,7 +461,10 @@ async fn bench() {
     let data_dir: PathBuf = std::env::temp_dir().join(format!("routstr-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data_dir).expect("data dir");
     let port = free_port();
-    let mut node = tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+    // Another build of the node can be measured against this one's bare proxy (comparing builds).
+    let node_bin =
+        std::env::var("ROUTSTR_BENCH_NODE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_routstr-node").into());
+    let mut node = tokio::process::Command::new(node_bin)
         .env_clear()
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
@@ -644,7 +649,7 @@ async fn bench() {
          the machine can serve: the difference to direct is mostly what the proxy adds to each request, not queueing \
          for the CPU. Their latencies are each request's less the think time it asked the upstream for (the same \
          sequence of think times on every path); the upstream sleeps on tokio's timer, which rounds up to its next \
-         millisecond, so even direct shows ≈ 0.5–1 ms.",
+         millisecond, so even direct shows about a millisecond.",
         think_label(opts.think_ms),
         PACED_CONNECTIONS as f64 * 1000.0 / opts.think_ms
     ));

@@ -12,7 +12,8 @@
 //! - after every job the writer refreshes the copy of each key row the job changed (or seized),
 //!   from the row itself, so credits and undone changes are seen;
 //! - ending a reservation (on the writer) releases the hold and takes the charge from the copy
-//!   in one step.
+//!   in one step, from the row's balance as the job read it: the copy is then the row as the job
+//!   wrote it, and is not read back.
 //!
 //! So a copy is never above what the writer has left on the key, and holds never exceed the
 //! balance: whatever the interleaving, money held for a request cannot be paid out or charged to
