@@ -86,6 +86,9 @@ pub struct Upstream {
     /// Base URL without a trailing slash, usually ending in `/v1`.
     pub base_url: String,
     pub api_key: Option<String>,
+    /// `Basic` credentials given in `base_url` (`http://user:password@host/v1`), sent when there
+    /// is no `api_key` (as reqwest does with a URL's credentials).
+    pub url_credentials: Option<hyper::header::HeaderValue>,
     pub models: Vec<String>,
     pub aliases: HashMap<String, String>,
     pub markup: Markup,
@@ -115,9 +118,23 @@ impl Upstream {
             }
             (None, None) => None,
         };
+        let url_credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => {
+                use base64::Engine as _;
+                let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+                let pair = format!("{}:{}", decode(user), decode(password.unwrap_or_default()));
+                let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
+                let mut value = hyper::header::HeaderValue::from_str(&format!("Basic {encoded}"))
+                    .map_err(|_| invalid("base_url: credentials"))?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
         Ok(Upstream {
             base_url: spec.base_url.trim_end_matches('/').to_owned(),
             api_key,
+            url_credentials,
             models: spec.models,
             aliases: spec.aliases,
             markup: markup.then(extra_markup),
@@ -238,6 +255,16 @@ mod tests {
         // A query a browser would send is made a valid URI, not refused.
         assert_eq!(u.uri_for("models", Some("q=a b")).unwrap().to_string(), "http://127.0.0.1:9/v1/models?q=a%20b");
         assert!(Upstream::from_spec(spec(0.9), Markup::NONE).is_err());
+    }
+
+    #[test]
+    fn credentials_in_the_url_become_basic_auth() {
+        let mut with = spec(1.0);
+        with.base_url = "http://user:p%40ss@127.0.0.1:9/v1".into();
+        let u = Upstream::from_spec(with, Markup::NONE).unwrap();
+        // base64("user:p@ss"): decoded, as reqwest sends a URL's credentials.
+        assert_eq!(u.url_credentials.as_ref().unwrap().to_str().unwrap(), "Basic dXNlcjpwQHNz");
+        assert!(Upstream::from_spec(spec(1.0), Markup::NONE).unwrap().url_credentials.is_none());
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! meters sit next to it, on plain HTTP.
 //!
 //! Both paths keep the same timeouts: a connect timeout, and an idle timeout that bounds the wait
-//! for the answer's head and then for each chunk of its body.
+//! for the answer's head and then for each chunk of its body. What only reqwest does stays with
+//! it: a redirect answered on the direct path is sent again through reqwest (which follows it),
+//! and an egress proxy set in the environment sends every call through reqwest.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::HeaderMap;
+use hyper::header::{HeaderMap, LOCATION};
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -48,7 +50,13 @@ pub struct UpstreamClient {
     idle: Duration,
     /// Which hosts Tor must carry (those go through `general`, routed by `tor::route`).
     tor: Option<Arc<Tor>>,
+    /// An egress proxy from the environment (`HTTP_PROXY`, `ALL_PROXY`) that reqwest honours
+    /// when the node has no Tor: then every call goes through reqwest.
+    env_proxy: bool,
 }
+
+/// The proxy variables reqwest reads for plain-HTTP requests.
+const PROXY_VARIABLES: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"];
 
 impl UpstreamClient {
     /// `general` carries what the direct path cannot; it should have the same timeouts.
@@ -62,7 +70,12 @@ impl UpstreamClient {
             .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
             .pool_timer(TokioTimer::new())
             .build(connector);
-        UpstreamClient { direct, general, idle, tor }
+        let env_proxy =
+            tor.is_none() && PROXY_VARIABLES.iter().any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
+        if env_proxy {
+            tracing::info!("an HTTP proxy is set in the environment: upstream calls go through it");
+        }
+        UpstreamClient { direct, general, idle, tor, env_proxy }
     }
 
     /// The client for the node's other calls.
@@ -75,8 +88,17 @@ impl UpstreamClient {
         if !self.is_direct(req.uri()) {
             return self.send_general(req).await;
         }
+        // Kept to send again through reqwest should the upstream redirect (rare; reqwest follows
+        // redirects as the node always has). Cheap: the URI and body are shared, not copied.
+        let again = (req.method().clone(), req.uri().clone(), req.headers().clone(), req.body().clone());
         let sent = tokio::time::timeout(self.idle, self.direct.request(req.map(Full::new))).await;
         match sent {
+            Ok(Ok(resp)) if resp.status().is_redirection() && resp.headers().contains_key(LOCATION) => {
+                let (method, uri, headers, body) = again;
+                let mut req = Request::new(body);
+                (*req.method_mut(), *req.uri_mut(), *req.headers_mut()) = (method, uri, headers);
+                self.send_general(req).await
+            }
             Ok(Ok(resp)) => Ok(UpstreamResponse { inner: Inner::Direct(resp), idle: self.idle }),
             Ok(Err(e)) if timed_out(&e) => Err(UpstreamError::Timeout),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect),
@@ -104,7 +126,8 @@ impl UpstreamClient {
     /// Whether hyper's client alone can carry a request to `uri`: plain HTTP, and no Tor on
     /// the way.
     fn is_direct(&self, uri: &Uri) -> bool {
-        uri.scheme_str() == Some("http")
+        !self.env_proxy
+            && uri.scheme_str() == Some("http")
             && uri.host().is_some_and(|host| !crate::tor::carries(self.tor.as_deref(), host))
     }
 }
@@ -238,13 +261,72 @@ pub enum ReadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(reqwest::Client::new(), Duration::from_secs(1), Duration::from_secs(1), None)
+    }
 
     #[tokio::test]
     async fn plain_http_goes_direct_unless_tor_must_carry_it() {
-        let plain = UpstreamClient::new(reqwest::Client::new(), Duration::from_secs(1), Duration::from_secs(1), None);
+        let plain = client();
         let uri = |s: &str| s.parse::<Uri>().unwrap();
         assert!(plain.is_direct(&uri("http://127.0.0.1:8000/v1/chat/completions")));
         assert!(plain.is_direct(&uri("http://upstream.internal/v1/models")));
         assert!(!plain.is_direct(&uri("https://api.openai.com/v1/models")));
+    }
+
+    /// An upstream that moved `/old` to `/new` (307: the method and body stay) and echoes bodies.
+    async fn redirecting_upstream() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    let moved = req.uri().path() == "/old";
+                    let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let mut resp = Response::new(Full::new(body));
+                    if moved {
+                        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                        resp.headers_mut().insert(LOCATION, hyper::header::HeaderValue::from_static("/new"));
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                tokio::spawn(conn);
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_followed_with_its_body() {
+        let base = redirecting_upstream().await;
+        let mut req = Request::new(Bytes::from_static(b"{\"model\":\"m\"}"));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = format!("{base}/old").parse().unwrap();
+        let resp = client().send(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(&resp.read_whole(1024).await.unwrap()[..], b"{\"model\":\"m\"}");
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_whole_within_their_limit() {
+        let base = redirecting_upstream().await;
+        let client = client();
+        let send = |body: &'static [u8]| {
+            let mut req = Request::new(Bytes::from_static(body));
+            *req.method_mut() = Method::POST;
+            *req.uri_mut() = format!("{base}/new").parse().unwrap();
+            client.send(req)
+        };
+        assert_eq!(&send(b"12345").await.unwrap().read_whole(5).await.unwrap()[..], b"12345");
+        let too_large = send(b"123456").await.unwrap().read_whole(5).await;
+        assert!(matches!(too_large, Err(ReadError::TooLarge { limit: 5 })));
+        // Nobody listens: a connection error, told apart from a timeout.
+        let mut req = Request::new(Bytes::new());
+        *req.uri_mut() = "http://127.0.0.1:9/v1/models".parse().unwrap();
+        assert!(matches!(client.send(req).await, Err(UpstreamError::Connect)));
     }
 }

@@ -490,6 +490,9 @@ impl Forward {
                 headers.append(name.clone(), value.clone());
             }
         }
+        if let (None, Some(basic)) = (&upstream.api_key, &upstream.url_credentials) {
+            headers.insert(hyper::header::AUTHORIZATION, basic.clone());
+        }
         if let Some(key) = &upstream.api_key {
             if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
                 headers.insert(hyper::header::AUTHORIZATION, v);
@@ -535,10 +538,15 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
         if let Some(offer) = &priced.remote {
             match Box::pin(remote::pay(&node, &metering.request_id, offer)).await {
                 Ok(s) => {
+                    let Ok(token) = HeaderValue::from_str(&s.token) else {
+                        // Not expected (tokens are base64url): the token is taken back, not lost.
+                        Box::pin(remote::finish(&node, &s, None, false, None)).await;
+                        let why = format!("the token for provider {} is not a header value", offer.name);
+                        last_failure = Some(Failure::Transport(ApiError::Upstream(why)));
+                        continue;
+                    };
                     let headers = req.headers_mut();
-                    if let Ok(token) = HeaderValue::from_str(&s.token) {
-                        headers.insert(crate::payment::X_CASHU, token);
-                    }
+                    headers.insert(crate::payment::X_CASHU, token);
                     headers.insert(remote::HOPS_HEADER, HeaderValue::from(forward.hops + 1));
                     spend = Some(s);
                 }
