@@ -2,14 +2,18 @@
 //! cost → forward (failing over between upstreams before any byte reached the client) → meter
 //! the answer → settle (charge what was used, release the rest) → return change.
 //!
-//! Once the reservation is made, the rest runs in its own task, so a client that disconnects
-//! cannot leave a reservation open: the task always settles or releases.
+//! Once the request is priced, its work runs to the end whatever the client does: on the
+//! connection's task while the client waits, in a task of its own once the answer has left (a
+//! stream) or the client has (`Detachable`). So a client that disconnects cannot leave a
+//! reservation open: the work always settles or releases.
 
 pub mod client;
 pub mod remote;
 pub mod request;
 pub mod usage;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -321,10 +325,10 @@ pub async fn handle(
         },
         Err(e) => return Err(e),
     };
-    // From here on the work runs in its own task: a client that goes away (even while its token
-    // is being redeemed) cannot leave a reservation behind.
+    // From here on the work always runs to its end: a client that goes away (even while its
+    // token is being redeemed) cannot leave a reservation behind (see `Detachable`).
     let (respond, response) = oneshot::channel();
-    tokio::spawn(async move {
+    let work = async move {
         let _in_flight = node.inflight.enter();
         let payer = match node.payments.authorize(&forward.headers, max_cost, &request_id, &model).await {
             Ok(payer) => payer,
@@ -336,8 +340,53 @@ pub async fn handle(
         let request_len = forward.raw.len();
         let metering = Metering { node, payer, request_id, request_len };
         run_request(metering, forward, routes, respond).await;
-    });
-    response.await.map_err(|_| ApiError::Internal("the request task ended without an answer".into()))?
+    };
+    Detachable::new(work)
+        .answer(response)
+        .await
+        .map_err(|_| ApiError::Internal("the request's work ended without an answer".into()))?
+}
+
+/// A request's work, run on its connection's task until the answer is ready: most requests end
+/// there, with no task of their own and no hand-off between threads. Whatever is left when it is
+/// dropped (a stream's body still to pass on, or everything when the client left first) goes on
+/// in a task of its own, so the work always settles.
+struct Detachable {
+    work: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Detachable {
+    fn new(work: impl Future<Output = ()> + Send + 'static) -> Detachable {
+        Detachable { work: Some(Box::pin(work)) }
+    }
+
+    /// Runs the work until `answer` is ready (or the work ends without one).
+    async fn answer<T>(mut self, mut answer: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
+        std::future::poll_fn(|cx| {
+            if let Some(work) = self.work.as_mut() {
+                if work.as_mut().poll(cx).is_ready() {
+                    self.work = None;
+                }
+            }
+            // Ended without an answer: the sender is gone, so this is ready too.
+            Pin::new(&mut answer).poll(cx)
+        })
+        .await
+    }
+}
+
+impl Drop for Detachable {
+    fn drop(&mut self) {
+        let Some(work) = self.work.take() else { return };
+        // Not after a panic in the work itself (it cannot be resumed), nor without a runtime
+        // (the process is ending; the ledger releases holds at the next start).
+        if std::thread::panicking() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(work);
+        }
+    }
 }
 
 /// Endpoints whose POST body must name a model.

@@ -208,6 +208,31 @@ async fn client_disconnect_mid_stream_settles() {
 }
 
 #[tokio::test]
+async fn client_leaving_before_the_answer_still_settles() {
+    let mut h = Harness::start("client-gone-early").await;
+    let key = h.key(100).await;
+    // The upstream takes a second; the client gives up after a fifth of it. The request's work
+    // goes on without it: the answer the upstream gives is charged, and the hold released.
+    let gave_up = h
+        .http
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header(routstr_node::demo::upstream::ANSWER_DELAY_HEADER, "1000000")
+        .timeout(Duration::from_millis(200))
+        .json(&chat(false))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()));
+    let (_, reserved) = h.balance(&key).await;
+    assert!(reserved > 0, "the request still holds its reservation");
+    h.wait_until_settled().await;
+    let (balance, reserved) = h.balance(&key).await;
+    assert_eq!(reserved, 0);
+    assert!(balance < 100_000, "the upstream's answer is charged");
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
 async fn fails_over_to_the_next_upstream_and_cools_down() {
     let broken = StandInUpstream::start(StandInConfig::default()).await.unwrap();
     broken.set_behavior(Behavior::Status(503));
