@@ -92,7 +92,7 @@ const STRIPPED_RESPONSE_HEADERS: &[&str] = &[
     "x-routstr-cost-usd",
 ];
 
-/// Where the request task sends its answer (the handler waits on the other end).
+/// Where the request's work sends its answer (the handler waits on the other end).
 type Respond = oneshot::Sender<Result<Response<Body>, ApiError>>;
 
 /// Longest wait for a client to take the next chunk of a stream before it counts as gone.
@@ -568,9 +568,9 @@ enum Failure {
     Status(StatusCode, HeaderMap, Bytes),
 }
 
-/// Runs in the request's own task. Every path but a local answer to a key holder is boxed where
-/// it begins (remote providers, `X-Cashu` settlement, failures, streams): the task's state is
-/// copied when it is spawned and when it ends, so it should be the size of the common path.
+/// The request's work (see `Detachable`). Every path but a local answer to a key holder is boxed
+/// where it begins (remote providers, `X-Cashu` settlement, failures, streams): the work's state
+/// is allocated for every request, so it should be the size of the common path.
 async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRoute>, respond: Respond) {
     let node = metering.node.clone();
     let threshold = node.settings.upstream_failure_threshold;
