@@ -357,6 +357,10 @@ struct Detachable {
 
 impl Detachable {
     fn new(work: impl Future<Output = ()> + Send + 'static) -> Detachable {
+        use futures_util::FutureExt as _;
+        // A panic ends the work alone (its answer then is an internal error), as it did when the
+        // work was a task of its own, not the client's connection.
+        let work = std::panic::AssertUnwindSafe(work).catch_unwind().map(|_| ());
         Detachable { work: Some(Box::pin(work)) }
     }
 
@@ -1019,4 +1023,48 @@ async fn stream_answer(
 /// Sends one chunk to the client; false when the client is gone or has stopped reading.
 async fn send_or_gone(tx: &tokio::sync::mpsc::Sender<Bytes>, bytes: Bytes) -> bool {
     matches!(tokio::time::timeout(CLIENT_STALL_TIMEOUT, tx.send(bytes)).await, Ok(Ok(())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_that_panics_ends_without_an_answer() {
+        let (respond, answer) = oneshot::channel::<u8>();
+        let work = async move {
+            let _respond = respond;
+            panic!("a bug in the request's work");
+        };
+        assert!(Detachable::new(work).answer(answer).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn work_left_after_the_answer_runs_on() {
+        let (respond, answer) = oneshot::channel::<u8>();
+        let (finished, rest_ran) = oneshot::channel::<()>();
+        let work = async move {
+            let _ = respond.send(1);
+            // What a stream does after its head: more to do once the answer has left.
+            tokio::task::yield_now().await;
+            let _ = finished.send(());
+        };
+        assert_eq!(Detachable::new(work).answer(answer).await.unwrap(), 1);
+        tokio::time::timeout(Duration::from_secs(5), rest_ran).await.expect("the rest ran").unwrap();
+    }
+
+    #[tokio::test]
+    async fn work_dropped_before_its_answer_runs_on() {
+        let (respond, answer) = oneshot::channel::<u8>();
+        let (finished, rest_ran) = oneshot::channel::<()>();
+        let work = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = respond.send(1);
+            let _ = finished.send(());
+        };
+        // The client leaves: the handler's future is dropped while the work waits.
+        let gone = tokio::time::timeout(Duration::from_millis(5), Detachable::new(work).answer(answer)).await;
+        assert!(gone.is_err());
+        tokio::time::timeout(Duration::from_secs(5), rest_ran).await.expect("the work ran to its end").unwrap();
+    }
 }

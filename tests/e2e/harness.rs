@@ -327,7 +327,7 @@ impl Harness {
         }
         loop {
             // The node commits within a few tens of milliseconds of its last job (key holders'
-            // charges gather for 10 ms): the file unchanged for far longer than that means the
+            // charges gather for 3 ms): the file unchanged for far longer than that means the
             // requests answered so far are all on disk. (Reading /metrics above commits them
             // too: its totals are a job that waits for the disk.)
             let before = self.totals();
