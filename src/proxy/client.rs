@@ -42,10 +42,9 @@ pub enum UpstreamError {
 }
 
 /// How the node calls its upstreams.
-#[derive(Clone)]
 pub struct UpstreamClient {
     direct: Client<HttpConnector, Full<Bytes>>,
-    /// HTTPS, Tor, and every other call of the node (listings, rates, refunds).
+    /// HTTPS and Tor-routed calls (the node's own reqwest client, shared).
     general: reqwest::Client,
     idle: Duration,
     /// Which hosts Tor must carry (those go through `general`, routed by `tor::route`).
@@ -76,11 +75,6 @@ impl UpstreamClient {
             tracing::info!("an HTTP proxy is set in the environment: upstream calls go through it");
         }
         UpstreamClient { direct, general, idle, tor, env_proxy }
-    }
-
-    /// The client for the node's other calls.
-    pub fn general(&self) -> &reqwest::Client {
-        &self.general
     }
 
     /// Sends a request and waits for the head of its answer.

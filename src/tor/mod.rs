@@ -218,11 +218,11 @@ fn is_onion_host(host: &str) -> bool {
     host.trim_end_matches('.').to_ascii_lowercase().ends_with(".onion")
 }
 
-/// Hosts never sent through Tor, even with TOR_OUTBOUND (as `reqwest::NoProxy` reads them).
-const LOOPBACK_HOSTS: &str = "localhost,127.0.0.1,::1";
+/// Hosts never sent through Tor, even with TOR_OUTBOUND.
+const LOOPBACK_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
-/// Whether traffic to `host` must go through Tor: the rule `route` gives reqwest, for clients
-/// that do not go through it.
+/// Whether traffic to `host` must go through Tor: the one rule for reqwest's clients (`route`)
+/// and for the upstream calls that bypass reqwest (`proxy::client`).
 pub fn carries(tor: Option<&Tor>, host: &str) -> bool {
     tor.is_some_and(|tor| carries_with(tor.outbound, host))
 }
@@ -230,7 +230,7 @@ pub fn carries(tor: Option<&Tor>, host: &str) -> bool {
 /// `carries` for a node with Tor, with or without TOR_OUTBOUND.
 fn carries_with(outbound: bool, host: &str) -> bool {
     let bare = host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.');
-    is_onion_host(host) || (outbound && !LOOPBACK_HOSTS.split(',').any(|h| h.eq_ignore_ascii_case(bare)))
+    is_onion_host(host) || (outbound && !LOOPBACK_HOSTS.iter().any(|h| h.eq_ignore_ascii_case(bare)))
 }
 
 /// Routes a reqwest client's traffic through Tor where it must go: `.onion` hosts whenever the
@@ -241,14 +241,12 @@ pub fn route(builder: reqwest::ClientBuilder, tor: Option<&Arc<Tor>>) -> Result<
     let Some(tor) = tor else {
         return Ok(builder);
     };
-    let url = tor.http_proxy_url();
-    let proxy = match tor.outbound {
-        true => reqwest::Proxy::all(&url)
-            .map_err(|e| format!("Tor proxy: {e}"))?
-            .no_proxy(reqwest::NoProxy::from_string(LOOPBACK_HOSTS)),
-        false => reqwest::Proxy::custom(move |target| is_onion(target).then(|| url.clone())),
-    };
-    Ok(builder.proxy(proxy))
+    let proxy = reqwest::Url::parse(&tor.http_proxy_url()).map_err(|e| format!("Tor proxy: {e}"))?;
+    let outbound = tor.outbound;
+    let rule = reqwest::Proxy::custom(move |target| {
+        target.host_str().is_some_and(|host| carries_with(outbound, host)).then(|| proxy.clone())
+    });
+    Ok(builder.proxy(rule))
 }
 
 #[cfg(test)]
