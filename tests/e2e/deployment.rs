@@ -28,7 +28,8 @@ async fn online_backup_under_load_restores_the_same_balances() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let dest = temp_dir("backup-dest").join("state");
+    let backup_root = temp_dir("backup-dest");
+    let dest = backup_root.join("state");
     let out = h.node.cli(&["backup", &dest.display().to_string()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     stop.store(true, Ordering::Relaxed);
@@ -56,4 +57,5 @@ async fn online_backup_under_load_restores_the_same_balances() {
     assert_eq!(totals.credited_msat, 250_000);
     restored.stop().await;
     h.assert_conserved().await;
+    let _ = std::fs::remove_dir_all(&backup_root);
 }

@@ -104,6 +104,17 @@ impl Node {
         }
     }
 
+    /// SIGKILL and reap, where nothing can be awaited (a drop).
+    fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.start_kill();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
     /// SIGTERM, then wait for a clean exit.
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -152,6 +163,17 @@ impl Node {
     pub async fn restart(&mut self) {
         self.kill().await;
         self.spawn().await;
+    }
+}
+
+/// A test that passed leaves nothing behind (each run of the suite left ≈ 40 MB in the temp
+/// folder); one that failed keeps its node's folder, with the node's log.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.node.kill_now();
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
     }
 }
 
