@@ -14,6 +14,7 @@ pub mod usage;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -366,16 +367,57 @@ impl Detachable {
 
     /// Runs the work until `answer` is ready (or the work ends without one).
     async fn answer<T>(mut self, mut answer: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
+        let inline = Arc::new(InlineWake::default());
+        let answer_waker = std::task::Waker::from(inline.clone());
         std::future::poll_fn(|cx| {
+            inline.follow(cx.waker());
             if let Some(work) = self.work.as_mut() {
-                if work.as_mut().poll(cx).is_ready() {
+                inline.polling.store(true, Ordering::SeqCst);
+                let ended = work.as_mut().poll(cx).is_ready();
+                inline.polling.store(false, Ordering::SeqCst);
+                if ended {
                     self.work = None;
                 }
             }
             // Ended without an answer: the sender is gone, so this is ready too.
-            Pin::new(&mut answer).poll(cx)
+            Pin::new(&mut answer).poll(&mut std::task::Context::from_waker(&answer_waker))
         })
         .await
+    }
+}
+
+/// The waker of a request's answer. The work sends its answer while this task polls it, and the
+/// answer is looked at right after: waking the task then would only make tokio poll it once more
+/// for nothing, and first hand it to the other worker (a task woken while it runs goes to the back
+/// of the queue and a parked worker is woken for it: ≈ one thread wake-up per request). So a wake
+/// during the work's poll is dropped; one from elsewhere (an answer sent by another task) is not.
+#[derive(Default)]
+struct InlineWake {
+    polling: AtomicBool,
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl InlineWake {
+    /// Wakes `waker`'s task from now on.
+    fn follow(&self, waker: &std::task::Waker) {
+        let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl std::task::Wake for InlineWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.polling.load(Ordering::SeqCst) {
+            if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                task.wake_by_ref();
+            }
+        }
     }
 }
 
@@ -1051,6 +1093,42 @@ mod tests {
         };
         assert_eq!(Detachable::new(work).answer(answer).await.unwrap(), 1);
         tokio::time::timeout(Duration::from_secs(5), rest_ran).await.expect("the rest ran").unwrap();
+    }
+
+    /// The answer wakes nobody while the work that sends it is being polled (it is looked at right
+    /// after), but an answer sent from elsewhere still wakes the waiting task.
+    #[tokio::test]
+    async fn an_answer_wakes_the_task_only_from_outside_the_work() {
+        let (respond, answer) = oneshot::channel::<u8>();
+        let (hand_over, handed) = oneshot::channel::<oneshot::Sender<u8>>();
+        // The work gives its sender away and ends; another task answers 20 ms later.
+        let work = async move {
+            let _ = hand_over.send(respond);
+        };
+        tokio::spawn(async move {
+            let respond = handed.await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = respond.send(7);
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), Detachable::new(work).answer(answer)).await;
+        assert_eq!(got.expect("woken by the answer from the other task").unwrap(), 7);
+
+        let inline = Arc::new(InlineWake::default());
+        let woken = Arc::new(AtomicBool::new(false));
+        struct Flag(Arc<AtomicBool>);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        inline.follow(&std::task::Waker::from(Arc::new(Flag(woken.clone()))));
+        let answer_waker = std::task::Waker::from(inline.clone());
+        inline.polling.store(true, Ordering::SeqCst);
+        answer_waker.wake_by_ref();
+        assert!(!woken.load(Ordering::SeqCst), "woken while its own work was being polled");
+        inline.polling.store(false, Ordering::SeqCst);
+        answer_waker.wake_by_ref();
+        assert!(woken.load(Ordering::SeqCst), "not woken from outside the work");
     }
 
     #[tokio::test]
