@@ -375,6 +375,9 @@ impl Detachable {
                 inline.polling.store(true, Ordering::SeqCst);
                 let ended = work.as_mut().poll(cx).is_ready();
                 inline.polling.store(false, Ordering::SeqCst);
+                // With the fence in `wake_by_ref`: a wake dropped during the poll came after an
+                // answer that the look below sees.
+                std::sync::atomic::fence(Ordering::SeqCst);
                 if ended {
                     self.work = None;
                 }
@@ -413,6 +416,7 @@ impl std::task::Wake for InlineWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
+        std::sync::atomic::fence(Ordering::SeqCst);
         if !self.polling.load(Ordering::SeqCst) {
             if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                 task.wake_by_ref();
