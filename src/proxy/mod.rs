@@ -372,13 +372,7 @@ impl Detachable {
         std::future::poll_fn(|cx| {
             inline.follow(cx.waker());
             if let Some(work) = self.work.as_mut() {
-                inline.polling.store(true, Ordering::SeqCst);
-                let ended = work.as_mut().poll(cx).is_ready();
-                inline.polling.store(false, Ordering::SeqCst);
-                // With the fence in `wake_by_ref`: a wake dropped during the poll came after an
-                // answer that the look below sees.
-                std::sync::atomic::fence(Ordering::SeqCst);
-                if ended {
+                if inline.while_polling(|| work.as_mut().poll(cx).is_ready()) {
                     self.work = None;
                 }
             }
@@ -407,6 +401,17 @@ impl InlineWake {
         if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
             *task = Some(waker.clone());
         }
+    }
+
+    /// Runs `poll_work`, dropping the wakes that come meanwhile.
+    fn while_polling<R>(&self, poll_work: impl FnOnce() -> R) -> R {
+        self.polling.store(true, Ordering::SeqCst);
+        let result = poll_work();
+        self.polling.store(false, Ordering::SeqCst);
+        // With the fence in `wake_by_ref`: a wake dropped during the poll came after an answer
+        // that the caller's look, after this, sees.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        result
     }
 }
 
@@ -1127,10 +1132,8 @@ mod tests {
         }
         inline.follow(&std::task::Waker::from(Arc::new(Flag(woken.clone()))));
         let answer_waker = std::task::Waker::from(inline.clone());
-        inline.polling.store(true, Ordering::SeqCst);
-        answer_waker.wake_by_ref();
+        inline.while_polling(|| answer_waker.wake_by_ref());
         assert!(!woken.load(Ordering::SeqCst), "woken while its own work was being polled");
-        inline.polling.store(false, Ordering::SeqCst);
         answer_waker.wake_by_ref();
         assert!(woken.load(Ordering::SeqCst), "not woken from outside the work");
     }
