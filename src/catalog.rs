@@ -17,10 +17,10 @@ use crate::upstream::Upstream;
 
 #[derive(Debug, Clone)]
 pub struct ModelRoute {
-    /// The name clients use.
-    pub id: String,
+    /// The name clients use (shared, as `raw`: routes are cloned on every request).
+    pub id: Arc<str>,
     /// The name sent upstream.
-    pub upstream_model: String,
+    pub upstream_model: Arc<str>,
     /// Index into the node's upstreams.
     pub upstream: usize,
     /// USD prices before markup; `None` when unknown (fixed prices apply).
@@ -59,7 +59,7 @@ impl PricePolicy {
             (None, false) if self.fixed.prompt_per_mtok > 0 || self.fixed.completion_per_mtok > 0 => {
                 Ok(self.fixed.clone())
             }
-            (None, false) => Err(ApiError::Unpriced(route.id.clone())),
+            (None, false) => Err(ApiError::Unpriced(route.id.to_string())),
         }
     }
 }
@@ -81,8 +81,8 @@ fn model_id(v: &Value) -> Option<&str> {
 
 fn route_from(id: &str, upstream_model: &str, upstream: usize, v: &Value) -> ModelRoute {
     ModelRoute {
-        id: id.to_owned(),
-        upstream_model: upstream_model.to_owned(),
+        id: id.into(),
+        upstream_model: upstream_model.into(),
         upstream,
         usd: v.get("pricing").and_then(UsdPrices::from_json),
         context_length: v.get("context_length").and_then(Value::as_u64),
@@ -175,9 +175,9 @@ impl Catalog {
     }
 
     fn add(&mut self, route: ModelRoute) {
-        let routes = self.routes.entry(route.id.clone()).or_default();
+        let routes = self.routes.entry(route.id.to_string()).or_default();
         if routes.is_empty() {
-            self.order.push(route.id.clone());
+            self.order.push(route.id.to_string());
         }
         if !routes.iter().any(|r| r.upstream == route.upstream) {
             routes.push(route);
@@ -347,7 +347,7 @@ mod tests {
         assert_eq!(m1.iter().map(|r| r.upstream).collect::<Vec<_>>(), vec![0, 1]);
         assert!(m1[0].usd.is_some() && m1[1].usd.is_none());
         let fast = c.routes("fast");
-        assert_eq!((fast.len(), fast[0].upstream_model.as_str()), (1, "m1"));
+        assert_eq!((fast.len(), &*fast[0].upstream_model), (1, "m1"));
         assert_eq!(c.routes("m2")[0].usd.as_ref().unwrap().prompt, 10_000_000);
         assert!(c.routes("nope").is_empty());
     }

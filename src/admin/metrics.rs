@@ -56,7 +56,8 @@ pub struct HourCount {
 
 #[derive(Default)]
 struct Inner {
-    requests: BTreeMap<(String, u16), u64>,
+    /// Requests by model label, then by status.
+    requests: BTreeMap<String, BTreeMap<u16, u64>>,
     latency: [u64; LATENCY_BUCKETS.len()],
     latency_sum: f64,
     latency_count: u64,
@@ -79,16 +80,19 @@ impl Metrics {
     /// Counts one model request: its status and the time to its response head.
     pub fn record(&self, request_id: &str, path: &str, model: &str, status: u16, latency: Duration) {
         let Ok(mut inner) = self.inner.lock() else { return };
-        let known = inner.requests.keys().any(|(m, _)| m == model);
-        let distinct = inner.requests.keys().map(|(m, _)| m).collect::<std::collections::BTreeSet<_>>().len();
         let label = if model.is_empty() {
-            "none".to_owned()
-        } else if known || distinct < MAX_MODELS {
-            model.to_owned()
+            "none"
+        } else if inner.requests.contains_key(model) || inner.requests.len() < MAX_MODELS {
+            model
         } else {
-            "other".to_owned()
+            "other"
         };
-        *inner.requests.entry((label.clone(), status)).or_default() += 1;
+        match inner.requests.get_mut(label) {
+            Some(by_status) => *by_status.entry(status).or_default() += 1,
+            None => {
+                inner.requests.insert(label.to_owned(), BTreeMap::from([(status, 1)]));
+            }
+        }
         let secs = latency.as_secs_f64();
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
             if secs <= *bound {
@@ -113,7 +117,7 @@ impl Metrics {
             request_id: request_id.to_owned(),
             at: now,
             path: path.to_owned(),
-            model: label,
+            model: label.to_owned(),
             status,
             latency_ms: latency.as_millis() as u64,
         });
@@ -142,8 +146,9 @@ impl Metrics {
             .lock()
             .map(|i| {
                 i.requests
-                    .iter()
-                    .fold((0, 0), |(n, e), ((_, status), c)| (n + c, e + if *status >= 400 { *c } else { 0 }))
+                    .values()
+                    .flatten()
+                    .fold((0, 0), |(n, e), (status, c)| (n + c, e + if *status >= 400 { *c } else { 0 }))
             })
             .unwrap_or_default()
     }
@@ -176,8 +181,11 @@ pub async fn render(node: &Arc<Node>) -> Response<Body> {
     {
         let inner = m.inner.lock().unwrap_or_else(|e| e.into_inner());
         family(&mut out, "routstr_requests_total", "counter", "Model requests by model and HTTP status, since start.");
-        for ((model, status), count) in &inner.requests {
-            let _ = writeln!(out, "routstr_requests_total{{model=\"{}\",status=\"{status}\"}} {count}", label(model));
+        for (model, by_status) in &inner.requests {
+            for (status, count) in by_status {
+                let _ =
+                    writeln!(out, "routstr_requests_total{{model=\"{}\",status=\"{status}\"}} {count}", label(model));
+            }
         }
         family(
             &mut out,
@@ -315,8 +323,9 @@ mod tests {
             m.record("r", "chat/completions", &format!("m{i}"), 404, Duration::ZERO);
         }
         let inner = m.inner.lock().unwrap();
-        assert!(inner.requests.contains_key(&("other".to_owned(), 404)));
-        assert!(inner.requests.len() <= MAX_MODELS + 3);
+        // `gpt` and `none` came first, so the last 7 names are counted as `other`.
+        assert_eq!(inner.requests["other"][&404], 7);
+        assert_eq!(inner.requests.len(), MAX_MODELS + 1, "at most MAX_MODELS names, then `other`");
     }
 
     #[test]

@@ -458,8 +458,8 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
         // No model (other upstream paths): any upstream, at the fixed prices.
         (0..upstreams.len())
             .map(|i| ModelRoute {
-                id: String::new(),
-                upstream_model: String::new(),
+                id: "".into(),
+                upstream_model: "".into(),
                 upstream: i,
                 usd: None,
                 context_length: None,
@@ -498,8 +498,8 @@ fn price_routes(node: &Node, model: &str) -> Result<Vec<PricedRoute>, ApiError> 
 /// The route of a request bought from a discovered provider: the model under its own name.
 fn remote_route(model: &str) -> ModelRoute {
     ModelRoute {
-        id: model.to_owned(),
-        upstream_model: model.to_owned(),
+        id: model.into(),
+        upstream_model: model.into(),
         upstream: usize::MAX,
         usd: None,
         context_length: None,
@@ -538,7 +538,7 @@ fn max_completion_tokens(fields: Option<&RequestFields>, route: &ModelRoute, nod
 
 /// Whether a route's upstream knows the model under another name, so the body names it.
 fn renames(fields: &RequestFields, route: &ModelRoute) -> bool {
-    !route.upstream_model.is_empty() && fields.model() != route.upstream_model
+    !route.upstream_model.is_empty() && fields.model() != &*route.upstream_model
 }
 
 /// Whether a stream must ask its upstream for usage (the charge is by usage).
@@ -782,16 +782,11 @@ fn response_head(status: StatusCode, upstream: &HeaderMap) -> hyper::http::respo
 }
 
 fn add_cost_headers(headers: &mut HeaderMap, cost: &Cost, usd: Option<f64>) {
-    let mut put = |name: &'static str, v: String| {
-        if let Ok(v) = HeaderValue::from_str(&v) {
-            headers.insert(HeaderName::from_static(name), v);
-        }
-    };
-    put("x-routstr-cost-msats", cost.total_msats.to_string());
-    put("x-routstr-input-cost-msats", cost.input_msats.to_string());
-    put("x-routstr-output-cost-msats", cost.output_msats.to_string());
-    if let Some(usd) = usd {
-        put("x-routstr-cost-usd", format!("{usd:.8}"));
+    headers.insert(HeaderName::from_static("x-routstr-cost-msats"), HeaderValue::from(cost.total_msats));
+    headers.insert(HeaderName::from_static("x-routstr-input-cost-msats"), HeaderValue::from(cost.input_msats));
+    headers.insert(HeaderName::from_static("x-routstr-output-cost-msats"), HeaderValue::from(cost.output_msats));
+    if let Some(usd) = usd.and_then(|usd| HeaderValue::try_from(format!("{usd:.8}")).ok()) {
+        headers.insert(HeaderName::from_static("x-routstr-cost-usd"), usd);
     }
 }
 
@@ -888,7 +883,7 @@ async fn whole_answer(
         _ => Box::pin(metering.settle(&priced.prices, usage, note)).await,
     };
     let body = match (top, &mut parsed, &cost) {
-        (Some(top), _, Some(cost)) => top.with_cost(&body, usage::cost_json(cost, metering.usd(cost))),
+        (Some(top), _, Some(cost)) => top.with_cost(&body, &usage::CostView::new(cost, metering.usd(cost))),
         (None, Some(v), Some(cost)) => {
             usage::insert_cost(v, usage::cost_json(cost, metering.usd(cost)));
             serde_json::to_vec(v).map(Bytes::from).unwrap_or(body)

@@ -5,7 +5,7 @@
 //! token per 4 request bytes and the completion at one token per streamed event (or per 4
 //! characters of JSON content), and only when output actually reached the client.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::{json, Value};
 
 use crate::pricing::{Cost, Usage};
@@ -80,13 +80,25 @@ pub fn estimate(request_body_len: usize, output_tokens: u64) -> Usage {
     Usage { input_tokens: (request_body_len as u64).div_ceil(4), output_tokens, ..Usage::default() }
 }
 
-/// The `usage.cost` object clients see.
-pub fn cost_json(cost: &Cost, usd: Option<f64>) -> Value {
-    let mut v = serde_json::to_value(cost).unwrap_or_else(|_| json!({ "total_msats": cost.total_msats }));
-    if let Some(usd) = usd {
-        v["total_usd"] = json!(usd);
+/// The `usage.cost` object clients see: the cost's parts, and the total in USD when a rate is
+/// known. One shape for every path (`cost_json` builds it as a `Value`, `TopUsage::with_cost`
+/// writes it as text).
+#[derive(serde::Serialize)]
+pub struct CostView<'a> {
+    #[serde(flatten)]
+    cost: &'a Cost,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_usd: Option<f64>,
+}
+
+impl<'a> CostView<'a> {
+    pub fn new(cost: &'a Cost, usd: Option<f64>) -> CostView<'a> {
+        CostView { cost, total_usd: usd }
     }
-    v
+}
+
+pub fn cost_json(cost: &Cost, usd: Option<f64>) -> Value {
+    serde_json::to_value(CostView::new(cost, usd)).unwrap_or_else(|_| json!({ "total_msats": cost.total_msats }))
 }
 
 /// Adds `cost` into an answer's usage object (creating `usage` when there is none).
@@ -134,14 +146,27 @@ impl TopUsage {
         (span.end <= body.len()).then_some(TopUsage { usage, object, span })
     }
 
-    /// The answer with `cost` in its usage object, the rest of its text unchanged.
-    pub fn with_cost(mut self, body: &[u8], cost: Value) -> Bytes {
-        self.object["cost"] = cost;
+    /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is
+    /// written into the object's text before its closing brace; only a usage object that already
+    /// has a `cost` (another node's, upstream) is rebuilt, to replace it.
+    pub fn with_cost(mut self, body: &[u8], cost: &CostView) -> Bytes {
+        let span = self.span.clone();
+        if self.object.get("cost").is_none() && body.get(span.end.wrapping_sub(1)) == Some(&b'}') {
+            // The object has token counts, so a member comes before the cost.
+            let mut out = BytesMut::with_capacity(body.len() + 160);
+            out.extend_from_slice(&body[..span.end - 1]);
+            out.extend_from_slice(b",\"cost\":");
+            if serde_json::to_writer((&mut out).writer(), cost).is_ok() {
+                out.extend_from_slice(&body[span.end - 1..]);
+                return out.freeze();
+            }
+        }
+        self.object["cost"] = serde_json::to_value(cost).unwrap_or(Value::Null);
         let usage = serde_json::to_vec(&self.object).unwrap_or_default();
         let mut out = BytesMut::with_capacity(body.len() + usage.len());
-        out.extend_from_slice(&body[..self.span.start]);
+        out.extend_from_slice(&body[..span.start]);
         out.extend_from_slice(&usage);
-        out.extend_from_slice(&body[self.span.end..]);
+        out.extend_from_slice(&body[span.end..]);
         out.freeze()
     }
 }
@@ -355,7 +380,9 @@ mod tests {
 
     #[test]
     fn top_level_usage_fast_path_agrees_with_the_value_path() {
-        let cost = json!({ "total_msats": 1234, "input_msats": 34, "output_msats": 1200 });
+        let parts = Cost::new(34, 0, 1200);
+        let view = CostView::new(&parts, Some(0.5));
+        let cost = cost_json(&parts, Some(0.5));
         let answers = [
             r#"{"id":"x","choices":[{"message":{"content":"h\u00e9llo \"usage\": {}"}}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}}"#,
@@ -366,10 +393,18 @@ mod tests {
             let fast = TopUsage::read(answer.as_bytes()).expect("fast path");
             let mut slow: Value = serde_json::from_str(answer).unwrap();
             assert_eq!(Some(fast.usage), find_usage(&slow));
-            let rewritten: Value = serde_json::from_slice(&fast.with_cost(answer.as_bytes(), cost.clone())).unwrap();
+            let rewritten: Value = serde_json::from_slice(&fast.with_cost(answer.as_bytes(), &view)).unwrap();
             insert_cost(&mut slow, cost.clone());
             assert_eq!(rewritten, slow);
         }
+        // Written into the text: the rest of the answer, and the usage's own members, are
+        // passed on byte for byte.
+        let answer = r#"{"usage": {"total_tokens": 3, "prompt_tokens": 1, "completion_tokens": 2} , "id": "x"}"#;
+        let rewritten = TopUsage::read(answer.as_bytes()).unwrap().with_cost(answer.as_bytes(), &view);
+        assert_eq!(
+            std::str::from_utf8(&rewritten).unwrap(),
+            r#"{"usage": {"total_tokens": 3, "prompt_tokens": 1, "completion_tokens": 2,"cost":{"base_msats":34,"input_msats":0,"output_msats":1200,"total_msats":1234,"total_usd":0.5}} , "id": "x"}"#
+        );
         // Not for the fast path: no usage at the top, usage without counts, a repeated usage,
         // an array, broken JSON. The Value path handles them (or refuses them) as before.
         for answer in [
