@@ -117,6 +117,36 @@ pub struct TopUsage {
     object: Value,
     /// Where the usage object's text is in the answer.
     span: std::ops::Range<usize>,
+    /// The usage object names a member twice: its text is not what was read (the last one
+    /// counts), so it is rebuilt rather than passed on.
+    repeats: bool,
+}
+
+/// A JSON object and how many members its text has (more than the map's when a name repeats).
+struct CountedObject {
+    object: serde_json::Map<String, Value>,
+    members: usize,
+}
+
+impl<'de> serde::Deserialize<'de> for CountedObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CountedObject;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CountedObject, A::Error> {
+                let mut counted = CountedObject { object: serde_json::Map::new(), members: 0 };
+                while let Some((name, value)) = map.next_entry::<String, Value>()? {
+                    counted.object.insert(name, value);
+                    counted.members += 1;
+                }
+                Ok(counted)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 impl TopUsage {
@@ -139,20 +169,26 @@ impl TopUsage {
         // Checks the whole answer is JSON, skipping everything but `usage` (a repeated `usage`
         // is an error here, so the slow path decides).
         let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
-        let object: Value = serde_json::from_str(raw.get()).ok()?;
+        let counted: CountedObject = serde_json::from_str(raw.get()).ok()?;
+        let repeats = counted.members != counted.object.len();
+        let object = Value::Object(counted.object);
         let usage = from_usage_object(&object)?;
         let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
         let span = start..start + raw.get().len();
-        (span.end <= body.len()).then_some(TopUsage { usage, object, span })
+        (span.end <= body.len()).then_some(TopUsage { usage, object, span, repeats })
     }
 
     /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is
-    /// written into the object's text before its closing brace; only a usage object that already
-    /// has a `cost` (another node's, upstream) is rebuilt, to replace it.
+    /// written into the object's text before its closing brace; a usage object that already
+    /// has a `cost` (another node's, upstream), or names a member twice, is rebuilt instead.
     pub fn with_cost(mut self, body: &[u8], cost: &CostView) -> Bytes {
         let span = self.span.clone();
-        if self.object.get("cost").is_none() && body.get(span.end.wrapping_sub(1)) == Some(&b'}') {
-            // The object has token counts, so a member comes before the cost.
+        let members = self.object.as_object().map_or(0, serde_json::Map::len);
+        if members > 0
+            && !self.repeats
+            && self.object.get("cost").is_none()
+            && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}')
+        {
             let mut out = BytesMut::with_capacity(body.len() + 160);
             out.extend_from_slice(&body[..span.end - 1]);
             out.extend_from_slice(b",\"cost\":");
@@ -405,6 +441,14 @@ mod tests {
             std::str::from_utf8(&rewritten).unwrap(),
             r#"{"usage": {"total_tokens": 3, "prompt_tokens": 1, "completion_tokens": 2,"cost":{"base_msats":34,"input_msats":0,"output_msats":1200,"total_msats":1234,"total_usd":0.5}} , "id": "x"}"#
         );
+        // A usage naming a count twice is charged by the last, and only that one is passed on.
+        let answer = r#"{"usage":{"prompt_tokens":1,"completion_tokens":2,"prompt_tokens":9}}"#;
+        let fast = TopUsage::read(answer.as_bytes()).unwrap();
+        assert_eq!(fast.usage.input_tokens, 9);
+        let rewritten = fast.with_cost(answer.as_bytes(), &view);
+        let text = std::str::from_utf8(&rewritten).unwrap();
+        assert_eq!(text.matches("prompt_tokens").count(), 1, "{text}");
+        assert_eq!(serde_json::from_str::<Value>(text).unwrap()["usage"]["prompt_tokens"], 9);
         // Not for the fast path: no usage at the top, usage without counts, a repeated usage,
         // an array, broken JSON. The Value path handles them (or refuses them) as before.
         for answer in [
