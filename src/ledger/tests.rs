@@ -1,10 +1,25 @@
 use super::*;
 
-fn temp_path(name: &str) -> std::path::PathBuf {
+/// A ledger file in a folder of its own, removed when the test passes (kept, to look at, when
+/// it fails). Declared before the ledger, so that it outlives it.
+struct TempLedger {
+    dir: std::path::PathBuf,
+    path: std::path::PathBuf,
+}
+
+fn temp_path(name: &str) -> TempLedger {
     let dir =
         std::env::temp_dir().join(format!("routstr-ledger-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
-    dir.join("ledger.sqlite")
+    TempLedger { path: dir.join("ledger.sqlite"), dir }
+}
+
+impl Drop for TempLedger {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 async fn funded(ledger: &Ledger, token: &str, key: &str, msat: u64) {
@@ -15,7 +30,8 @@ async fn funded(ledger: &Ledger, token: &str, key: &str, msat: u64) {
 
 #[tokio::test]
 async fn reserve_settle_release_conserve() {
-    let ledger = Ledger::open(&temp_path("basic"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("basic");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
 
     let r1 = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
@@ -42,7 +58,8 @@ async fn reserve_settle_release_conserve() {
 
 #[tokio::test]
 async fn reservation_is_conditional() {
-    let ledger = Ledger::open(&temp_path("cond"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("cond");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 1_000).await;
     let err = ledger.reserve("k1", "r1", 1_001, "m").await.unwrap_err();
     assert!(matches!(err, LedgerError::Insufficient { required: 1_001, available: 1_000 }));
@@ -51,7 +68,8 @@ async fn reservation_is_conditional() {
 
 #[tokio::test]
 async fn parallel_reservations_never_exceed_balance() {
-    let ledger = Ledger::open(&temp_path("parallel"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("parallel");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let mut tasks = Vec::new();
     for i in 0..100 {
@@ -71,7 +89,8 @@ async fn parallel_reservations_never_exceed_balance() {
 
 #[tokio::test]
 async fn overrun_takes_free_balance_then_records_uncollected() {
-    let ledger = Ledger::open(&temp_path("overrun"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("overrun");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 1_000).await;
     let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
     let s = ledger.settle(&r1, 1_500, "overrun").await.unwrap();
@@ -81,7 +100,8 @@ async fn overrun_takes_free_balance_then_records_uncollected() {
 
 #[tokio::test]
 async fn redemption_is_once_per_token() {
-    let ledger = Ledger::open(&temp_path("redeem"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("redeem");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02aa".to_string()];
     assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::Started);
     assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::InProgress);
@@ -106,7 +126,8 @@ async fn redemption_is_once_per_token() {
 
 #[tokio::test]
 async fn payouts_debit_first_and_can_be_replayed() {
-    let ledger = Ledger::open(&temp_path("payout"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("payout");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 2_500).await;
     let p = ledger.begin_payout("k1", Some("src"), None).await.unwrap().unwrap();
     assert_eq!(p.debit_msat, 2_500);
@@ -129,7 +150,8 @@ async fn payouts_debit_first_and_can_be_replayed() {
 
 #[tokio::test]
 async fn holds_end_with_the_process_and_nothing_is_charged_for_them() {
-    let path = temp_path("restart");
+    let temp = temp_path("restart");
+    let path = temp.path.clone();
     let interrupted = {
         let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
         funded(&ledger, "t1", "k1", 3_000).await;
@@ -150,7 +172,8 @@ async fn holds_end_with_the_process_and_nothing_is_charged_for_them() {
 
 #[tokio::test]
 async fn open_records_of_older_ledgers_are_released_at_start_too() {
-    let ledger = Ledger::open(&temp_path("legacy"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("legacy");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 5_000).await;
     let _running = ledger.reserve("k1", "r-new", 1_000, "m").await.unwrap();
     // What a ledger before schema 4 held for a running request: an 'open' row.
@@ -187,7 +210,8 @@ async fn open_records_of_older_ledgers_are_released_at_start_too() {
 
 #[tokio::test]
 async fn ending_a_reservation_never_held_is_an_error_and_changes_nothing() {
-    let ledger = Ledger::open(&temp_path("unheld"), LedgerSync::Full).unwrap();
+    let temp = temp_path("unheld");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 5_000).await;
     let mut r1 = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
     r1.request_id = "never-reserved".into();
@@ -199,7 +223,8 @@ async fn ending_a_reservation_never_held_is_an_error_and_changes_nothing() {
 
 #[tokio::test]
 async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
-    let ledger = Ledger::open(&temp_path("ys"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("ys");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02aa".to_string(), "02bb".to_string()];
     ledger.begin_redemption("cashuA-form", "k", "m", 2_000, &ys).await.unwrap();
     assert_eq!(
@@ -222,7 +247,8 @@ async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
 
 #[tokio::test]
 async fn a_failed_or_foreign_redemption_is_never_credited() {
-    let ledger = Ledger::open(&temp_path("foreign"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("foreign");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02ee".to_string()];
     // T1 (a bad re-encoding) fails; T2, the real token with the same proofs, is redeemed.
     ledger.begin_redemption("t1", "attacker", "m", 9_000, &ys).await.unwrap();
@@ -239,7 +265,8 @@ async fn a_failed_or_foreign_redemption_is_never_credited() {
 
 #[tokio::test]
 async fn invoices_credit_once_even_late() {
-    let ledger = Ledger::open(&temp_path("invoice"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("invoice");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let invoice = Invoice {
         id: "inv1".into(),
         purpose: "create".into(),
@@ -270,7 +297,8 @@ async fn invoices_credit_once_even_late() {
 
 #[tokio::test]
 async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
-    let ledger = Ledger::open(&temp_path("ln-payout"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("ln-payout");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_500).await;
     let p = ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().unwrap();
     assert_eq!(p.debit_msat, 10_500);
@@ -303,7 +331,8 @@ async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlements_conserve() {
-    let path = temp_path("fullsync");
+    let temp = temp_path("fullsync");
+    let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 1_000_000).await;
     // A durable answer means committed: another connection (another process) already sees it.
@@ -336,7 +365,8 @@ async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_ends_are_seen_at_once_and_on_disk_after_a_flush() {
-    let path = temp_path("detached");
+    let temp = temp_path("detached");
+    let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 100_000).await;
     let reader = open_reader(&path).unwrap();
@@ -424,7 +454,8 @@ fn outcome<T>(result: Result<T, LedgerError>) -> Result<T, String> {
 #[tokio::test]
 async fn random_money_moves_match_a_reference_model() {
     for seed in 1..=3u64 {
-        let ledger = Ledger::open(&temp_path("model"), LedgerSync::Normal).unwrap();
+        let temp = temp_path("model");
+        let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
         let mut dice = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keys = ["ka", "kb", "kc"];
         let mut model: std::collections::HashMap<&str, ModelKey> = Default::default();
@@ -534,7 +565,8 @@ async fn random_money_moves_match_a_reference_model() {
 /// accounted for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
-    let ledger = Ledger::open(&temp_path("contend"), LedgerSync::Full).unwrap();
+    let temp = temp_path("contend");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     let keys = ["ka", "kb"];
     for key in keys {
         let token = format!("seed-{key}");
@@ -611,7 +643,8 @@ async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
 /// balance the payout is taking.
 #[tokio::test]
 async fn a_reservation_during_a_payout_waits_for_it() {
-    let ledger = Ledger::open(&temp_path("seize"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("seize");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let running = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
     let holds = ledger.holds.clone();
@@ -638,7 +671,8 @@ async fn a_reservation_during_a_payout_waits_for_it() {
 
 #[tokio::test]
 async fn one_node_per_ledger_file() {
-    let path = temp_path("exclusive");
+    let temp = temp_path("exclusive");
+    let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Normal).unwrap();
     let started = std::time::Instant::now();
     let Err(LedgerError::Io(why)) = Ledger::open(&path, LedgerSync::Normal) else { panic!("opened twice") };
@@ -653,7 +687,8 @@ async fn one_node_per_ledger_file() {
 /// request must not be refused for a hold that charge is about to release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_request_sees_a_queued_charge() {
-    let ledger = Ledger::open(&temp_path("next"), LedgerSync::Full).unwrap();
+    let temp = temp_path("next");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     for round in 0..50u64 {
         let available = ledger.key_info("k1").await.unwrap().unwrap().available_msat();
@@ -669,7 +704,8 @@ async fn the_next_request_sees_a_queued_charge() {
 /// A refused operator debit seizes the key too: its copy is back after the job.
 #[tokio::test]
 async fn a_refused_debit_gives_the_key_its_copy_back() {
-    let ledger = Ledger::open(&temp_path("refused"), LedgerSync::Normal).unwrap();
+    let temp = temp_path("refused");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let running = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
     let refused = ledger.admin_adjust("k1".into(), -6_001, "too much".into()).await.unwrap_err();
@@ -682,7 +718,8 @@ async fn a_refused_debit_gives_the_key_its_copy_back() {
 /// all; a job that waits for the disk commits them at once, however many are queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_charges_share_a_commit_unless_someone_waits() {
-    let path = temp_path("background");
+    let temp = temp_path("background");
+    let path = temp.path.clone();
     let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
     funded(&ledger, "t1", "k1", 1_000_000).await;
     let reader = open_reader(&path).unwrap();
@@ -706,7 +743,8 @@ async fn background_charges_share_a_commit_unless_someone_waits() {
     drop(ledger);
 
     // With the node's linger, charges alone reach the disk soon after.
-    let path = temp_path("background-default");
+    let temp = temp_path("background-default");
+    let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 100_000).await;
     let reader = open_reader(&path).unwrap();
