@@ -7,7 +7,7 @@ struct TempLedger {
     path: std::path::PathBuf,
 }
 
-fn temp_path(name: &str) -> TempLedger {
+fn temp_ledger(name: &str) -> TempLedger {
     let dir =
         std::env::temp_dir().join(format!("routstr-ledger-{name}-{}-{}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -30,7 +30,7 @@ async fn funded(ledger: &Ledger, token: &str, key: &str, msat: u64) {
 
 #[tokio::test]
 async fn reserve_settle_release_conserve() {
-    let temp = temp_path("basic");
+    let temp = temp_ledger("basic");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
 
@@ -58,7 +58,7 @@ async fn reserve_settle_release_conserve() {
 
 #[tokio::test]
 async fn reservation_is_conditional() {
-    let temp = temp_path("cond");
+    let temp = temp_ledger("cond");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 1_000).await;
     let err = ledger.reserve("k1", "r1", 1_001, "m").await.unwrap_err();
@@ -68,7 +68,7 @@ async fn reservation_is_conditional() {
 
 #[tokio::test]
 async fn parallel_reservations_never_exceed_balance() {
-    let temp = temp_path("parallel");
+    let temp = temp_ledger("parallel");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let mut tasks = Vec::new();
@@ -89,7 +89,7 @@ async fn parallel_reservations_never_exceed_balance() {
 
 #[tokio::test]
 async fn overrun_takes_free_balance_then_records_uncollected() {
-    let temp = temp_path("overrun");
+    let temp = temp_ledger("overrun");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 1_000).await;
     let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
@@ -100,7 +100,7 @@ async fn overrun_takes_free_balance_then_records_uncollected() {
 
 #[tokio::test]
 async fn redemption_is_once_per_token() {
-    let temp = temp_path("redeem");
+    let temp = temp_ledger("redeem");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02aa".to_string()];
     assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::Started);
@@ -126,7 +126,7 @@ async fn redemption_is_once_per_token() {
 
 #[tokio::test]
 async fn payouts_debit_first_and_can_be_replayed() {
-    let temp = temp_path("payout");
+    let temp = temp_ledger("payout");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 2_500).await;
     let p = ledger.begin_payout("k1", Some("src"), None).await.unwrap().unwrap();
@@ -150,7 +150,7 @@ async fn payouts_debit_first_and_can_be_replayed() {
 
 #[tokio::test]
 async fn holds_end_with_the_process_and_nothing_is_charged_for_them() {
-    let temp = temp_path("restart");
+    let temp = temp_ledger("restart");
     let path = temp.path.clone();
     let interrupted = {
         let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
@@ -172,7 +172,7 @@ async fn holds_end_with_the_process_and_nothing_is_charged_for_them() {
 
 #[tokio::test]
 async fn open_records_of_older_ledgers_are_released_at_start_too() {
-    let temp = temp_path("legacy");
+    let temp = temp_ledger("legacy");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 5_000).await;
     let _running = ledger.reserve("k1", "r-new", 1_000, "m").await.unwrap();
@@ -210,7 +210,7 @@ async fn open_records_of_older_ledgers_are_released_at_start_too() {
 
 #[tokio::test]
 async fn ending_a_reservation_never_held_is_an_error_and_changes_nothing() {
-    let temp = temp_path("unheld");
+    let temp = temp_ledger("unheld");
     let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 5_000).await;
     let mut r1 = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
@@ -223,7 +223,7 @@ async fn ending_a_reservation_never_held_is_an_error_and_changes_nothing() {
 
 #[tokio::test]
 async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
-    let temp = temp_path("ys");
+    let temp = temp_ledger("ys");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02aa".to_string(), "02bb".to_string()];
     ledger.begin_redemption("cashuA-form", "k", "m", 2_000, &ys).await.unwrap();
@@ -247,7 +247,7 @@ async fn the_same_proofs_under_another_encoding_are_not_redeemed_twice() {
 
 #[tokio::test]
 async fn a_failed_or_foreign_redemption_is_never_credited() {
-    let temp = temp_path("foreign");
+    let temp = temp_ledger("foreign");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let ys = vec!["02ee".to_string()];
     // T1 (a bad re-encoding) fails; T2, the real token with the same proofs, is redeemed.
@@ -265,7 +265,7 @@ async fn a_failed_or_foreign_redemption_is_never_credited() {
 
 #[tokio::test]
 async fn invoices_credit_once_even_late() {
-    let temp = temp_path("invoice");
+    let temp = temp_ledger("invoice");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     let invoice = Invoice {
         id: "inv1".into(),
@@ -297,7 +297,7 @@ async fn invoices_credit_once_even_late() {
 
 #[tokio::test]
 async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
-    let temp = temp_path("ln-payout");
+    let temp = temp_ledger("ln-payout");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_500).await;
     let p = ledger.begin_lightning_payout("k1", "alice@example.com").await.unwrap().unwrap();
@@ -331,7 +331,7 @@ async fn lightning_payouts_debit_first_and_return_the_unused_reserve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlements_conserve() {
-    let temp = temp_path("fullsync");
+    let temp = temp_ledger("fullsync");
     let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 1_000_000).await;
@@ -365,7 +365,7 @@ async fn with_full_sync_every_durable_answer_is_committed_and_concurrent_settlem
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detached_ends_are_seen_at_once_and_on_disk_after_a_flush() {
-    let temp = temp_path("detached");
+    let temp = temp_ledger("detached");
     let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 100_000).await;
@@ -454,7 +454,7 @@ fn outcome<T>(result: Result<T, LedgerError>) -> Result<T, String> {
 #[tokio::test]
 async fn random_money_moves_match_a_reference_model() {
     for seed in 1..=3u64 {
-        let temp = temp_path("model");
+        let temp = temp_ledger("model");
         let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
         let mut dice = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keys = ["ka", "kb", "kc"];
@@ -565,7 +565,7 @@ async fn random_money_moves_match_a_reference_model() {
 /// accounted for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
-    let temp = temp_path("contend");
+    let temp = temp_ledger("contend");
     let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     let keys = ["ka", "kb"];
     for key in keys {
@@ -643,7 +643,7 @@ async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
 /// balance the payout is taking.
 #[tokio::test]
 async fn a_reservation_during_a_payout_waits_for_it() {
-    let temp = temp_path("seize");
+    let temp = temp_ledger("seize");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let running = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
@@ -671,7 +671,7 @@ async fn a_reservation_during_a_payout_waits_for_it() {
 
 #[tokio::test]
 async fn one_node_per_ledger_file() {
-    let temp = temp_path("exclusive");
+    let temp = temp_ledger("exclusive");
     let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Normal).unwrap();
     let started = std::time::Instant::now();
@@ -687,7 +687,7 @@ async fn one_node_per_ledger_file() {
 /// request must not be refused for a hold that charge is about to release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_request_sees_a_queued_charge() {
-    let temp = temp_path("next");
+    let temp = temp_ledger("next");
     let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     for round in 0..50u64 {
@@ -704,7 +704,7 @@ async fn the_next_request_sees_a_queued_charge() {
 /// A refused operator debit seizes the key too: its copy is back after the job.
 #[tokio::test]
 async fn a_refused_debit_gives_the_key_its_copy_back() {
-    let temp = temp_path("refused");
+    let temp = temp_ledger("refused");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 10_000).await;
     let running = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
@@ -718,7 +718,7 @@ async fn a_refused_debit_gives_the_key_its_copy_back() {
 /// all; a job that waits for the disk commits them at once, however many are queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_charges_share_a_commit_unless_someone_waits() {
-    let temp = temp_path("background");
+    let temp = temp_ledger("background");
     let path = temp.path.clone();
     let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
     funded(&ledger, "t1", "k1", 1_000_000).await;
@@ -743,7 +743,7 @@ async fn background_charges_share_a_commit_unless_someone_waits() {
     drop(ledger);
 
     // With the node's linger, charges alone reach the disk soon after.
-    let temp = temp_path("background-default");
+    let temp = temp_ledger("background-default");
     let path = temp.path.clone();
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
     funded(&ledger, "t1", "k1", 100_000).await;
