@@ -117,9 +117,10 @@ pub struct TopUsage {
     object: Value,
     /// Where the usage object's text is in the answer.
     span: std::ops::Range<usize>,
-    /// The usage object names a member twice: its text is not what was read (the last one
-    /// counts), so it is rebuilt rather than passed on.
-    repeats: bool,
+    /// The cost can be written into the usage object's text: it names no member twice (else
+    /// its text is not what was read, where the last one counts) and has no `cost` of its own
+    /// (another node's, upstream, to be replaced). Otherwise the object is rebuilt.
+    spliceable: bool,
 }
 
 /// A JSON object and how many members its text has (more than the map's when a name repeats).
@@ -170,25 +171,20 @@ impl TopUsage {
         // is an error here, so the slow path decides).
         let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
         let counted: CountedObject = serde_json::from_str(raw.get()).ok()?;
-        let repeats = counted.members != counted.object.len();
+        let spliceable = counted.members == counted.object.len() && !counted.object.contains_key("cost");
         let object = Value::Object(counted.object);
         let usage = from_usage_object(&object)?;
         let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
         let span = start..start + raw.get().len();
-        (span.end <= body.len()).then_some(TopUsage { usage, object, span, repeats })
+        (span.end <= body.len()).then_some(TopUsage { usage, object, span, spliceable })
     }
 
     /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is
-    /// written into the object's text before its closing brace; a usage object that already
-    /// has a `cost` (another node's, upstream), or names a member twice, is rebuilt instead.
+    /// written into the object's text before its closing brace (the object has token counts, so
+    /// a member comes before it), unless the object must be rebuilt (see `spliceable`).
     pub fn with_cost(mut self, body: &[u8], cost: &CostView) -> Bytes {
         let span = self.span.clone();
-        let members = self.object.as_object().map_or(0, serde_json::Map::len);
-        if members > 0
-            && !self.repeats
-            && self.object.get("cost").is_none()
-            && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}')
-        {
+        if self.spliceable && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}') {
             let mut out = BytesMut::with_capacity(body.len() + 160);
             out.extend_from_slice(&body[..span.end - 1]);
             out.extend_from_slice(b",\"cost\":");
