@@ -12,7 +12,9 @@
 //! `--write` (write the table to docs/benchmarks.md, above the analysis), `--seconds N` per measurement,
 //! `--ledger-sync full|normal`, `--connections 1,64,1024` (the instant-upstream load figures'
 //! connection counts), `--think-ms 40` (the upstream's mean time per answer in the
-//! below-saturation figure, which runs at 64 connections after the others).
+//! below-saturation figure, which runs at 64 connections after the others), `--own-core` (the
+//! node and the bare proxy on one core of their own, this program on the others: a node on a
+//! single core, with clients and upstream elsewhere).
 //! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone;
 //! `ROUTSTR_BENCH_NODE_BIN=path` measures another build of the node.
 
@@ -41,6 +43,8 @@ struct Options {
     connections: Vec<usize>,
     /// How long the upstream takes per answer in the below-saturation figure, in ms.
     think_ms: f64,
+    /// `--own-core`: the proxies measured run on a core of their own (see `split_cores`).
+    own_core: bool,
 }
 
 /// Connections of the below-saturation figure (the targets' 64).
@@ -62,6 +66,7 @@ fn options() -> Options {
             .filter(|list| !list.is_empty() || value("--connections").as_deref() == Some("none"))
             .unwrap_or_else(|| vec![1, 64, 1024]),
         think_ms: value("--think-ms").and_then(|s| s.parse().ok()).filter(|&ms: &f64| ms > 0.0).unwrap_or(40.0),
+        own_core: args.iter().any(|a| a == "--own-core"),
     }
 }
 
@@ -396,6 +401,9 @@ Options:
                           (none: only the below-saturation figure)
   --think-ms 40           the upstream's mean think time in the below-saturation figure
                           (64 connections; each answer waits 0.5-1.5x this)
+  --own-core              the node and the bare proxy on the last core alone, this program
+                          (load generator, upstream, mint) on the others, as when clients
+                          and upstream are other machines (needs two cores or more)
 
 Environment:
   ROUTSTR_BENCH_NODE_ENV=\"NAME=value,...\"   extra environment for the node alone
@@ -408,14 +416,64 @@ fn main() {
         print!("{USAGE}");
         return;
     }
+    let bare = args.iter().position(|a| a == "--bare-proxy");
+    // Before the runtime starts its threads: they inherit this thread's cores.
+    let proxy_core = match bare {
+        None if options().own_core => match split_cores() {
+            Some(core) => Some(core),
+            None => {
+                eprintln!("--own-core needs two cores or more that this process may use");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match args.iter().position(|a| a == "--bare-proxy") {
+    match bare {
         // The floor: this same program, started again as a separate process (see `bare_proxy`).
         Some(i) => runtime.block_on(bare_proxy(
             args.get(i + 1).and_then(|p| p.parse().ok()).expect("--bare-proxy PORT UPSTREAM"),
             args.get(i + 2).cloned().expect("--bare-proxy PORT UPSTREAM"),
         )),
-        None => runtime.block_on(bench()),
+        None => runtime.block_on(bench(proxy_core)),
+    }
+}
+
+/// `--own-core`: keeps this process off the last of the cores it may use and returns that core,
+/// for the proxies measured (`pin_to`). The load generator and the upstream then no longer take
+/// the proxy's core from it, as on a deployment where clients and upstream are other machines.
+/// `None` with fewer than two cores.
+fn split_cores() -> Option<usize> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls get its true size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size, &mut set) != 0 {
+            return None;
+        }
+        let cores: Vec<usize> = (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect();
+        let (&proxy, others) = cores.split_last()?;
+        if others.is_empty() {
+            return None;
+        }
+        libc::CPU_CLR(proxy, &mut set);
+        (libc::sched_setaffinity(0, size, &set) == 0).then_some(proxy)
+    }
+}
+
+/// Starts `command`'s process on `core` alone (its runtime then has one worker).
+fn pin_to(command: &mut tokio::process::Command, core: Option<usize>) {
+    let Some(core) = core else { return };
+    // SAFETY: between fork and exec only the async-signal-safe sched_setaffinity system call runs.
+    unsafe {
+        command.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(core, &mut set);
+            match libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
     }
 }
 
@@ -453,7 +511,7 @@ async fn bare_proxy(port: u16, upstream: String) {
     }
 }
 
-async fn bench() {
+async fn bench(proxy_core: Option<usize>) {
     let opts = options();
     let secs = Duration::from_secs_f64(opts.seconds);
     let mint = start_test_mint(TestMintConfig::default()).await.expect("mint");
@@ -464,7 +522,9 @@ async fn bench() {
     // Another build of the node can be measured against this one's bare proxy (comparing builds).
     let node_bin =
         std::env::var("ROUTSTR_BENCH_NODE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_routstr-node").into());
-    let mut node = tokio::process::Command::new(node_bin)
+    let mut node = tokio::process::Command::new(node_bin);
+    pin_to(&mut node, proxy_core);
+    let mut node = node
         .env_clear()
         .env("HOST", "127.0.0.1")
         .env("PORT", port.to_string())
@@ -492,7 +552,9 @@ async fn bench() {
     }
     // Its port is picked once the node holds its own.
     let bare_port = free_port();
-    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"))
+    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"));
+    pin_to(&mut bare, proxy_core);
+    let mut bare = bare
         .args(["--bare-proxy", &bare_port.to_string(), &upstream.addr.to_string()])
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -679,11 +741,21 @@ async fn bench() {
     }
 
     let mut out = String::new();
+    // With `--own-core` this process lost the proxies' core from what it may use.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) + usize::from(proxy_core.is_some());
+    let placement = match proxy_core {
+        Some(core) => format!(
+            ": the node and the bare proxy on core {core} alone, the load generator, upstream and mint on the others"
+        ),
+        None => String::new(),
+    };
+    // The node is built with this program's profile: release under `cargo bench`, debug under the
+    // CI's `cargo test --bench proxy`.
+    let build = if cfg!(debug_assertions) { "debug" } else { "release" };
     out.push_str(&format!(
-        "Measured {} on this machine ({} cores), node release build, ledger `LEDGER_SYNC={}`, {} s per load figure \
-         (direct, bare proxy and node in {SLICES} alternating slices each).\n\n",
+        "Measured {} on this machine ({cores} cores{placement}), node {build} build, ledger `LEDGER_SYNC={}`, {} s per \
+         load figure (direct, bare proxy and node in {SLICES} alternating slices each).\n\n",
         chrono_free_date(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         opts.ledger_sync,
         opts.seconds
     ));
@@ -707,15 +779,8 @@ async fn bench() {
     println!("{out}");
     if opts.write {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/benchmarks.md");
-        // The analysis written below the marker stays; the figures above it are replaced.
-        let kept = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|doc| doc.find(GENERATED_END).map(|i| doc[i..].to_owned()))
-            .unwrap_or_else(|| format!("{GENERATED_END}\n"));
-        let doc = format!(
-            "# Benchmarks\n\nCommand: `cargo bench --bench proxy -- --write` (add `--ledger-sync normal` for the other sync setting).\n\n{out}\n{kept}"
-        );
-        std::fs::write(&path, doc).expect("write docs/benchmarks.md");
+        let doc = std::fs::read_to_string(&path).unwrap_or_default();
+        std::fs::write(&path, with_figures(&doc, &out, proxy_core.is_some())).expect("write docs/benchmarks.md");
         eprintln!("wrote {}", path.display());
     }
     let _ = node.kill().await;
@@ -736,6 +801,29 @@ fn extra_node_env() -> Vec<(String, String)> {
 
 /// Where the generated part of docs/benchmarks.md ends.
 const GENERATED_END: &str = "<!-- end of the generated figures -->";
+/// Where the figures of `--own-core` begin and end in docs/benchmarks.md (in its analysis).
+const OWN_CORE_BEGIN: &str = "<!-- own-core figures -->";
+const OWN_CORE_END: &str = "<!-- end of the own-core figures -->";
+
+/// docs/benchmarks.md with a run's figures in their place; the analysis around them stays.
+fn with_figures(doc: &str, figures: &str, own_core: bool) -> String {
+    if !own_core {
+        let kept = doc.find(GENERATED_END).map_or_else(|| format!("{GENERATED_END}\n"), |i| doc[i..].to_owned());
+        return format!(
+            "# Benchmarks\n\nCommand: `cargo bench --bench proxy -- --write` (add `--ledger-sync normal` for the other \
+             sync setting).\n\n{figures}\n{kept}"
+        );
+    }
+    let block = format!(
+        "{OWN_CORE_BEGIN}\nCommand: `cargo bench --bench proxy -- --own-core --write`.\n\n{figures}{OWN_CORE_END}"
+    );
+    match (doc.find(OWN_CORE_BEGIN), doc.find(OWN_CORE_END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            format!("{}{block}{}", &doc[..begin], &doc[end + OWN_CORE_END.len()..])
+        }
+        _ => format!("{}\n{block}\n", doc.trim_end()),
+    }
+}
 
 /// Today's date from the system clock, without a date crate: `date -u +%F`.
 fn chrono_free_date() -> String {

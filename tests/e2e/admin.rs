@@ -588,7 +588,7 @@ async fn dashboard_in_headless_chromium() {
     let hash = routstr_node::payment::hash_api_key(&key);
     let sats = |msat: u64| format!("{}", msat as f64 / 1000.0);
 
-    let profile = crate::harness::temp_dir("chromium-profile");
+    let profile = crate::harness::ScratchDir::new("chromium-profile");
     let page = Page { id: wd.session(&profile).await, wd: &wd };
     page.go(&h.url("/admin")).await;
     page.wait_text("#login h1", "Operator login").await;
@@ -621,7 +621,6 @@ async fn dashboard_in_headless_chromium() {
 
     wd.call(reqwest::Method::DELETE, &format!("/session/{}", page.id), None).await;
     let _ = wd.child.kill().await;
-    let _ = std::fs::remove_dir_all(&profile);
     h.assert_conserved().await;
 }
 

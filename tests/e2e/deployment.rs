@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use routstr_node::ledger::{open_reader, read_totals};
 
-use crate::harness::{chat, free_port, temp_dir, Harness, Node};
+use crate::harness::{chat, free_port, Harness, Node, ScratchDir};
 
 #[tokio::test]
 async fn online_backup_under_load_restores_the_same_balances() {
@@ -28,7 +28,7 @@ async fn online_backup_under_load_restores_the_same_balances() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let backup_root = temp_dir("backup-dest");
+    let backup_root = ScratchDir::new("backup-dest");
     let dest = backup_root.join("state");
     let out = h.node.cli(&["backup", &dest.display().to_string()]).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -57,5 +57,4 @@ async fn online_backup_under_load_restores_the_same_balances() {
     assert_eq!(totals.credited_msat, 250_000);
     restored.stop().await;
     h.assert_conserved().await;
-    let _ = std::fs::remove_dir_all(&backup_root);
 }

@@ -7,7 +7,7 @@ use routstr_node::demo::mint::{start_test_mint, TestMintConfig};
 use routstr_node::demo::upstream::{Behavior, StandInConfig, StandInUpstream};
 use serde_json::json;
 
-use crate::harness::{chat, temp_dir, Harness, Options};
+use crate::harness::{chat, Harness, Options, ScratchDir};
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_costs_nothing() {
@@ -237,7 +237,7 @@ async fn fails_over_to_the_next_upstream_and_cools_down() {
     let broken = StandInUpstream::start(StandInConfig::default()).await.unwrap();
     broken.set_behavior(Behavior::Status(503));
     let healthy = StandInUpstream::start(StandInConfig::default()).await.unwrap();
-    let dir = temp_dir("failover-config");
+    let dir = ScratchDir::new("failover-config");
     let file = dir.join("upstreams.toml");
     std::fs::write(
         &file,

@@ -55,6 +55,32 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A test's own folder (for files it hands the node), removed like the harness's data folder:
+/// when the test passes, not when it fails.
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    pub fn new(name: &str) -> ScratchDir {
+        ScratchDir(temp_dir(name))
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
 impl Node {
     /// On a given port (when the node must know its own URL, e.g. for HTTP_URL).
     pub async fn start_on(port: u16, env: Vec<(String, String)>) -> Node {

@@ -365,7 +365,7 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
 async fn price_list_follows_prices_beyond_the_threshold_at_most_once_per_interval() {
     let (_relay, relay_url, _) = start_relay().await;
     let client = client_for(&relay_url).await;
-    let dir = crate::harness::temp_dir("nostr-prices-file");
+    let dir = crate::harness::ScratchDir::new("nostr-prices-file");
     let models = dir.join("models.json");
     let write_price = |usd_per_prompt_token: &str| {
         let body = json!({ "data": [{ "id": "gpt-test",
