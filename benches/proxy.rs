@@ -416,27 +416,27 @@ fn main() {
         print!("{USAGE}");
         return;
     }
-    let bare = args.iter().position(|a| a == "--bare-proxy");
-    // Before the runtime starts its threads: they inherit this thread's cores.
-    let proxy_core = match bare {
-        None if options().own_core => match split_cores() {
-            Some(core) => Some(core),
-            None => {
-                eprintln!("--own-core needs two cores or more that this process may use");
-                std::process::exit(2);
-            }
-        },
-        _ => None,
-    };
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match bare {
-        // The floor: this same program, started again as a separate process (see `bare_proxy`).
-        Some(i) => runtime.block_on(bare_proxy(
+    // The floor: this same program, started again as a separate process (see `bare_proxy`).
+    if let Some(i) = args.iter().position(|a| a == "--bare-proxy") {
+        let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+        runtime.block_on(bare_proxy(
             args.get(i + 1).and_then(|p| p.parse().ok()).expect("--bare-proxy PORT UPSTREAM"),
             args.get(i + 2).cloned().expect("--bare-proxy PORT UPSTREAM"),
-        )),
-        None => runtime.block_on(bench(proxy_core)),
+        ));
+        return;
     }
+    let opts = options();
+    // Before the runtime starts its threads: they inherit this thread's cores.
+    let proxy_core = match opts.own_core.then(split_cores) {
+        None => None,
+        Some(Some(core)) => Some(core),
+        Some(None) => {
+            eprintln!("--own-core needs two cores or more that this process may use");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    runtime.block_on(bench(opts, proxy_core));
 }
 
 /// `--own-core`: keeps this process off the last of the cores it may use and returns that core,
@@ -511,8 +511,7 @@ async fn bare_proxy(port: u16, upstream: String) {
     }
 }
 
-async fn bench(proxy_core: Option<usize>) {
-    let opts = options();
+async fn bench(opts: Options, proxy_core: Option<usize>) {
     let secs = Duration::from_secs_f64(opts.seconds);
     let mint = start_test_mint(TestMintConfig::default()).await.expect("mint");
     let upstream = StandInUpstream::start(StandInConfig::default()).await.expect("stand-in");
