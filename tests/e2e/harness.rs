@@ -25,7 +25,8 @@ pub struct Harness {
     pub upstream: StandInUpstream,
     pub node: Node,
     pub http: reqwest::Client,
-    pub data_dir: PathBuf,
+    /// Removed when the test passes (see `ScratchDir`), after the node is stopped.
+    pub data_dir: ScratchDir,
     /// Token value this test handed the node that the node should have credited (msat).
     pub paid_in_msat: u64,
     /// What the operator put straight into the node's wallet (`routstr-node wallet receive`).
@@ -55,8 +56,8 @@ pub fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A test's own folder (for files it hands the node), removed like the harness's data folder:
-/// when the test passes, not when it fails.
+/// A test's folder (the node's data, files a test hands the node), removed when the test passes
+/// and kept, for a look, when it fails.
 pub struct ScratchDir(PathBuf);
 
 impl ScratchDir {
@@ -193,12 +194,12 @@ impl Node {
 }
 
 /// A test that passed leaves nothing behind (each run of the suite left ≈ 40 MB in the temp
-/// folder); one that failed keeps its node's folder, with the node's log.
+/// folder); one that failed keeps its node's folder, with the node's log. The node stops here,
+/// before its folder (a field, dropped after this) is removed.
 impl Drop for Harness {
     fn drop(&mut self) {
         if !std::thread::panicking() {
             self.node.kill_now();
-            let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
 }
@@ -219,7 +220,7 @@ impl Harness {
         .await
         .expect("test mint");
         let upstream = StandInUpstream::start(options.stand_in).await.expect("stand-in upstream");
-        let data_dir = temp_dir(name);
+        let data_dir = ScratchDir::new(name);
         let mut env: Vec<(String, String)> = vec![
             ("DATA_DIR".into(), data_dir.display().to_string()),
             ("CASHU_MINTS".into(), mint.url.clone()),
