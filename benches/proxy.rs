@@ -14,7 +14,9 @@
 //! connection counts), `--think-ms 40` (the upstream's mean time per answer in the
 //! below-saturation figure, which runs at 64 connections after the others), `--own-core` (the
 //! node and the bare proxy on one core of their own, this program on the others: a node on a
-//! single core, with clients and upstream elsewhere).
+//! single core, with clients and upstream elsewhere), `--instructions` (instead of timing, the
+//! instructions the node and the bare proxy run per request, counted by callgrind: a figure the
+//! machine's noise does not move, for comparing builds; needs valgrind).
 //! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone;
 //! `ROUTSTR_BENCH_NODE_BIN=path` measures another build of the node.
 
@@ -45,6 +47,8 @@ struct Options {
     think_ms: f64,
     /// `--own-core`: the proxies measured run on a core of their own (see `split_cores`).
     own_core: bool,
+    /// `--instructions`: count the proxies' instructions per request under callgrind instead.
+    instructions: bool,
 }
 
 /// Connections of the below-saturation figure (the targets' 64).
@@ -55,6 +59,7 @@ fn options() -> Options {
     let value = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     // CI runs `ROUTSTR_BENCH_QUICK=1 cargo test --bench proxy`: a smoke run of the same code.
     let quick = args.iter().any(|a| a == "--quick") || std::env::var_os("ROUTSTR_BENCH_QUICK").is_some();
+    let instructions = args.iter().any(|a| a == "--instructions");
     Options {
         quick,
         write: args.iter().any(|a| a == "--write"),
@@ -64,9 +69,10 @@ fn options() -> Options {
         connections: value("--connections")
             .map(|list| list.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > 0).collect::<Vec<_>>())
             .filter(|list| !list.is_empty() || value("--connections").as_deref() == Some("none"))
-            .unwrap_or_else(|| vec![1, 64, 1024]),
+            .unwrap_or_else(|| if instructions { vec![1, 64] } else { vec![1, 64, 1024] }),
         think_ms: value("--think-ms").and_then(|s| s.parse().ok()).filter(|&ms: &f64| ms > 0.0).unwrap_or(40.0),
         own_core: args.iter().any(|a| a == "--own-core"),
+        instructions,
     }
 }
 
@@ -404,6 +410,8 @@ Options:
   --own-core              the node and the bare proxy on the last core alone, this program
                           (load generator, upstream, mint) on the others, as when clients
                           and upstream are other machines (needs two cores or more)
+  --instructions          instead of timing: the instructions each proxy runs per request,
+                          under callgrind (needs valgrind; --connections default 1,64)
 
 Environment:
   ROUTSTR_BENCH_NODE_ENV=\"NAME=value,...\"   extra environment for the node alone
@@ -521,7 +529,7 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
     // Another build of the node can be measured against this one's bare proxy (comparing builds).
     let node_bin =
         std::env::var("ROUTSTR_BENCH_NODE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_routstr-node").into());
-    let mut node = tokio::process::Command::new(node_bin);
+    let mut node = proxy_command(&node_bin, opts.instructions.then_some("node"));
     pin_to(&mut node, proxy_core);
     let mut node = node
         .env_clear()
@@ -544,14 +552,17 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
     let pid = node.id().expect("pid");
     let node_addr = format!("127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Under callgrind a process starts ≈ 20× slower.
+    let start_timeout = Duration::from_secs(if opts.instructions { 300 } else { 30 });
+    let deadline = Instant::now() + start_timeout;
     while http.get(format!("http://{node_addr}/health")).send().await.is_err() {
         assert!(Instant::now() < deadline, "node did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Its port is picked once the node holds its own.
     let bare_port = free_port();
-    let mut bare = tokio::process::Command::new(std::env::current_exe().expect("this program"));
+    let this_program = std::env::current_exe().expect("this program");
+    let mut bare = proxy_command(&this_program.to_string_lossy(), opts.instructions.then_some("bare"));
     pin_to(&mut bare, proxy_core);
     let mut bare = bare
         .args(["--bare-proxy", &bare_port.to_string(), &upstream.addr.to_string()])
@@ -579,7 +590,7 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
     );
     let upstream_addr = upstream.addr.to_string();
     let bare_addr = format!("127.0.0.1:{bare_port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + start_timeout;
     while try_connect(&bare_addr).await.is_none() {
         assert!(Instant::now() < deadline, "the bare proxy did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -601,6 +612,20 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
         pid,
         think_us: None,
     };
+
+    if opts.instructions {
+        count_instructions(&opts, [&via_bare, &via_node]).await;
+        let _ = node.kill().await;
+        let _ = bare.kill().await;
+        let _ = std::fs::remove_dir_all(&data_dir);
+        // A killed valgrind leaves its control pipes behind.
+        for pipe in std::fs::read_dir(profile_dir()).into_iter().flatten().flatten() {
+            if pipe.file_name().to_string_lossy().starts_with("vgdb-pipe") {
+                let _ = std::fs::remove_file(pipe.path());
+            }
+        }
+        return;
+    }
 
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -785,6 +810,120 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
     let _ = node.kill().await;
     let _ = bare.kill().await;
     let _ = std::fs::remove_dir_all(&data_dir);
+}
+
+/// The command that starts a proxy to measure: `program` itself, or with `--instructions`
+/// `program` under callgrind, its counts written to target/profile/callgrind.`name`.
+fn proxy_command(program: &str, callgrind: Option<&str>) -> tokio::process::Command {
+    let Some(name) = callgrind else { return tokio::process::Command::new(program) };
+    let dir = profile_dir();
+    std::fs::create_dir_all(&dir).expect("target/profile");
+    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if old.file_name().to_string_lossy().starts_with(&format!("callgrind.{name}")) {
+            let _ = std::fs::remove_file(old.path());
+        }
+    }
+    // The node's environment is cleared: valgrind is named by its full path.
+    let valgrind = which("valgrind").expect("--instructions needs valgrind (apt-get install valgrind)");
+    let mut command = tokio::process::Command::new(valgrind);
+    // Valgrind names its control pipe after HOST, which the node has as its listen address: the
+    // same for every proxy, so that `count_instructions` finds them.
+    command.env("HOST", "127.0.0.1");
+    command.args([
+        "--tool=callgrind".into(),
+        format!("--callgrind-out-file={}/callgrind.{name}", dir.display()),
+        vgdb_prefix(),
+        program.into(),
+    ]);
+    command
+}
+
+/// Where `--instructions` leaves its profiles.
+fn profile_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/profile")
+}
+
+/// Valgrind's control pipes go next to the profiles, not into /tmp (a killed valgrind leaves
+/// them behind).
+fn vgdb_prefix() -> String {
+    format!("--vgdb-prefix={}/vgdb-pipe", profile_dir().display())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|dir| dir.join(program)).find(|p| p.is_file())
+}
+
+/// `--instructions`: the instructions (user space, all threads) each proxy runs per request,
+/// counted by callgrind over `--seconds` of load at each connection count. Unlike time, the count
+/// does not depend on what else the machine does, so two builds compare to the instruction.
+/// Callgrind runs a process's threads one at a time, ≈ 50× slower: batching (charges sharing a
+/// commit) differs from a real run, and the kernel's part (system calls, thread switches) is not
+/// counted. Each measurement's profile stays in target/profile for `callgrind_annotate`.
+async fn count_instructions(opts: &Options, targets: [&Target; 2]) {
+    let control = which("callgrind_control").expect("callgrind_control (comes with valgrind)");
+    let dump = |pid: u32, label: String| {
+        let control = control.clone();
+        async move {
+            let status = tokio::process::Command::new(&control)
+                .env("HOST", "127.0.0.1")
+                .arg(vgdb_prefix())
+                .arg(format!("--dump={label}"))
+                .arg(pid.to_string())
+                .stdout(Stdio::null())
+                .status()
+                .await
+                .expect("callgrind_control");
+            assert!(status.success(), "callgrind_control --dump failed for {pid}");
+        }
+    };
+    let dir = profile_dir();
+    let seconds = Duration::from_secs_f64(opts.seconds);
+    let warm_up = Duration::from_secs_f64(if opts.quick { 0.2 } else { 2.0 });
+    println!("| connections | bare proxy, instructions per request | node | node ÷ bare proxy |\n|---|---|---|---|");
+    for &conns in &opts.connections {
+        let mut per_request = [0.0; 2];
+        for (i, target) in targets.iter().enumerate() {
+            let name = ["bare", "node"][i];
+            load(target, conns, warm_up).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            dump(target.pid, format!("before-{conns}")).await;
+            let loaded = load(target, conns, seconds).await;
+            // Under callgrind the ledger's last commit after the last answer takes longer.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            dump(target.pid, format!("{conns}-connections")).await;
+            let requests = loaded.latencies.len() as f64 + loaded.errors as f64;
+            let profile = latest_dump(&dir, name).expect("callgrind's dump");
+            per_request[i] = dumped_instructions(&profile) as f64 / requests.max(1.0);
+            eprintln!("{name}, {conns} connections: {requests} requests, profile in {}", profile.display());
+        }
+        println!(
+            "| {conns} | {:.0} | {:.0} | {:.2}× |",
+            per_request[0],
+            per_request[1],
+            per_request[1] / per_request[0]
+        );
+    }
+}
+
+/// The last part callgrind dumped for `name`'s process (`callgrind.NAME.N`, numbered from 1).
+fn latest_dump(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
+    let prefix = format!("callgrind.{name}.");
+    let part = |file: &str| file.strip_prefix(&prefix)?.parse::<u64>().ok();
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((part(&e.file_name().to_string_lossy())?, e.path())))
+        .max_by_key(|(n, _)| *n)
+        .map(|(_, path)| path)
+}
+
+/// The instructions counted in one callgrind dump (its `summary:` or `totals:` line).
+fn dumped_instructions(profile: &std::path::Path) -> u64 {
+    let text = std::fs::read_to_string(profile).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:").or_else(|| l.strip_prefix("totals:")))
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `ROUTSTR_BENCH_NODE_ENV="NAME=value,NAME=value"`: more environment for the node only (for
