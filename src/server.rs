@@ -73,8 +73,10 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(128);
+        // The head is bounded by size here and to hyper's default of 100 headers, not by a
+        // `max_headers` of our own: setting one moves hyper's header table from the stack to a
+        // heap allocation initialised on every request (≈ 2 % of the node's instructions).
+        .max_buf_size(MAX_HEAD_BYTES);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     builder
 }

@@ -1109,11 +1109,12 @@ fn end_reservation(
         holds.seize(&r.key_hash);
         return Ok(already(ended_charge(c, &r.request_id)?.unwrap_or(0)));
     }
+    // By the row read above, in this same transaction: no second look-up of the key's index.
     c.prepare_cached(
         "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
-         WHERE key_hash = ?1",
+         WHERE rowid = ?1",
     )?
-    .execute(params![r.key_hash, to_i64(charged), i64::from(cost.is_some())])?;
+    .execute(params![rowid, to_i64(charged), i64::from(cost.is_some())])?;
     // `holds.end` lowered the copy by the charge, as the row now is.
     COPIED_ROW.set(Some(rowid));
     if uncollected > 0 {

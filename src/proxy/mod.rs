@@ -781,12 +781,18 @@ fn response_head(status: StatusCode, upstream: &HeaderMap) -> hyper::http::respo
     builder
 }
 
+// Constants, so the names are checked once at compile time rather than on every answer.
+const COST_MSATS: HeaderName = HeaderName::from_static("x-routstr-cost-msats");
+const INPUT_COST_MSATS: HeaderName = HeaderName::from_static("x-routstr-input-cost-msats");
+const OUTPUT_COST_MSATS: HeaderName = HeaderName::from_static("x-routstr-output-cost-msats");
+const COST_USD: HeaderName = HeaderName::from_static("x-routstr-cost-usd");
+
 fn add_cost_headers(headers: &mut HeaderMap, cost: &Cost, usd: Option<f64>) {
-    headers.insert(HeaderName::from_static("x-routstr-cost-msats"), HeaderValue::from(cost.total_msats));
-    headers.insert(HeaderName::from_static("x-routstr-input-cost-msats"), HeaderValue::from(cost.input_msats));
-    headers.insert(HeaderName::from_static("x-routstr-output-cost-msats"), HeaderValue::from(cost.output_msats));
+    headers.insert(COST_MSATS, HeaderValue::from(cost.total_msats));
+    headers.insert(INPUT_COST_MSATS, HeaderValue::from(cost.input_msats));
+    headers.insert(OUTPUT_COST_MSATS, HeaderValue::from(cost.output_msats));
     if let Some(usd) = usd.and_then(|usd| HeaderValue::try_from(format!("{usd:.8}")).ok()) {
-        headers.insert(HeaderName::from_static("x-routstr-cost-usd"), usd);
+        headers.insert(COST_USD, usd);
     }
 }
 
@@ -839,7 +845,7 @@ async fn whole_answer(
     let remote_change = remote::change_from_headers(resp.headers());
     let reported_cost = resp
         .headers()
-        .get("x-routstr-cost-msats")
+        .get(&COST_MSATS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .map(|total| json!({ "total_msats": total }));

@@ -14,13 +14,18 @@ fn field(u: &Value, name: &str) -> u64 {
     u.get(name).and_then(Value::as_u64).unwrap_or(0)
 }
 
+/// `u[outer][name]` as a count, 0 when absent (a JSON pointer, without parsing one per answer).
+fn nested(u: &Value, outer: &str, name: &str) -> u64 {
+    u.get(outer).map_or(0, |o| field(o, name))
+}
+
 /// Normalises a usage object; `None` when it holds no token counts.
 pub fn from_usage_object(u: &Value) -> Option<Usage> {
     let obj = u.as_object()?;
     if obj.contains_key("prompt_tokens") || obj.contains_key("completion_tokens") {
         // OpenAI chat/completions/embeddings: prompt_tokens includes cached tokens.
         let prompt = field(u, "prompt_tokens");
-        let cached = u.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(prompt);
+        let cached = nested(u, "prompt_tokens_details", "cached_tokens").min(prompt);
         return Some(Usage {
             input_tokens: prompt - cached,
             output_tokens: field(u, "completion_tokens"),
@@ -32,8 +37,7 @@ pub fn from_usage_object(u: &Value) -> Option<Usage> {
         if obj.contains_key("total_tokens") || obj.contains_key("input_tokens_details") {
             // OpenAI Responses: input_tokens includes cached tokens.
             let input = field(u, "input_tokens");
-            let cached =
-                u.pointer("/input_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0).min(input);
+            let cached = nested(u, "input_tokens_details", "cached_tokens").min(input);
             return Some(Usage {
                 input_tokens: input - cached,
                 output_tokens: field(u, "output_tokens"),
