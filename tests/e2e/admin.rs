@@ -452,6 +452,9 @@ struct WebDriver {
     http: reqwest::Client,
     base: String,
     child: tokio::process::Child,
+    /// The driver's and the browser's TMPDIR: chromium leaves a folder there even when its
+    /// session is ended, which would otherwise stay in /tmp.
+    _tmp: crate::harness::ScratchDir,
 }
 
 impl WebDriver {
@@ -460,14 +463,16 @@ impl WebDriver {
             .into_iter()
             .find(|p| std::process::Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()))?;
         let port = crate::harness::free_port();
+        let tmp = crate::harness::ScratchDir::new("chromium-tmp");
         let child = tokio::process::Command::new(driver)
             .arg(format!("--port={port}"))
+            .env("TMPDIR", &*tmp)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .ok()?;
-        let wd = WebDriver { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{port}"), child };
+        let wd = WebDriver { http: reqwest::Client::new(), base: format!("http://127.0.0.1:{port}"), child, _tmp: tmp };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(r) = wd.http.get(format!("{}/status", wd.base)).send().await {
