@@ -16,7 +16,7 @@
 //! node and the bare proxy on one core of their own, this program on the others: a node on a
 //! single core, with clients and upstream elsewhere), `--instructions` (instead of timing, the
 //! instructions the node and the bare proxy run per request, counted by callgrind: a figure the
-//! machine's noise does not move, for comparing builds; needs valgrind).
+//! machine's noise hardly moves, for comparing builds; needs valgrind).
 //! `ROUTSTR_BENCH_NODE_ENV="NAME=value,..."` adds environment for the node alone;
 //! `ROUTSTR_BENCH_NODE_BIN=path` measures another build of the node.
 
@@ -855,7 +855,8 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// `--instructions`: the instructions (user space, all threads) each proxy runs per request,
 /// counted by callgrind over `--seconds` of load at each connection count. Unlike time, the count
-/// does not depend on what else the machine does, so two builds compare to the instruction.
+/// barely depends on what else the machine does (the node's by ≈ 3 % on a busy machine: its
+/// batches and timers follow the clock), so two builds compare to within about a per cent.
 /// Callgrind runs a process's threads one at a time, ≈ 50× slower: batching (charges sharing a
 /// commit) differs from a real run, and the kernel's part (system calls, thread switches) is not
 /// counted. Each measurement's profile stays in target/profile for `callgrind_annotate`.
