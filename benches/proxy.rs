@@ -51,6 +51,9 @@ struct Options {
     instructions: bool,
 }
 
+/// Where the node listens (its `HOST`; valgrind also names its control pipes after it).
+const NODE_HOST: &str = "127.0.0.1";
+
 /// Connections of the below-saturation figure (the targets' 64).
 const PACED_CONNECTIONS: usize = 64;
 
@@ -533,7 +536,7 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
     pin_to(&mut node, proxy_core);
     let mut node = node
         .env_clear()
-        .env("HOST", "127.0.0.1")
+        .env("HOST", NODE_HOST)
         .env("PORT", port.to_string())
         .env("DATA_DIR", &data_dir)
         .env("CASHU_MINTS", &mint.url)
@@ -550,7 +553,7 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
         .spawn()
         .expect("start the node");
     let pid = node.id().expect("pid");
-    let node_addr = format!("127.0.0.1:{port}");
+    let node_addr = format!("{NODE_HOST}:{port}");
     let http = reqwest::Client::new();
     // Under callgrind a process starts ≈ 20× slower.
     let start_timeout = Duration::from_secs(if opts.instructions { 300 } else { 30 });
@@ -619,11 +622,7 @@ async fn bench(opts: Options, proxy_core: Option<usize>) {
         let _ = bare.kill().await;
         let _ = std::fs::remove_dir_all(&data_dir);
         // A killed valgrind leaves its control pipes behind.
-        for pipe in std::fs::read_dir(profile_dir()).into_iter().flatten().flatten() {
-            if pipe.file_name().to_string_lossy().starts_with("vgdb-pipe") {
-                let _ = std::fs::remove_file(pipe.path());
-            }
-        }
+        remove_profiles("vgdb-pipe");
         return;
     }
 
@@ -818,17 +817,13 @@ fn proxy_command(program: &str, callgrind: Option<&str>) -> tokio::process::Comm
     let Some(name) = callgrind else { return tokio::process::Command::new(program) };
     let dir = profile_dir();
     std::fs::create_dir_all(&dir).expect("target/profile");
-    for old in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-        if old.file_name().to_string_lossy().starts_with(&format!("callgrind.{name}")) {
-            let _ = std::fs::remove_file(old.path());
-        }
-    }
+    remove_profiles(&format!("callgrind.{name}"));
     // The node's environment is cleared: valgrind is named by its full path.
     let valgrind = which("valgrind").expect("--instructions needs valgrind (apt-get install valgrind)");
     let mut command = tokio::process::Command::new(valgrind);
     // Valgrind names its control pipe after HOST, which the node has as its listen address: the
     // same for every proxy, so that `count_instructions` finds them.
-    command.env("HOST", "127.0.0.1");
+    command.env("HOST", NODE_HOST);
     command.args([
         "--tool=callgrind".into(),
         format!("--callgrind-out-file={}/callgrind.{name}", dir.display()),
@@ -841,6 +836,15 @@ fn proxy_command(program: &str, callgrind: Option<&str>) -> tokio::process::Comm
 /// Where `--instructions` leaves its profiles.
 fn profile_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/profile")
+}
+
+/// Removes the files in `profile_dir` whose names start with `prefix`.
+fn remove_profiles(prefix: &str) {
+    for file in std::fs::read_dir(profile_dir()).into_iter().flatten().flatten() {
+        if file.file_name().to_string_lossy().starts_with(prefix) {
+            let _ = std::fs::remove_file(file.path());
+        }
+    }
 }
 
 /// Valgrind's control pipes go next to the profiles, not into /tmp (a killed valgrind leaves
@@ -866,7 +870,7 @@ async fn count_instructions(opts: &Options, targets: [&Target; 2]) {
         let control = control.clone();
         async move {
             let status = tokio::process::Command::new(&control)
-                .env("HOST", "127.0.0.1")
+                .env("HOST", NODE_HOST)
                 .arg(vgdb_prefix())
                 .arg(format!("--dump={label}"))
                 .arg(pid.to_string())
