@@ -34,10 +34,7 @@ pub fn new_request_id() -> String {
     let mut bytes = [0u8; 16];
     bytes[..6].copy_from_slice(&(millis as u64).to_be_bytes()[2..]);
     bytes[6..].copy_from_slice(&rand::random::<[u8; 10]>());
-    let mut id = *b"req-00000000000000000000000000000000";
-    // 16 bytes fill the 32 characters after "req-" exactly, so this cannot fail.
-    let _ = hex::encode_to_slice(bytes, &mut id[4..]);
-    String::from_utf8_lossy(&id).into_owned()
+    crate::payment::prefixed_hex("req-", &bytes)
 }
 
 /// Every request enters here; every response leaves with a request id and CORS headers.

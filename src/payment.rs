@@ -26,11 +26,19 @@ use crate::wallet::{ParsedToken, WalletError, WalletService};
 pub const X_CASHU: &str = "x-cashu";
 
 pub fn sha256_hex(data: &[u8]) -> String {
-    let mut text = [0u8; 64];
-    // A 32-byte digest fills the 64 characters exactly, so this cannot fail. (`hex::encode`
-    // builds its string a char at a time: ≈ 5× the instructions, on every request's key.)
-    let _ = hex::encode_to_slice(Sha256::digest(data), &mut text);
-    String::from_utf8_lossy(&text).into_owned()
+    prefixed_hex("", &Sha256::digest(data))
+}
+
+/// `prefix`, then `bytes` in lowercase hex, written into the string's own buffer: `hex::encode`
+/// builds its string a char at a time (≈ 5× the instructions, on every request's key and id).
+pub fn prefixed_hex(prefix: &str, bytes: &[u8]) -> String {
+    let mut text = Vec::with_capacity(prefix.len() + 2 * bytes.len());
+    text.extend_from_slice(prefix.as_bytes());
+    text.resize(prefix.len() + 2 * bytes.len(), 0);
+    // The buffer after the prefix holds exactly two characters a byte, so this cannot fail.
+    let _ = hex::encode_to_slice(bytes, &mut text[prefix.len()..]);
+    // A `str` and hex digits: valid UTF-8, so never the empty default.
+    String::from_utf8(text).unwrap_or_default()
 }
 
 /// The stored form of an API key.
@@ -536,6 +544,8 @@ mod tests {
         // Lowercase hex of SHA-256, as every ledger already holds them.
         assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(hash_api_key(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(prefixed_hex("req-", &[0x00, 0xab, 0xff]), "req-00abff");
+        assert_eq!(prefixed_hex("", &[]), "");
     }
 
     #[test]
