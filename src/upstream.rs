@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use hyper::header::HeaderValue;
 use serde::Deserialize;
 
 use crate::pricing::Markup;
@@ -86,9 +87,12 @@ pub struct Upstream {
     /// Base URL without a trailing slash, usually ending in `/v1`.
     pub base_url: String,
     pub api_key: Option<String>,
-    /// `Basic` credentials given in `base_url` (`http://user:password@host/v1`), sent when there
-    /// is no `api_key` (as reqwest does with a URL's credentials).
-    pub url_credentials: Option<hyper::header::HeaderValue>,
+    /// The `Authorization` of every request to it, built once: `Bearer {api_key}`, or without
+    /// a key the `Basic` credentials given in `base_url` (`http://user:password@host/v1`, as
+    /// reqwest sends a URL's credentials). Marked sensitive.
+    pub authorization: Option<HeaderValue>,
+    /// `x-api-key: {api_key}`, sent besides on Anthropic's `messages` path.
+    pub x_api_key: Option<HeaderValue>,
     pub models: Vec<String>,
     pub aliases: HashMap<String, String>,
     pub markup: Markup,
@@ -96,6 +100,13 @@ pub struct Upstream {
     cooldown_until_ms: AtomicU64,
     /// `uri_for` of each of `COMMON_PATHS`, parsed at first use.
     common_uris: [OnceLock<Option<hyper::Uri>>; COMMON_PATHS.len()],
+}
+
+/// A header value holding a credential: kept out of debug output (and HTTP/2's index).
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(value).ok()?;
+    value.set_sensitive(true);
+    Some(value)
 }
 
 /// The paths nearly every request goes to: their URLs are parsed once, not per request.
@@ -125,16 +136,22 @@ impl Upstream {
                 let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
                 let pair = format!("{}:{}", decode(user), decode(password.unwrap_or_default()));
                 let encoded = base64::engine::general_purpose::STANDARD.encode(pair);
-                let mut value = hyper::header::HeaderValue::from_str(&format!("Basic {encoded}"))
-                    .map_err(|_| invalid("base_url: credentials"))?;
-                value.set_sensitive(true);
-                Some(value)
+                Some(sensitive(&format!("Basic {encoded}")).ok_or_else(|| invalid("base_url: credentials"))?)
             }
+        };
+        let not_a_header = || invalid("api_key: not a valid HTTP header value");
+        let (authorization, x_api_key) = match &api_key {
+            Some(key) => (
+                Some(sensitive(&format!("Bearer {key}")).ok_or_else(not_a_header)?),
+                Some(sensitive(key).ok_or_else(not_a_header)?),
+            ),
+            None => (url_credentials, None),
         };
         Ok(Upstream {
             base_url: spec.base_url.trim_end_matches('/').to_owned(),
             api_key,
-            url_credentials,
+            authorization,
+            x_api_key,
             models: spec.models,
             aliases: spec.aliases,
             markup: markup.then(extra_markup),
@@ -263,8 +280,24 @@ mod tests {
         with.base_url = "http://user:p%40ss@127.0.0.1:9/v1".into();
         let u = Upstream::from_spec(with, Markup::NONE).unwrap();
         // base64("user:p@ss"): decoded, as reqwest sends a URL's credentials.
-        assert_eq!(u.url_credentials.as_ref().unwrap().to_str().unwrap(), "Basic dXNlcjpwQHNz");
-        assert!(Upstream::from_spec(spec(1.0), Markup::NONE).unwrap().url_credentials.is_none());
+        assert_eq!(u.authorization.as_ref().unwrap().to_str().unwrap(), "Basic dXNlcjpwQHNz");
+        assert!(u.authorization.as_ref().unwrap().is_sensitive() && u.x_api_key.is_none());
+        assert!(Upstream::from_spec(spec(1.0), Markup::NONE).unwrap().authorization.is_none());
+    }
+
+    #[test]
+    fn an_api_key_is_sent_as_bearer_and_x_api_key_over_url_credentials() {
+        let mut with = spec(1.0);
+        with.base_url = "http://user:pass@127.0.0.1:9/v1".into();
+        with.api_key = Some("sk-upstream".into());
+        let u = Upstream::from_spec(with.clone(), Markup::NONE).unwrap();
+        assert_eq!(u.authorization.as_ref().unwrap().to_str().unwrap(), "Bearer sk-upstream");
+        assert_eq!(u.x_api_key.as_ref().unwrap().to_str().unwrap(), "sk-upstream");
+        assert!(u.authorization.unwrap().is_sensitive() && u.x_api_key.unwrap().is_sensitive());
+        // A key no header can carry is a configuration error, not a request sent without it.
+        with.api_key = Some("sk-\nline".into());
+        let err = Upstream::from_spec(with, Markup::NONE).err().unwrap().to_string();
+        assert!(err.contains("api_key"), "{err}");
     }
 
     #[test]

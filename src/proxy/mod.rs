@@ -594,18 +594,11 @@ impl Forward {
                 headers.append(name.clone(), value.clone());
             }
         }
-        if let (None, Some(basic)) = (&upstream.api_key, &upstream.url_credentials) {
-            headers.insert(hyper::header::AUTHORIZATION, basic.clone());
+        if let Some(authorization) = &upstream.authorization {
+            headers.insert(hyper::header::AUTHORIZATION, authorization.clone());
         }
-        if let Some(key) = &upstream.api_key {
-            if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
-                headers.insert(hyper::header::AUTHORIZATION, v);
-            }
-            if self.path == "messages" {
-                if let Ok(v) = HeaderValue::from_str(key) {
-                    headers.insert(HeaderName::from_static("x-api-key"), v);
-                }
-            }
+        if let (Some(key), "messages") = (&upstream.x_api_key, self.path.as_str()) {
+            headers.insert(HeaderName::from_static("x-api-key"), key.clone());
         }
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();

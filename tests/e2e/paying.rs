@@ -28,6 +28,7 @@ async fn key_chat_stream_embeddings_topup_refund() {
     // The upstream saw its own key, never the client's, and the model it serves.
     let seen = h.upstream.last_request().unwrap();
     assert_eq!(seen.header("authorization"), Some("Bearer upstream-secret"));
+    assert_eq!(seen.header("x-api-key"), None);
     assert!(seen.headers.iter().all(|(_, v)| !v.contains(&key)));
 
     // Without the /v1 prefix too, and streaming: usage asked for and read from the stream.
@@ -54,6 +55,10 @@ async fn key_chat_stream_embeddings_topup_refund() {
     assert_eq!(answer.status, 200, "{}", answer.text);
     let delta = answer.sse_data().into_iter().find(|v| v["type"] == "message_delta").expect("message_delta");
     assert_eq!(delta["usage"]["cost"]["total_msats"], 2 + 8 * 2);
+    // Anthropic's header for the upstream's key too, on this path only.
+    let seen = h.upstream.last_request().unwrap();
+    assert_eq!(seen.header("x-api-key"), Some("upstream-secret"));
+    assert_eq!(seen.header("authorization"), Some("Bearer upstream-secret"));
 
     // Top-up, then the same token again is refused.
     let top = h.token(50, true).await;
