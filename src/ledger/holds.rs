@@ -12,8 +12,9 @@
 //! - after every job the writer refreshes the copy of each key row the job changed (or seized),
 //!   from the row itself, so credits and undone changes are seen;
 //! - ending a reservation (on the writer) releases the hold and takes the charge from the copy
-//!   in one step, from the row's balance as the job read it: the copy is then the row as the job
-//!   wrote it, and is not read back.
+//!   in one step: the copy is then the row as the job writes it, and is not read back. Since the
+//!   copy is the row as the writer left it, the job does not read the row either (only a key
+//!   without a copy is read first).
 //!
 //! So a copy is never above what the writer has left on the key, and holds never exceed the
 //! balance: whatever the interleaving, money held for a request cannot be paid out or charged to
@@ -32,6 +33,8 @@ const MAX_KEYS: usize = 16_384;
 /// A key's row, as far as reservations care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Account {
+    /// The row's id: its charge is written there without looking the key up again.
+    pub rowid: i64,
     /// What the row leaves to spend: its balance, less any hold an older node recorded in it
     /// (those are released at start, before anything is served).
     pub free_msat: u64,
@@ -79,6 +82,19 @@ pub(super) enum Admission {
 pub(super) struct Charge {
     pub charged_msat: u64,
     pub uncollected_msat: u64,
+    /// The key's row, to take the charge from.
+    pub rowid: i64,
+}
+
+/// How ending a hold went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    Charged(Charge),
+    /// The request holds nothing (it ended before, or never reserved).
+    NotHeld,
+    /// The key has no copy (dropped, or seized by a job): nothing was changed; end it again
+    /// with the row read.
+    NeedsRow,
 }
 
 impl Holds {
@@ -153,35 +169,37 @@ impl Holds {
         std::mem::take(&mut self.lock().seized)
     }
 
-    /// Ends a request's hold, on the writer: `free_msat` is what the key's row leaves to spend.
-    /// `cost` (None: release) is charged from the hold plus what no other request holds; the copy
-    /// is lowered by the charge in the same step. `None` when the request holds nothing (it
-    /// ended before, or never reserved).
+    /// Ends a request's hold, on the writer. `cost` (None: release) is charged from the hold plus
+    /// what no other request holds, of what the key's row leaves to spend: `row` when the caller
+    /// read it, else the copy (the row as the writer left it). The copy is lowered by the charge
+    /// in the same step.
     pub fn end(
         &self,
         key_hash: &str,
         request_id: &str,
         amount_msat: u64,
-        free_msat: u64,
+        row: Option<Account>,
         cost_msat: Option<u64>,
-    ) -> Option<Charge> {
+    ) -> Ended {
         let mut state = self.lock();
         let State { keys, requests, reserved_msat, .. } = &mut *state;
         match requests.get(request_id) {
             Some((key, amount)) if key == key_hash && *amount == amount_msat => {}
-            _ => return None,
+            _ => return Ended::NotHeld,
         }
-        let key = keys.get_mut(key_hash)?;
+        let Some(key) = keys.get_mut(key_hash) else { return Ended::NotHeld };
+        let Some(account) = row.or(key.account) else { return Ended::NeedsRow };
         requests.remove(request_id);
         let others = key.reserved_msat.saturating_sub(amount_msat);
-        let collectable = free_msat.saturating_sub(others);
+        let collectable = account.free_msat.saturating_sub(others);
         let wanted = cost_msat.unwrap_or(0);
         let charged_msat = wanted.min(collectable);
         key.reserved_msat = others;
         key.open = key.open.saturating_sub(1);
         *reserved_msat = reserved_msat.saturating_sub(amount_msat);
-        key.account = key.account.map(|a| Account { free_msat: free_msat - charged_msat, ..a });
-        Some(Charge { charged_msat, uncollected_msat: wanted - charged_msat })
+        // A seized key keeps no copy until the writer refreshes it.
+        key.account = key.account.map(|_| Account { free_msat: account.free_msat - charged_msat, ..account });
+        Ended::Charged(Charge { charged_msat, uncollected_msat: wanted - charged_msat, rowid: account.rowid })
     }
 
     /// What running requests hold on the key.
@@ -205,10 +223,21 @@ impl Holds {
 mod tests {
     use super::*;
 
+    fn account(free_msat: u64) -> Account {
+        Account { rowid: 7, free_msat, revoked: false }
+    }
+
     fn loaded(key: &str, free_msat: u64) -> Holds {
         let holds = Holds::default();
-        holds.load(key, Account { free_msat, revoked: false });
+        holds.load(key, account(free_msat));
         holds
+    }
+
+    fn charged(ended: Ended) -> Charge {
+        match ended {
+            Ended::Charged(charge) => charge,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -228,7 +257,7 @@ mod tests {
     #[test]
     fn a_revoked_key_reserves_nothing() {
         let holds = Holds::default();
-        holds.load("k", Account { free_msat: 10_000, revoked: true });
+        holds.load("k", Account { revoked: true, ..account(10_000) });
         assert!(matches!(holds.try_reserve("k", "r1", 1), Err(LedgerError::KeyRevoked)));
     }
 
@@ -238,14 +267,15 @@ mod tests {
         holds.try_reserve("k", "r1", 3_000).unwrap();
         holds.try_reserve("k", "r2", 5_000).unwrap();
         // r1 costs more than it held: it may take the 2,000 nobody holds, not r2's 5,000.
-        let charge = holds.end("k", "r1", 3_000, 10_000, Some(9_000)).unwrap();
-        assert_eq!(charge, Charge { charged_msat: 5_000, uncollected_msat: 4_000 });
-        assert_eq!(holds.end("k", "r1", 3_000, 5_000, Some(1)), None, "ends once");
+        // Taken from the copy: the row as the writer left it.
+        let charge = charged(holds.end("k", "r1", 3_000, None, Some(9_000)));
+        assert_eq!(charge, Charge { charged_msat: 5_000, uncollected_msat: 4_000, rowid: 7 });
+        assert_eq!(holds.end("k", "r1", 3_000, Some(account(5_000)), Some(1)), Ended::NotHeld, "ends once");
         assert_eq!((holds.reserved_of("k"), holds.totals()), (5_000, (5_000, 1)));
         // The copy was lowered by the charge: nothing is free beside r2's hold.
         assert!(matches!(holds.try_reserve("k", "r3", 1), Err(LedgerError::Insufficient { available: 0, .. })));
-        let released = holds.end("k", "r2", 5_000, 5_000, None).unwrap();
-        assert_eq!(released, Charge { charged_msat: 0, uncollected_msat: 0 });
+        let released = charged(holds.end("k", "r2", 5_000, None, None));
+        assert_eq!(released, Charge { charged_msat: 0, uncollected_msat: 0, rowid: 7 });
         assert_eq!((holds.totals(), holds.is_held("k")), ((0, 0), false));
         assert_eq!(holds.try_reserve("k", "r4", 5_000).unwrap(), Admission::Held);
     }
@@ -253,11 +283,11 @@ mod tests {
     #[test]
     fn an_end_must_match_its_reservation() {
         let holds = loaded("k", 10_000);
-        holds.load("other", Account { free_msat: 10_000, revoked: false });
+        holds.load("other", account(10_000));
         holds.try_reserve("k", "r1", 3_000).unwrap();
-        assert_eq!(holds.end("k", "r1", 2_999, 10_000, Some(1)), None);
-        assert_eq!(holds.end("k", "nobody", 3_000, 10_000, Some(1)), None);
-        assert_eq!(holds.end("other", "r1", 3_000, 10_000, Some(1)), None, "another key's hold");
+        assert_eq!(holds.end("k", "r1", 2_999, None, Some(1)), Ended::NotHeld);
+        assert_eq!(holds.end("k", "nobody", 3_000, None, Some(1)), Ended::NotHeld);
+        assert_eq!(holds.end("other", "r1", 3_000, None, Some(1)), Ended::NotHeld, "another key's hold");
         assert_eq!((holds.reserved_of("k"), holds.reserved_of("other")), (3_000, 0));
     }
 
@@ -270,10 +300,10 @@ mod tests {
         assert_eq!(holds.take_seized(), vec!["k".to_owned()]);
         assert!(holds.take_seized().is_empty());
         // The job paid out the 6,000 nobody held.
-        holds.refresh("k", Some(Account { free_msat: 4_000, revoked: false }));
+        holds.refresh("k", Some(account(4_000)));
         assert!(matches!(holds.try_reserve("k", "r2", 1), Err(LedgerError::Insufficient { available: 0, .. })));
         // The hold survives the seizure and still ends normally.
-        let charge = holds.end("k", "r1", 4_000, 4_000, Some(1_000)).unwrap();
+        let charge = charged(holds.end("k", "r1", 4_000, None, Some(1_000)));
         assert_eq!(charge.charged_msat, 1_000);
         holds.forget_copies();
         assert_eq!(holds.try_reserve("k", "r3", 1).unwrap(), Admission::Unknown);
@@ -284,13 +314,31 @@ mod tests {
         let holds = loaded("busy", 10_000);
         holds.try_reserve("busy", "r1", 1_000).unwrap();
         for i in 0..MAX_KEYS {
-            holds.load(&format!("idle{i}"), Account { free_msat: 1, revoked: false });
+            holds.load(&format!("idle{i}"), account(1));
         }
         assert_eq!(holds.reserved_of("busy"), 1_000);
         assert!(holds.lock().keys.len() <= MAX_KEYS);
         // The running key kept its copy; dropped ones are read again.
         assert_eq!(holds.try_reserve("busy", "r2", 9_000).unwrap(), Admission::Held);
         assert_eq!(holds.try_reserve("idle0", "r3", 1).unwrap(), Admission::Unknown);
-        assert!(holds.end("busy", "r1", 1_000, 10_000, Some(10)).is_some());
+        assert_eq!(charged(holds.end("busy", "r1", 1_000, None, Some(10))).charged_msat, 10);
+    }
+
+    #[test]
+    fn a_key_without_a_copy_is_ended_with_its_row_read() {
+        let holds = loaded("k", 10_000);
+        holds.try_reserve("k", "r1", 4_000).unwrap();
+        holds.seize("k");
+        // Nothing changes until the row is given.
+        assert_eq!(holds.end("k", "r1", 4_000, None, Some(1_000)), Ended::NeedsRow);
+        assert_eq!(holds.totals(), (4_000, 1));
+        let row = Account { rowid: 9, ..account(6_000) };
+        assert_eq!(
+            charged(holds.end("k", "r1", 4_000, Some(row), Some(1_000))),
+            Charge { charged_msat: 1_000, uncollected_msat: 0, rowid: 9 }
+        );
+        assert_eq!(holds.totals(), (0, 0));
+        // The seized key is still without a copy: the writer's refresh sets it.
+        assert_eq!(holds.try_reserve("k", "r2", 1).unwrap(), Admission::Unknown);
     }
 }

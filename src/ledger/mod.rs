@@ -29,7 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 pub use admin::*;
-use holds::{Account, Admission, Holds};
+use holds::{Account, Admission, Ended, Holds};
 pub use lightning::{Invoice, LightningPayout, OperatorPayout, Swap};
 pub use store::open_reader;
 use store::{Answer, Store, Undo};
@@ -1001,17 +1001,19 @@ fn with_holds(mut info: KeyInfo, holds: &Holds, key_hash: &str) -> KeyInfo {
     info
 }
 
+/// `rowid, balance_msat, reserved_msat, revoked`, from column `first` on.
 fn account_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Account> {
-    let (balance, reserved): (i64, i64) = (r.get(first)?, r.get(first + 1)?);
+    let (balance, reserved): (i64, i64) = (r.get(first + 1)?, r.get(first + 2)?);
     Ok(Account {
+        rowid: r.get(first)?,
         free_msat: to_u64(balance).saturating_sub(to_u64(reserved)),
-        revoked: r.get::<_, i64>(first + 2)? != 0,
+        revoked: r.get::<_, i64>(first + 3)? != 0,
     })
 }
 
 /// What a reservation needs of a key's row.
 fn read_account(c: &Connection, key_hash: &str) -> Result<Option<Account>, LedgerError> {
-    Ok(c.prepare_cached("SELECT balance_msat, reserved_msat, revoked FROM keys WHERE key_hash = ?1")?
+    Ok(c.prepare_cached("SELECT rowid, balance_msat, reserved_msat, revoked FROM keys WHERE key_hash = ?1")?
         .query_row([key_hash], |r| account_at(r, 0))
         .optional()?)
 }
@@ -1032,8 +1034,9 @@ fn refresh_copies(c: &Connection, holds: &Holds, changed: &[i64]) {
         return;
     }
     let refreshed = (|| -> Result<(), LedgerError> {
-        let mut by_rowid =
-            c.prepare_cached("SELECT key_hash, balance_msat, reserved_msat, revoked FROM keys WHERE rowid = ?1")?;
+        let mut by_rowid = c.prepare_cached(
+            "SELECT key_hash, rowid, balance_msat, reserved_msat, revoked FROM keys WHERE rowid = ?1",
+        )?;
         for rowid in changed {
             let row = by_rowid.query_row([rowid], |r| Ok((r.get::<_, String>(0)?, account_at(r, 1)?))).optional()?;
             if let Some((key_hash, account)) = row {
@@ -1061,7 +1064,8 @@ fn ended_charge(c: &Connection, request_id: &str) -> Result<Option<u64>, LedgerE
 }
 
 /// Ends a reservation exactly once: `Some(cost)` charges, `None` releases. Runs without a
-/// savepoint (`Undo::FailStop`): every check comes before the first write.
+/// savepoint (`Undo::FailStop`): every logical check comes before the first write (the one
+/// after it fails as a storage error, see below).
 fn end_reservation(
     c: &Connection,
     holds: &Holds,
@@ -1070,18 +1074,24 @@ fn end_reservation(
     note: &str,
 ) -> Result<Settled, LedgerError> {
     let already = |charged: u64| Settled { charged_msat: charged, uncollected_msat: 0, first_time: false };
-    let (rowid, account) = c
-        .prepare_cached("SELECT rowid, balance_msat, reserved_msat, revoked FROM keys WHERE key_hash = ?1")?
-        .query_row([&r.key_hash], |row| Ok((row.get::<_, i64>(0)?, account_at(row, 1)?)))
-        .optional()?
-        .ok_or(LedgerError::KeyNotFound)?;
-    // The hold is released and the charge taken from the key's copy in one step (see `holds`).
-    let Some(charge) = holds.end(&r.key_hash, &r.request_id, r.amount_msat, account.free_msat, cost) else {
+    // The hold is released and the charge taken from the key's copy in one step (see `holds`);
+    // the copy is the row as the writer left it, so the row is read only for a key without one.
+    let ended = match holds.end(&r.key_hash, &r.request_id, r.amount_msat, None, cost) {
+        Ended::NeedsRow => {
+            let row = read_account(c, &r.key_hash)?.ok_or(LedgerError::KeyNotFound)?;
+            holds.end(&r.key_hash, &r.request_id, r.amount_msat, Some(row), cost)
+        }
+        ended => ended,
+    };
+    let charge = match ended {
+        Ended::Charged(charge) => charge,
         // Not held (any more): ended before, or never reserved.
-        return match ended_charge(c, &r.request_id)? {
-            Some(charged) => Ok(already(charged)),
-            None => Err(LedgerError::Schema(format!("no reservation held for request {}", r.request_id))),
-        };
+        Ended::NotHeld | Ended::NeedsRow => {
+            return match ended_charge(c, &r.request_id)? {
+                Some(charged) => Ok(already(charged)),
+                None => Err(LedgerError::Schema(format!("no reservation held for request {}", r.request_id))),
+            };
+        }
     };
     let (charged, uncollected) = (charge.charged_msat, charge.uncollected_msat);
     let recorded = c
@@ -1109,14 +1119,20 @@ fn end_reservation(
         holds.seize(&r.key_hash);
         return Ok(already(ended_charge(c, &r.request_id)?.unwrap_or(0)));
     }
-    // By the row read above, in this same transaction: no second look-up of the key's index.
-    c.prepare_cached(
-        "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
-         WHERE rowid = ?1",
-    )?
-    .execute(params![rowid, to_i64(charged), i64::from(cost.is_some())])?;
+    // By the row's id, with its key checked (the id came from the copy, not from this
+    // transaction). Any other count than one means the copy was not the row: a broken invariant
+    // after the first write, so the job fails as a storage error does, stopping the node.
+    let updated = c
+        .prepare_cached(
+            "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
+             WHERE rowid = ?1 AND key_hash = ?4",
+        )?
+        .execute(params![charge.rowid, to_i64(charged), i64::from(cost.is_some()), r.key_hash])?;
+    if updated != 1 {
+        return Err(rusqlite::Error::StatementChangedRows(updated).into());
+    }
     // `holds.end` lowered the copy by the charge, as the row now is.
-    COPIED_ROW.set(Some(rowid));
+    COPIED_ROW.set(Some(charge.rowid));
     if uncollected > 0 {
         tracing::warn!(request_id = %r.request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
     }

@@ -701,6 +701,43 @@ async fn the_next_request_sees_a_queued_charge() {
     assert_eq!((info.balance_msat, info.reserved_msat), (5_000, 0));
 }
 
+/// A charge is taken from the key's copy, not from a row read in its job: credits and debits
+/// made while the request ran are in the copy it is taken from, and with a key whose copy was
+/// dropped the row is read instead.
+#[tokio::test]
+async fn a_charge_sees_every_change_made_while_its_request_ran() {
+    let temp = temp_ledger("copy");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
+    let fund = |token: &'static str, key: &'static str, proof: &'static str, msat: u64| {
+        let ledger = ledger.clone();
+        async move {
+            ledger.begin_redemption(token, key, "http://mint", msat, &[proof.into()]).await.unwrap();
+            ledger.complete_redemption(token, KeyKind::Key, msat, 0).await.unwrap();
+        }
+    };
+    fund("t1", "k1", "02a1", 1_000).await;
+    fund("t2", "k2", "02a2", 1_000).await;
+    let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
+    // A top-up while r1 runs: r1's overrun may take it.
+    fund("t3", "k1", "02a3", 5_000).await;
+    let s = ledger.settle(&r1, 4_000, "overrun").await.unwrap();
+    assert_eq!((s.charged_msat, s.uncollected_msat), (4_000, 0));
+    // An operator debit while r2 runs: r2 may not take what it took.
+    let r2 = ledger.reserve("k1", "r2", 500, "m").await.unwrap();
+    ledger.admin_adjust("k1".into(), -1_400, "debit".into()).await.unwrap();
+    let s = ledger.settle(&r2, 900, "overrun").await.unwrap();
+    assert_eq!((s.charged_msat, s.uncollected_msat), (600, 300));
+    // Without a copy (as after a failed read-back), the row is read.
+    let r3 = ledger.reserve("k2", "r3", 300, "m").await.unwrap();
+    ledger.holds.forget_copies();
+    let s = ledger.settle(&r3, 250, "ok").await.unwrap();
+    assert_eq!((s.charged_msat, s.uncollected_msat), (250, 0));
+    let (k1, k2) = (ledger.key_info("k1").await.unwrap().unwrap(), ledger.key_info("k2").await.unwrap().unwrap());
+    assert_eq!((k1.balance_msat, k1.spent_msat, k1.requests), (0, 4_600, 2));
+    assert_eq!((k2.balance_msat, k2.spent_msat, k2.requests), (750, 250, 1));
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
 /// A refused operator debit seizes the key too: its copy is back after the job.
 #[tokio::test]
 async fn a_refused_debit_gives_the_key_its_copy_back() {
