@@ -77,7 +77,7 @@ impl Ledger {
     pub async fn admin_keys(&self, prefix: String, limit: u32, offset: u32) -> Result<(Vec<KeyRow>, u64), LedgerError> {
         let holds = self.holds.clone();
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let pattern = format!("{}%", prefix.replace(['%', '_'], ""));
                 let total: i64 =
                     c.query_row("SELECT COUNT(*) FROM keys WHERE key_hash LIKE ?1", [&pattern], |r| r.get(0))?;
@@ -96,7 +96,7 @@ impl Ledger {
     pub async fn admin_key(&self, key_hash: String) -> Result<Option<(KeyRow, Vec<Value>)>, LedgerError> {
         let holds = self.holds.clone();
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let Some(key) = read_key_row(c, &key_hash)? else { return Ok(None) };
                 let key = key.with_holds(&holds);
                 let mut stmt = c.prepare(
@@ -179,7 +179,7 @@ impl Ledger {
     /// charges, payouts, remote spends. Never a token.
     pub async fn admin_transactions(&self, limit: u32, before: Option<i64>) -> Result<Vec<Value>, LedgerError> {
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let remote = if has_table(c, "remote_spends")? {
                     "UNION ALL
                      SELECT 'remote', updated_at, NULL, request_id, provider, amount_msat, fee_msat, change_msat, state, note
@@ -242,7 +242,7 @@ impl Ledger {
     /// remote spends. Never a token.
     pub async fn admin_request(&self, request_id: String) -> Result<Value, LedgerError> {
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let reservation = c
                     .query_row(
                         "SELECT key_hash, model, state, amount_msat, charged_msat, uncollected_msat, note, created_at, ended_at
@@ -313,7 +313,7 @@ impl Ledger {
     pub async fn admin_usage(&self, since: i64, bucket_secs: i64) -> Result<Vec<UsageBucket>, LedgerError> {
         let bucket_secs = bucket_secs.max(1);
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let mut stmt = c.prepare(&format!(
                     "SELECT (created_at / ?2) * ?2 AS b, COALESCE(model, ''),
                             SUM(state = 'charged'), SUM(state = 'released'), COALESCE(SUM(charged_msat), 0)
@@ -338,7 +338,7 @@ impl Ledger {
     /// Ended requests and msat charged per model, since the ledger began.
     pub async fn admin_model_totals(&self) -> Result<Vec<ModelTotals>, LedgerError> {
         self.store
-            .run(|c| {
+            .read(|c| {
                 let mut stmt = c.prepare(&format!(
                     "SELECT COALESCE(model, ''), SUM(state = 'charged'), SUM(state = 'released'),
                             COALESCE(SUM(charged_msat), 0)

@@ -707,7 +707,7 @@ impl Ledger {
     pub async fn totals(&self) -> Result<Totals, LedgerError> {
         let holds = self.holds.clone();
         self.store
-            .run(move |c| {
+            .read(move |c| {
                 let mut totals = read_totals(c)?;
                 let (reserved, open) = holds.totals();
                 totals.reserved_msat += reserved;

@@ -23,6 +23,10 @@
 //! transaction is never rolled back behind an answered job: a storage error that would undo more
 //! than one job's own savepoint, a failed commit or a failed fsync stops the process
 //! (fail-stop), and the restart recovers from what the disk holds.
+//!
+//! Reads of whole tables (the admin's lists and sums, `/metrics`) do not run on the writer, where
+//! every payment queued behind them would wait for their scan: `Store::read` runs them on a
+//! read-only connection beside it, in one snapshot of the last commit.
 
 use std::fs::File;
 use std::marker::PhantomData;
@@ -89,6 +93,32 @@ pub struct Store {
     jobs: mpsc::SyncSender<Job>,
     /// Woken for every job someone waits for; `Background` jobs let it sleep (see `writer_loop`).
     writer: std::thread::Thread,
+    /// Where `read` runs; `None` without WAL journaling, where a reader would hold up the
+    /// writer's commits (reads then run on the writer).
+    reader: Option<Arc<Reader>>,
+}
+
+/// A read-only connection beside the writer, opened on first use and kept.
+struct Reader {
+    path: PathBuf,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl Reader {
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, LedgerError>) -> Result<T, LedgerError> {
+        let mut slot = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut conn = match slot.take() {
+            Some(conn) => conn,
+            None => open_reader(&self.path)?,
+        };
+        // One snapshot for all of `f`'s statements: its sums add up to one state of the books.
+        let result = conn.transaction().map_err(LedgerError::from).and_then(|tx| f(&tx));
+        // After a storage error the next read starts on a fresh connection.
+        if result.is_ok() {
+            *slot = Some(conn);
+        }
+        result
+    }
 }
 
 impl Store {
@@ -108,6 +138,7 @@ impl Store {
         let in_use = lock_exclusively(path)?;
         let conn = open_connection(path)?;
         let wal = wal_path(&conn)?;
+        let reader = wal.is_some().then(|| Arc::new(Reader { path: path.to_owned(), conn: Mutex::new(None) }));
         if wal.is_none() || sync == LedgerSync::Normal {
             // Without WAL journaling (some file systems) SQLite must sync each commit itself.
             let level = if sync == LedgerSync::Full { "FULL" } else { "NORMAL" };
@@ -134,7 +165,20 @@ impl Store {
                 drop(in_use);
             })
             .map_err(|e| LedgerError::Io(e.to_string()))?;
-        Ok(Store { jobs: tx, writer: writer.thread().clone() })
+        Ok(Store { jobs: tx, writer: writer.thread().clone(), reader })
+    }
+
+    /// Runs `f` on a read-only connection beside the writer, once every job queued before this
+    /// call is committed: it sees them, and jobs queued after it do not wait for it. For reads of
+    /// whole tables, whatever their length.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+    {
+        let Some(reader) = self.reader.clone() else { return self.run(f).await };
+        self.run(|_| Ok(())).await?;
+        tokio::task::spawn_blocking(move || reader.read(f)).await.map_err(|_| LedgerError::Closed)?
     }
 
     /// Runs `f` on the writer thread in its own savepoint; resolves after the batch committed.

@@ -738,6 +738,40 @@ async fn a_charge_sees_every_change_made_while_its_request_ran() {
     assert!(ledger.totals().await.unwrap().conserved());
 }
 
+/// Reads of whole tables run beside the writer: they see every job queued before them, in one
+/// snapshot, and payments queued after them do not wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_reads_do_not_hold_up_payments() {
+    let temp = temp_ledger("reader");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Full).unwrap();
+    funded(&ledger, "t1", "k1", 10_000).await;
+    let r1 = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
+    ledger.end_detached(&r1, Some(400), "queued", |_| {}).await.unwrap();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let store = ledger.store.clone();
+    let slow_read = tokio::spawn(async move {
+        store
+            .read(move |c| {
+                let first = read_totals(c)?;
+                let _ = started_tx.send(());
+                std::thread::sleep(Duration::from_millis(1_500));
+                Ok((first, read_totals(c)?))
+            })
+            .await
+    });
+    started_rx.await.unwrap();
+    // While the read holds its snapshot, a payment runs and is durable.
+    let began = std::time::Instant::now();
+    let r2 = ledger.reserve("k1", "r2", 1_000, "m").await.unwrap();
+    ledger.settle(&r2, 700, "ok").await.unwrap();
+    assert!(began.elapsed() < Duration::from_millis(1_000), "waited {:?} behind a read", began.elapsed());
+    let (first, last) = slow_read.await.unwrap().unwrap();
+    // The read saw the charge queued before it, not the one made during it, in both sums.
+    assert_eq!((first.charged_msat, last.charged_msat), (400, 400));
+    assert_eq!(ledger.totals().await.unwrap().charged_msat, 1_100);
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
 /// A refused operator debit seizes the key too: its copy is back after the job.
 #[tokio::test]
 async fn a_refused_debit_gives_the_key_its_copy_back() {
