@@ -12,9 +12,10 @@
 //! - after every job the writer refreshes the copy of each key row the job changed (or seized),
 //!   from the row itself, so credits and undone changes are seen;
 //! - ending a reservation (on the writer) releases the hold and takes the charge from the copy
-//!   in one step: the copy is then the row as the job writes it, and is not read back. Since the
-//!   copy is the row as the writer left it, the job does not read the row either (only a key
-//!   without a copy is read first).
+//!   in one step. The copy is the row as the writer left it, so the job does not read the row
+//!   (only a key without a copy is read first), and the charge is written to the row later,
+//!   with the batch's other charges to it, before any other job reads it: until then the writer
+//!   reads rows less their unwritten charges, so a copy read back is still exact.
 //!
 //! So a copy is never above what the writer has left on the key, and holds never exceed the
 //! balance: whatever the interleaving, money held for a request cannot be paid out or charged to

@@ -265,8 +265,11 @@ impl Ledger {
     fn open_lingering(path: &Path, sync: LedgerSync, background_linger: Duration) -> Result<Ledger, LedgerError> {
         let holds = Arc::new(Holds::default());
         let watched = holds.clone();
-        let after_job = Box::new(move |c: &Connection, changed: &[i64]| refresh_copies(c, &watched, changed));
-        let store = Store::open(path, sync, after_job, background_linger)?;
+        let hooks = store::Hooks {
+            after_job: Box::new(move |c: &Connection, changed: &[i64]| refresh_copies(c, &watched, changed)),
+            write_deferred: Box::new(write_unwritten),
+        };
+        let store = Store::open(path, sync, hooks, background_linger)?;
         Ok(Ledger { store, holds })
     }
 
@@ -1001,12 +1004,14 @@ fn with_holds(mut info: KeyInfo, holds: &Holds, key_hash: &str) -> KeyInfo {
     info
 }
 
-/// `rowid, balance_msat, reserved_msat, revoked`, from column `first` on.
+/// `rowid, balance_msat, reserved_msat, revoked`, from column `first` on, as the writer sees
+/// the row: less the charges not yet written to it (see `UNWRITTEN`).
 fn account_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Account> {
-    let (balance, reserved): (i64, i64) = (r.get(first + 1)?, r.get(first + 2)?);
+    let (rowid, balance, reserved): (i64, i64, i64) = (r.get(first)?, r.get(first + 1)?, r.get(first + 2)?);
+    let unwritten = UNWRITTEN.with_borrow(|all| all.get(&rowid).map_or(0, |u| u.msat));
     Ok(Account {
-        rowid: r.get(first)?,
-        free_msat: to_u64(balance).saturating_sub(to_u64(reserved)),
+        rowid,
+        free_msat: to_u64(balance).saturating_sub(to_u64(reserved)).saturating_sub(unwritten),
         revoked: r.get::<_, i64>(first + 3)? != 0,
     })
 }
@@ -1018,19 +1023,60 @@ fn read_account(c: &Connection, key_hash: &str) -> Result<Option<Account>, Ledge
         .optional()?)
 }
 
+/// Charges to one key's row not yet written to it.
+struct Unwritten {
+    key_hash: String,
+    msat: u64,
+    requests: i64,
+}
+
 thread_local! {
-    /// On the writer: the row of the key whose copy the job just run set exactly as it wrote it
-    /// (`end_reservation`), so that `refresh_copies` need not read it back. Taken after every job.
-    static COPIED_ROW: std::cell::Cell<Option<i64>> = const { std::cell::Cell::new(None) };
+    /// On the writer: the charges ended reservations took from their keys' copies, by row, not
+    /// yet written to the rows. The store has them written (`write_unwritten`) before any job
+    /// but another reservation's end, and before each commit, so a batch of charges to one key
+    /// updates its row once; until then the writer reads a row less them (`account_at`).
+    static UNWRITTEN: std::cell::RefCell<foldhash::HashMap<i64, Unwritten>> = Default::default();
+}
+
+/// Adds a charge to what its key's row is still to be written.
+fn defer_charge(rowid: i64, key_hash: &str, msat: u64, counted: bool) {
+    UNWRITTEN.with_borrow_mut(|all| {
+        let entry =
+            all.entry(rowid).or_insert_with(|| Unwritten { key_hash: key_hash.to_owned(), msat: 0, requests: 0 });
+        entry.msat += msat;
+        entry.requests += i64::from(counted);
+    });
+}
+
+/// Writes the charges not yet written, one update per key's row. Each row is named by its id
+/// and its key (the id came from the key's copy): any other outcome than one row changed means
+/// a copy was not its row, and stops the node (see `store::Hooks`).
+fn write_unwritten(c: &Connection) -> Result<(), LedgerError> {
+    UNWRITTEN.with_borrow_mut(|all| {
+        if all.is_empty() {
+            return Ok(());
+        }
+        let mut update = c.prepare_cached(
+            "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
+             WHERE rowid = ?1 AND key_hash = ?4",
+        )?;
+        for (rowid, charges) in all.drain() {
+            let updated = update.execute(params![rowid, to_i64(charges.msat), charges.requests, charges.key_hash])?;
+            if updated != 1 {
+                return Err(rusqlite::Error::StatementChangedRows(updated).into());
+            }
+        }
+        Ok(())
+    })
 }
 
 /// After each job, on the writer: the copies of the keys it changed or seized follow their rows
 /// (see `holds`). Should a row not read back, every copy is dropped and read again when needed.
 fn refresh_copies(c: &Connection, holds: &Holds, changed: &[i64]) {
     let seized = holds.take_seized();
-    let copied = COPIED_ROW.take();
-    // The usual job, a request's end, changed one row and already left its copy exact.
-    if seized.is_empty() && (changed.is_empty() || (changed.len() == 1 && copied == Some(changed[0]))) {
+    // The usual job, a request's end, leaves its charge to be written later (`UNWRITTEN`): it
+    // changed no row, and its copy is exact.
+    if seized.is_empty() && changed.is_empty() {
         return;
     }
     let refreshed = (|| -> Result<(), LedgerError> {
@@ -1064,8 +1110,8 @@ fn ended_charge(c: &Connection, request_id: &str) -> Result<Option<u64>, LedgerE
 }
 
 /// Ends a reservation exactly once: `Some(cost)` charges, `None` releases. Runs without a
-/// savepoint (`Undo::FailStop`): every logical check comes before the first write (the one
-/// after it fails as a storage error, see below).
+/// savepoint (`Undo::FailStop`): every check comes before its one write, the request's record.
+/// The charge to the key's row is deferred (`UNWRITTEN`).
 fn end_reservation(
     c: &Connection,
     holds: &Holds,
@@ -1119,20 +1165,11 @@ fn end_reservation(
         holds.seize(&r.key_hash);
         return Ok(already(ended_charge(c, &r.request_id)?.unwrap_or(0)));
     }
-    // By the row's id, with its key checked (the id came from the copy, not from this
-    // transaction). Any other count than one means the copy was not the row: a broken invariant
-    // after the first write, so the job fails as a storage error does, stopping the node.
-    let updated = c
-        .prepare_cached(
-            "UPDATE keys SET balance_msat = balance_msat - ?2, spent_msat = spent_msat + ?2, requests = requests + ?3
-             WHERE rowid = ?1 AND key_hash = ?4",
-        )?
-        .execute(params![charge.rowid, to_i64(charged), i64::from(cost.is_some()), r.key_hash])?;
-    if updated != 1 {
-        return Err(rusqlite::Error::StatementChangedRows(updated).into());
+    // `holds.end` lowered the copy by the charge; the row follows with the batch's other
+    // charges to it, before anything else reads it.
+    if charged > 0 || cost.is_some() {
+        defer_charge(charge.rowid, &r.key_hash, charged, cost.is_some());
     }
-    // `holds.end` lowered the copy by the charge, as the row now is.
-    COPIED_ROW.set(Some(charge.rowid));
     if uncollected > 0 {
         tracing::warn!(request_id = %r.request_id, uncollected_msat = uncollected, "cost exceeded what the key could pay");
     }

@@ -53,6 +53,9 @@ struct Ran {
 struct Job {
     run: Box<dyn FnOnce(&Connection) -> Ran + Send>,
     answer: Answer,
+    /// Runs on writes the hot path deferred (see `Hooks::write_deferred`): an `Undo::FailStop`
+    /// job, which only the hot path uses.
+    on_deferred: bool,
 }
 
 /// How a job's partial changes are undone when it fails.
@@ -62,7 +65,8 @@ pub enum Undo {
     Savepoint,
     /// No savepoint (two statements fewer and no page copies, for the hot path). The job must
     /// change nothing before it returns a logical error; a storage error (`LedgerError::Sqlite`)
-    /// could leave it half done, so it stops the process (see the module docs).
+    /// could leave it half done, so it stops the process (see the module docs). Such jobs run
+    /// with the writes earlier ones deferred still pending (see `Hooks::write_deferred`).
     FailStop,
 }
 
@@ -84,9 +88,23 @@ const MAX_BATCH: usize = 256;
 /// Most jobs waiting for the writer; callers wait for room beyond that (backpressure).
 const QUEUE_DEPTH: usize = 8192;
 
-/// Told on the writer, after every job (and before its caller is answered), which rows of `keys`
-/// the job changed: their rowids, changes the job undid included.
+/// `Hooks::after_job`.
 pub type AfterJob = Box<dyn FnMut(&Connection, &[i64]) + Send>;
+/// `Hooks::write_deferred`.
+pub type WriteDeferred = Box<dyn FnMut(&Connection) -> Result<(), LedgerError> + Send>;
+
+/// What the ledger does on the writer around its jobs.
+pub struct Hooks {
+    /// Told after every job (and before its caller is answered) which rows of `keys` the job
+    /// changed: their rowids, changes the job undid included.
+    pub after_job: AfterJob,
+    /// Writes what the hot path's jobs (`Undo::FailStop`: ending reservations) deferred, so that
+    /// a batch of them writes once what they would each have written. Run before every other
+    /// job and before every commit, so that nothing else ever reads around what is deferred. Its
+    /// changes to `keys` are not told to `after_job` (the deferring jobs accounted for them); an
+    /// error stops the node.
+    pub write_deferred: WriteDeferred,
+}
 
 #[derive(Clone)]
 pub struct Store {
@@ -127,7 +145,7 @@ impl Store {
     pub fn open(
         path: &Path,
         sync: LedgerSync,
-        after_job: AfterJob,
+        hooks: Hooks,
         background_linger: Duration,
     ) -> Result<Store, LedgerError> {
         if let Some(dir) = path.parent() {
@@ -156,7 +174,7 @@ impl Store {
             }
             _ => Durability::AtCommit,
         };
-        let watch = KeysWatch::install(&conn, after_job)?;
+        let watch = KeysWatch::install(&conn, hooks)?;
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
             .name("ledger-writer".into())
@@ -308,6 +326,7 @@ where
             Ran { reply: Box::new(move || deliver(result)), poisons }
         }),
         answer,
+        on_deferred: undo == Undo::FailStop,
     }
 }
 
@@ -401,14 +420,15 @@ fn in_savepoint<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T, L
     }
 }
 
-/// Which rows of `keys` each job changes (SQLite's update hook), handed to `AfterJob`.
+/// Which rows of `keys` each job changes (SQLite's update hook), handed to `Hooks::after_job`;
+/// and what the hot path deferred, written when due.
 struct KeysWatch {
     changed: Arc<Mutex<Vec<i64>>>,
-    after_job: AfterJob,
+    hooks: Hooks,
 }
 
 impl KeysWatch {
-    fn install(conn: &Connection, after_job: AfterJob) -> Result<KeysWatch, LedgerError> {
+    fn install(conn: &Connection, hooks: Hooks) -> Result<KeysWatch, LedgerError> {
         let changed = Arc::new(Mutex::new(Vec::new()));
         let sink = changed.clone();
         conn.update_hook(Some(move |_: rusqlite::hooks::Action, _: &str, table: &str, rowid: i64| {
@@ -416,12 +436,21 @@ impl KeysWatch {
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(rowid);
             }
         }))?;
-        Ok(KeysWatch { changed, after_job })
+        Ok(KeysWatch { changed, hooks })
     }
 
     fn job_done(&mut self, conn: &Connection) {
         let changed = std::mem::take(&mut *self.changed.lock().unwrap_or_else(|p| p.into_inner()));
-        (self.after_job)(conn, &changed);
+        (self.hooks.after_job)(conn, &changed);
+    }
+
+    /// Before a job that does not run on deferred writes, and before a commit (the last job's
+    /// changes were told already, so only the deferred writes' are dropped).
+    fn write_deferred(&mut self, conn: &Connection) {
+        if let Err(e) = (self.hooks.write_deferred)(conn) {
+            fail_stop(&format!("deferred writes failed: {e}"));
+        }
+        self.changed.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 }
 
@@ -637,6 +666,7 @@ fn writer_loop(
         };
         if due || jobs_in_transaction >= MAX_TRANSACTION {
             last_commit = Some(Instant::now());
+            watch.write_deferred(&conn);
             commit(&conn, &durability, std::mem::take(&mut durable));
             opened_at = None;
             hurried = false;
@@ -644,6 +674,7 @@ fn writer_loop(
         }
     }
     if opened_at.is_some() {
+        watch.write_deferred(&conn);
         commit(&conn, &durability, durable);
     }
 }
@@ -651,6 +682,9 @@ fn writer_loop(
 /// Runs one job inside the open transaction: a `Visible` job is answered at once, a `Durable`
 /// one once its commit is on disk.
 fn run_job(conn: &Connection, job: Job, durable: &mut Vec<Reply>, watch: &mut KeysWatch) {
+    if !job.on_deferred {
+        watch.write_deferred(conn);
+    }
     let Ran { reply, poisons } = (job.run)(conn);
     if poisons || conn.is_autocommit() {
         // A storage error without a savepoint (its half-done changes cannot be told apart from

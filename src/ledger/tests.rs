@@ -772,6 +772,73 @@ async fn long_reads_do_not_hold_up_payments() {
     assert!(ledger.totals().await.unwrap().conserved());
 }
 
+/// A batch of charges to one key is written to its row together, before anything else reads
+/// the row: a debit queued behind them sees every one, and so does the row on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_charges_to_a_key_is_written_together_before_anything_reads_it() {
+    let temp = temp_ledger("deferred");
+    let path = temp.path.clone();
+    let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
+    funded(&ledger, "t1", "k1", 100_000).await;
+    let reader = open_reader(&path).unwrap();
+    let key_on_disk = |key: &str| {
+        reader
+            .query_row("SELECT balance_msat, spent_msat, requests FROM keys WHERE key_hash = ?1", [key], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+            .unwrap()
+    };
+    // Charges and a release, lingering in one transaction.
+    for i in 0..20 {
+        let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
+        ledger.end_detached(&r, if i == 19 { None } else { Some(700) }, "ok", |_| {}).await.unwrap();
+    }
+    // On the writer, in the open transaction, the row itself has none of them yet (a hot-path
+    // job, like the ends: nothing deferred is written before it).
+    let row_in_transaction = ledger
+        .store
+        .submit_with(Answer::Visible, Undo::FailStop, |c| {
+            Ok(c.query_row("SELECT balance_msat, spent_msat, requests FROM keys WHERE key_hash = 'k1'", [], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?)
+        })
+        .await
+        .unwrap();
+    assert_eq!(row_in_transaction, (100_000, 0, 0));
+    assert_eq!(key_on_disk("k1"), (100_000, 0, 0), "committed before the linger, with nobody waiting");
+    // A debit of all that is left: possible only once the row has every charge.
+    let debited = ledger.admin_adjust("k1".into(), -(100_000 - 19 * 700), "all".into()).await.unwrap();
+    assert_eq!(debited.info.balance_msat, 0);
+    assert_eq!(key_on_disk("k1"), (0, 19 * 700, 19));
+}
+
+/// A key whose copy is gone while charges to it wait to be written is read less them.
+#[tokio::test]
+async fn a_key_read_while_its_charges_wait_is_read_less_them() {
+    let temp = temp_ledger("deferred-read");
+    let ledger = Ledger::open_lingering(&temp.path, LedgerSync::Normal, Duration::from_secs(30)).unwrap();
+    funded(&ledger, "t1", "k1", 1_000).await;
+    let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
+    let r2 = ledger.reserve("k1", "r2", 300, "m").await.unwrap();
+    ledger.end_detached(&r1, Some(600), "ok", |_| {}).await.unwrap();
+    // Between the two ends, on the writer (a hot-path job: nothing deferred is written first).
+    let holds = ledger.holds.clone();
+    ledger
+        .store
+        .submit_with(Answer::Visible, Undo::FailStop, move |_| {
+            holds.forget_copies();
+            Ok(())
+        })
+        .await
+        .unwrap();
+    // r2's overrun may take only what r1's charge left.
+    let s = ledger.settle(&r2, 500, "overrun").await.unwrap();
+    assert_eq!((s.charged_msat, s.uncollected_msat), (400, 100));
+    let k1 = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((k1.balance_msat, k1.spent_msat, k1.requests), (0, 1_000, 2));
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
 /// A refused operator debit seizes the key too: its copy is back after the job.
 #[tokio::test]
 async fn a_refused_debit_gives_the_key_its_copy_back() {
