@@ -93,6 +93,9 @@ pub struct Upstream {
     pub authorization: Option<HeaderValue>,
     /// `x-api-key: {api_key}`, sent besides on Anthropic's `messages` path.
     pub x_api_key: Option<HeaderValue>,
+    /// The `Host` of every request to it, built once, as hyper's client would build it for
+    /// each: the host, and the port unless it is the scheme's default.
+    pub host: Option<HeaderValue>,
     pub models: Vec<String>,
     pub aliases: HashMap<String, String>,
     pub markup: Markup,
@@ -107,6 +110,18 @@ fn sensitive(value: &str) -> Option<HeaderValue> {
     let mut value = HeaderValue::from_str(value).ok()?;
     value.set_sensitive(true);
     Some(value)
+}
+
+/// `Host` for requests to `url` (see `Upstream::host`); `None` leaves it to the client.
+fn host_header(url: &reqwest::Url) -> Option<HeaderValue> {
+    // The requests' own URIs are parsed from the same normalised URL (`uri_for`).
+    let uri = hyper::Uri::try_from(url.as_str()).ok()?;
+    let host = uri.host()?;
+    let text = match (uri.port_u16(), uri.scheme_str()) {
+        (None, _) | (Some(80), Some("http")) | (Some(443), Some("https")) => host.to_owned(),
+        (Some(port), _) => format!("{host}:{port}"),
+    };
+    HeaderValue::from_str(&text).ok()
 }
 
 /// The paths nearly every request goes to: their URLs are parsed once, not per request.
@@ -152,6 +167,7 @@ impl Upstream {
             api_key,
             authorization,
             x_api_key,
+            host: host_header(&url),
             models: spec.models,
             aliases: spec.aliases,
             markup: markup.then(extra_markup),
@@ -298,6 +314,30 @@ mod tests {
         with.api_key = Some("sk-\nline".into());
         let err = Upstream::from_spec(with, Markup::NONE).err().unwrap().to_string();
         assert!(err.contains("api_key"), "{err}");
+    }
+
+    #[test]
+    fn the_host_header_is_what_the_client_would_write() {
+        for (base_url, host) in [
+            ("http://127.0.0.1:9/v1", "127.0.0.1:9"),
+            ("https://api.example.com/v1", "api.example.com"),
+            ("https://api.example.com:443/v1", "api.example.com"),
+            ("http://example.com:80", "example.com"),
+            ("http://example.com:443/v1", "example.com:443"),
+            ("https://user:pw@Example.COM:8443/v1", "example.com:8443"),
+            ("http://[::1]:8080/v1", "[::1]:8080"),
+        ] {
+            let mut with = spec(1.0);
+            with.base_url = base_url.into();
+            let u = Upstream::from_spec(with, Markup::NONE).unwrap();
+            assert_eq!(u.host.as_ref().map(|h| h.to_str().unwrap()), Some(host), "{base_url}");
+            // The same as hyper's client derives from the request's URI.
+            let uri = u.uri_for("chat/completions", None).unwrap();
+            let port =
+                uri.port_u16().filter(|p| !matches!((p, uri.scheme_str()), (80, Some("http")) | (443, Some("https"))));
+            let derived = port.map_or(uri.host().unwrap().to_owned(), |p| format!("{}:{p}", uri.host().unwrap()));
+            assert_eq!(derived, host, "{base_url}");
+        }
     }
 
     #[test]

@@ -588,11 +588,15 @@ impl Forward {
 
     /// The request to one upstream; `None` when its URL cannot be one.
     fn request(&self, upstream: &Upstream, body: Bytes) -> Option<Request<Bytes>> {
-        let mut headers = HeaderMap::with_capacity(self.headers.len() + 2);
+        let mut headers = HeaderMap::with_capacity(self.headers.len() + 3);
         for (name, value) in &self.headers {
             if !STRIPPED_REQUEST_HEADERS.contains(&name.as_str()) {
                 headers.append(name.clone(), value.clone());
             }
+        }
+        // Else the client writes it for every request.
+        if let Some(host) = &upstream.host {
+            headers.insert(hyper::header::HOST, host.clone());
         }
         if let Some(authorization) = &upstream.authorization {
             headers.insert(hyper::header::AUTHORIZATION, authorization.clone());

@@ -29,6 +29,8 @@ async fn key_chat_stream_embeddings_topup_refund() {
     let seen = h.upstream.last_request().unwrap();
     assert_eq!(seen.header("authorization"), Some("Bearer upstream-secret"));
     assert_eq!(seen.header("x-api-key"), None);
+    // Its own address as Host (built once per upstream), not the node's.
+    assert_eq!(seen.header("host"), Some(h.upstream.addr.to_string().as_str()));
     assert!(seen.headers.iter().all(|(_, v)| !v.contains(&key)));
 
     // Without the /v1 prefix too, and streaming: usage asked for and read from the stream.
