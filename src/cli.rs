@@ -39,8 +39,10 @@ fn liabilities(settings: &Settings) -> Result<crate::ledger::Totals, NodeError> 
     if !path.exists() {
         return Ok(Default::default());
     }
-    let conn = open_reader(&path)?;
-    Ok(read_totals(&conn)?)
+    let mut conn = open_reader(&path)?;
+    // One snapshot for all the sums, while the node may be committing.
+    let snapshot = conn.transaction().map_err(crate::ledger::LedgerError::from)?;
+    Ok(read_totals(&snapshot)?)
 }
 
 pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Result<(), NodeError> {

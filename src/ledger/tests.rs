@@ -170,6 +170,62 @@ async fn holds_end_with_the_process_and_nothing_is_charged_for_them() {
     assert!(t.conserved(), "{t:?}");
 }
 
+/// A request already recorded (not expected: ids are the node's own) is not charged again, and
+/// its key's copy, read back, still has the charges waiting to be written.
+#[tokio::test]
+async fn a_request_recorded_before_is_not_charged_again_while_charges_wait() {
+    let temp = temp_ledger("recorded");
+    let ledger = Ledger::open_lingering(&temp.path, LedgerSync::Normal, Duration::from_secs(30)).unwrap();
+    funded(&ledger, "t1", "k1", 10_000).await;
+    let r0 = ledger.reserve("k1", "r0", 1_000, "m").await.unwrap();
+    let r1 = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
+    ledger.end_detached(&r0, Some(400), "ok", |_| {}).await.unwrap();
+    // r1's record appears behind the ledger's back, between the two ends (a hot-path job: the
+    // charge to r0 stays unwritten).
+    ledger
+        .store
+        .submit_with(Answer::Visible, Undo::FailStop, |c| {
+            c.execute(
+                "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, created_at)
+                 VALUES ('r1', 'k1', 1000, 'charged', 0, 0)",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let s = ledger.settle(&r1, 700, "again").await.unwrap();
+    assert_eq!((s.charged_msat, s.first_time), (0, false));
+    // The copy was read back less r0's charge: all of the rest can be reserved, and no more.
+    let all = ledger.reserve("k1", "r2", 9_600, "m").await.unwrap();
+    assert!(matches!(ledger.reserve("k1", "r3", 1, "m").await, Err(LedgerError::Insufficient { .. })));
+    ledger.release(&all, "done").await.unwrap();
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.spent_msat), (9_600, 400));
+}
+
+/// Charges still unwritten when the ledger closes are written with its last commit.
+#[tokio::test]
+async fn a_closing_ledger_writes_its_unwritten_charges() {
+    let temp = temp_ledger("closing");
+    let path = temp.path.clone();
+    {
+        let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
+        funded(&ledger, "t1", "k1", 10_000).await;
+        for i in 0..5 {
+            let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
+            ledger.end_detached(&r, Some(300), "ok", |_| {}).await.unwrap();
+        }
+    }
+    // Opening waits for the closing writer's last commit.
+    let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.spent_msat, info.requests), (8_500, 1_500, 5));
+    let t = ledger.totals().await.unwrap();
+    assert_eq!(t.charged_msat, 1_500);
+    assert!(t.conserved(), "{t:?}");
+}
+
 #[tokio::test]
 async fn open_records_of_older_ledgers_are_released_at_start_too() {
     let temp = temp_ledger("legacy");

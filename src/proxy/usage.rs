@@ -10,47 +10,62 @@ use serde_json::{json, Value};
 
 use crate::pricing::{Cost, Usage};
 
-fn field(u: &Value, name: &str) -> u64 {
-    u.get(name).and_then(Value::as_u64).unwrap_or(0)
+/// What normalising a usage object reads of it: whether it names a member, and members as
+/// counts (0 unless a whole number that fits a u64, as `Value::as_u64` reads it).
+trait UsageObject {
+    fn has(&self, name: &str) -> bool;
+    fn count(&self, name: &str) -> u64;
+    /// `self[outer][name]` as a count.
+    fn nested_count(&self, outer: &str, name: &str) -> u64;
 }
 
-/// `u[outer][name]` as a count, 0 when absent (a JSON pointer, without parsing one per answer).
-fn nested(u: &Value, outer: &str, name: &str) -> u64 {
-    u.get(outer).map_or(0, |o| field(o, name))
+impl UsageObject for serde_json::Map<String, Value> {
+    fn has(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn count(&self, name: &str) -> u64 {
+        self.get(name).and_then(Value::as_u64).unwrap_or(0)
+    }
+    fn nested_count(&self, outer: &str, name: &str) -> u64 {
+        self.get(outer).and_then(|o| o.get(name)).and_then(Value::as_u64).unwrap_or(0)
+    }
 }
 
 /// Normalises a usage object; `None` when it holds no token counts.
 pub fn from_usage_object(u: &Value) -> Option<Usage> {
-    let obj = u.as_object()?;
-    if obj.contains_key("prompt_tokens") || obj.contains_key("completion_tokens") {
+    usage_of(u.as_object()?)
+}
+
+fn usage_of(u: &impl UsageObject) -> Option<Usage> {
+    if u.has("prompt_tokens") || u.has("completion_tokens") {
         // OpenAI chat/completions/embeddings: prompt_tokens includes cached tokens.
-        let prompt = field(u, "prompt_tokens");
-        let cached = nested(u, "prompt_tokens_details", "cached_tokens").min(prompt);
+        let prompt = u.count("prompt_tokens");
+        let cached = u.nested_count("prompt_tokens_details", "cached_tokens").min(prompt);
         return Some(Usage {
             input_tokens: prompt - cached,
-            output_tokens: field(u, "completion_tokens"),
+            output_tokens: u.count("completion_tokens"),
             cache_read_tokens: cached,
             cache_write_tokens: 0,
         });
     }
-    if obj.contains_key("input_tokens") || obj.contains_key("output_tokens") {
-        if obj.contains_key("total_tokens") || obj.contains_key("input_tokens_details") {
+    if u.has("input_tokens") || u.has("output_tokens") {
+        if u.has("total_tokens") || u.has("input_tokens_details") {
             // OpenAI Responses: input_tokens includes cached tokens.
-            let input = field(u, "input_tokens");
-            let cached = nested(u, "input_tokens_details", "cached_tokens").min(input);
+            let input = u.count("input_tokens");
+            let cached = u.nested_count("input_tokens_details", "cached_tokens").min(input);
             return Some(Usage {
                 input_tokens: input - cached,
-                output_tokens: field(u, "output_tokens"),
+                output_tokens: u.count("output_tokens"),
                 cache_read_tokens: cached,
                 cache_write_tokens: 0,
             });
         }
         // Anthropic: input_tokens excludes cache reads and writes.
         return Some(Usage {
-            input_tokens: field(u, "input_tokens"),
-            output_tokens: field(u, "output_tokens"),
-            cache_read_tokens: field(u, "cache_read_input_tokens"),
-            cache_write_tokens: field(u, "cache_creation_input_tokens"),
+            input_tokens: u.count("input_tokens"),
+            output_tokens: u.count("output_tokens"),
+            cache_read_tokens: u.count("cache_read_input_tokens"),
+            cache_write_tokens: u.count("cache_creation_input_tokens"),
         });
     }
     None
@@ -118,7 +133,6 @@ pub fn insert_cost(v: &mut Value, cost: Value) {
 /// read without building the whole answer: the fast path for metering and costing it.
 pub struct TopUsage {
     pub usage: Usage,
-    object: Value,
     /// Where the usage object's text is in the answer.
     span: std::ops::Range<usize>,
     /// The cost can be written into the usage object's text: it names no member twice (else
@@ -127,30 +141,53 @@ pub struct TopUsage {
     spliceable: bool,
 }
 
-/// A JSON object and how many members its text has (more than the map's when a name repeats).
-struct CountedObject {
-    object: serde_json::Map<String, Value>,
-    members: usize,
-}
+/// A JSON object's members as they are in its text (names borrowed: one with an escape is
+/// refused, leaving the answer to the slow path), in order.
+struct RawMembers<'a>(Vec<(&'a str, &'a serde_json::value::RawValue)>);
 
-impl<'de> serde::Deserialize<'de> for CountedObject {
+impl<'de> serde::Deserialize<'de> for RawMembers<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
         impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = CountedObject;
+            type Value = RawMembers<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CountedObject, A::Error> {
-                let mut counted = CountedObject { object: serde_json::Map::new(), members: 0 };
-                while let Some((name, value)) = map.next_entry::<String, Value>()? {
-                    counted.object.insert(name, value);
-                    counted.members += 1;
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawMembers<'de>, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(member) = map.next_entry()? {
+                    members.push(member);
                 }
-                Ok(counted)
+                Ok(RawMembers(members))
             }
         }
         d.deserialize_map(Visitor)
+    }
+}
+
+impl RawMembers<'_> {
+    /// The member `name` counts as (the last, as in a parsed object).
+    fn get(&self, name: &str) -> Option<&serde_json::value::RawValue> {
+        self.0.iter().rev().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    fn repeats_a_name(&self) -> bool {
+        self.0.iter().enumerate().any(|(i, (name, _))| self.0[..i].iter().any(|(n, _)| n == name))
+    }
+}
+
+impl UsageObject for RawMembers<'_> {
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+    fn count(&self, name: &str) -> u64 {
+        // JSON's text of a whole number is what `u64` parses (a fraction, exponent, sign or
+        // overflow is not a count, as for `Value::as_u64`).
+        self.get(name).and_then(|v| v.get().parse().ok()).unwrap_or(0)
+    }
+    fn nested_count(&self, outer: &str, name: &str) -> u64 {
+        let outer = self.get(outer).and_then(|v| serde_json::from_str::<Value>(v.get()).ok());
+        outer.and_then(|o| o.get(name).and_then(Value::as_u64)).unwrap_or(0)
     }
 }
 
@@ -174,19 +211,18 @@ impl TopUsage {
         // Checks the whole answer is JSON, skipping everything but `usage` (a repeated `usage`
         // is an error here, so the slow path decides).
         let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
-        let counted: CountedObject = serde_json::from_str(raw.get()).ok()?;
-        let spliceable = counted.members == counted.object.len() && !counted.object.contains_key("cost");
-        let object = Value::Object(counted.object);
-        let usage = from_usage_object(&object)?;
+        let members: RawMembers = serde_json::from_str(raw.get()).ok()?;
+        let usage = usage_of(&members)?;
+        let spliceable = !members.repeats_a_name() && !members.has("cost");
         let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
         let span = start..start + raw.get().len();
-        (span.end <= body.len()).then_some(TopUsage { usage, object, span, spliceable })
+        (span.end <= body.len()).then_some(TopUsage { usage, span, spliceable })
     }
 
     /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is
     /// written into the object's text before its closing brace (the object has token counts, so
     /// a member comes before it), unless the object must be rebuilt (see `spliceable`).
-    pub fn with_cost(mut self, body: &[u8], cost: &CostView) -> Bytes {
+    pub fn with_cost(self, body: &[u8], cost: &CostView) -> Bytes {
         let span = self.span.clone();
         if self.spliceable && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}') {
             let mut out = BytesMut::with_capacity(body.len() + 160);
@@ -197,8 +233,10 @@ impl TopUsage {
                 return out.freeze();
             }
         }
-        self.object["cost"] = serde_json::to_value(cost).unwrap_or(Value::Null);
-        let usage = serde_json::to_vec(&self.object).unwrap_or_default();
+        // Read as `read` found it an object: the last of a repeated name counts.
+        let mut object: Value = serde_json::from_slice(&body[span.clone()]).unwrap_or_else(|_| json!({}));
+        object["cost"] = serde_json::to_value(cost).unwrap_or(Value::Null);
+        let usage = serde_json::to_vec(&object).unwrap_or_default();
         let mut out = BytesMut::with_capacity(body.len() + usage.len());
         out.extend_from_slice(&body[..span.start]);
         out.extend_from_slice(&usage);
@@ -424,6 +462,13 @@ mod tests {
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}}}"#,
             r#"  {"type":"message","usage":{"input_tokens":3,"output_tokens":7,"cache_read_input_tokens":2},"content":[]} "#,
             r#"{"usage":{"input_tokens":8,"output_tokens":1,"total_tokens":9,"cost":{"old":true}},"output":[]}"#,
+            // Counts only from whole numbers that fit, as `Value::as_u64` reads them; details of
+            // another shape count nothing; the last of a repeated name counts.
+            r#"{"usage":{"prompt_tokens":10.0,"completion_tokens":-5,"prompt_tokens_details":[1]}}"#,
+            r#"{"usage":{"prompt_tokens":"7","completion_tokens":1e3,"prompt_tokens_details":null}}"#,
+            r#"{"usage":{"prompt_tokens":18446744073709551616,"completion_tokens":18446744073709551615}}"#,
+            r#"{"usage":{"input_tokens":5,"input_tokens_details":{"cached_tokens":9},"input_tokens":6}}"#,
+            r#"{"usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":1,"cache_creation_input_tokens":3}}"#,
         ];
         for answer in answers {
             let fast = TopUsage::read(answer.as_bytes()).expect("fast path");
