@@ -135,10 +135,10 @@ pub struct TopUsage {
     pub usage: Usage,
     /// Where the usage object's text is in the answer.
     span: std::ops::Range<usize>,
-    /// The cost can be written into the usage object's text: it names no member twice (else
-    /// its text is not what was read, where the last one counts) and has no `cost` of its own
-    /// (another node's, upstream, to be replaced). Otherwise the object is rebuilt.
-    spliceable: bool,
+    /// The usage object, read whole when the cost cannot be written into its text: it names a
+    /// member twice (its text is not what was read, where the last one counts) or has a `cost`
+    /// of its own (another node's, upstream, to be replaced). It is then rebuilt.
+    rebuild: Option<Value>,
 }
 
 /// A JSON object's members as they are in its text (names borrowed: one with an escape is
@@ -213,18 +213,23 @@ impl TopUsage {
         let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
         let members: RawMembers = serde_json::from_str(raw.get()).ok()?;
         let usage = usage_of(&members)?;
-        let spliceable = !members.repeats_a_name() && !members.has("cost");
+        // Read here, not when the cost is added: one that cannot be read is left to the slow path.
+        let rebuild = if members.repeats_a_name() || members.has("cost") {
+            Some(serde_json::from_str(raw.get()).ok()?)
+        } else {
+            None
+        };
         let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
         let span = start..start + raw.get().len();
-        (span.end <= body.len()).then_some(TopUsage { usage, span, spliceable })
+        (span.end <= body.len()).then_some(TopUsage { usage, span, rebuild })
     }
 
     /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is
     /// written into the object's text before its closing brace (the object has token counts, so
-    /// a member comes before it), unless the object must be rebuilt (see `spliceable`).
+    /// a member comes before it), unless the object must be rebuilt (see `rebuild`).
     pub fn with_cost(self, body: &[u8], cost: &CostView) -> Bytes {
         let span = self.span.clone();
-        if self.spliceable && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}') {
+        if self.rebuild.is_none() && span.end.checked_sub(1).and_then(|i| body.get(i)) == Some(&b'}') {
             let mut out = BytesMut::with_capacity(body.len() + 160);
             out.extend_from_slice(&body[..span.end - 1]);
             out.extend_from_slice(b",\"cost\":");
@@ -233,8 +238,8 @@ impl TopUsage {
                 return out.freeze();
             }
         }
-        // Read as `read` found it an object: the last of a repeated name counts.
-        let mut object: Value = serde_json::from_slice(&body[span.clone()]).unwrap_or_else(|_| json!({}));
+        let mut object =
+            self.rebuild.unwrap_or_else(|| serde_json::from_slice(&body[span.clone()]).unwrap_or_default());
         object["cost"] = serde_json::to_value(cost).unwrap_or(Value::Null);
         let usage = serde_json::to_vec(&object).unwrap_or_default();
         let mut out = BytesMut::with_capacity(body.len() + usage.len());
@@ -501,6 +506,8 @@ mod tests {
             r#"{"usage":null,"message":{"usage":{"input_tokens":1}}}"#,
             r#"{"usage":{}}"#,
             r#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            // To be rebuilt, but not readable whole (a number out of range).
+            r#"{"usage":{"prompt_tokens":1,"x":1e400,"prompt_tokens":2}}"#,
             r#"[{"prompt_tokens":1}]"#,
             r#"{"usage":{"prompt_tokens":1}"#,
             "",
