@@ -210,12 +210,16 @@ async fn a_closing_ledger_writes_its_unwritten_charges() {
     let temp = temp_ledger("closing");
     let path = temp.path.clone();
     {
-        let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(30)).unwrap();
+        // The writer notices the ledger closed when its linger ends: shorter than opening's
+        // wait for the lock (`LOCK_WAIT`).
+        let ledger = Ledger::open_lingering(&path, LedgerSync::Full, Duration::from_secs(2)).unwrap();
         funded(&ledger, "t1", "k1", 10_000).await;
         for i in 0..5 {
             let r = ledger.reserve("k1", &format!("r{i}"), 1_000, "m").await.unwrap();
             ledger.end_detached(&r, Some(300), "ok", |_| {}).await.unwrap();
         }
+        let on_disk = read_totals(&open_reader(&path).unwrap()).unwrap().charged_msat;
+        assert_eq!(on_disk, 0, "committed before the ledger closed");
     }
     // Opening waits for the closing writer's last commit.
     let ledger = Ledger::open(&path, LedgerSync::Full).unwrap();
