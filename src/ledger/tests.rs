@@ -22,8 +22,20 @@ impl Drop for TempLedger {
     }
 }
 
+/// Runs `f` on the writer as a reservation's end does (no savepoint, nothing deferred written
+/// first), answered as soon as it ran.
+async fn on_the_hot_path<T: Send + 'static>(
+    ledger: &Ledger,
+    f: impl FnOnce(&Connection) -> Result<T, LedgerError> + Send + 'static,
+) -> T {
+    ledger.store.submit_with(Answer::Visible, Undo::FailStop, f).await.unwrap()
+}
+
+/// Credits `key` with a token of its own proofs (named after the token, so a ledger can be
+/// funded by several).
 async fn funded(ledger: &Ledger, token: &str, key: &str, msat: u64) {
-    let started = ledger.begin_redemption(token, key, "http://mint", msat, &["02ab".into()]).await.unwrap();
+    let proof = format!("02{}", hex::encode(token));
+    let started = ledger.begin_redemption(token, key, "http://mint", msat, &[proof]).await.unwrap();
     assert_eq!(started, RedemptionState::Started);
     ledger.complete_redemption(token, KeyKind::Key, msat, 0).await.unwrap();
 }
@@ -182,18 +194,15 @@ async fn a_request_recorded_before_is_not_charged_again_while_charges_wait() {
     ledger.end_detached(&r0, Some(400), "ok", |_| {}).await.unwrap();
     // r1's record appears behind the ledger's back, between the two ends (a hot-path job: the
     // charge to r0 stays unwritten).
-    ledger
-        .store
-        .submit_with(Answer::Visible, Undo::FailStop, |c| {
-            c.execute(
-                "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, created_at)
+    on_the_hot_path(&ledger, |c| {
+        c.execute(
+            "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, created_at)
                  VALUES ('r1', 'k1', 1000, 'charged', 0, 0)",
-                [],
-            )?;
-            Ok(())
-        })
-        .await
-        .unwrap();
+            [],
+        )?;
+        Ok(())
+    })
+    .await;
     let s = ledger.settle(&r1, 700, "again").await.unwrap();
     assert_eq!((s.charged_msat, s.first_time), (0, false));
     // The copy was read back less r0's charge: all of the rest can be reserved, and no more.
@@ -768,18 +777,11 @@ async fn the_next_request_sees_a_queued_charge() {
 async fn a_charge_sees_every_change_made_while_its_request_ran() {
     let temp = temp_ledger("copy");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
-    let fund = |token: &'static str, key: &'static str, proof: &'static str, msat: u64| {
-        let ledger = ledger.clone();
-        async move {
-            ledger.begin_redemption(token, key, "http://mint", msat, &[proof.into()]).await.unwrap();
-            ledger.complete_redemption(token, KeyKind::Key, msat, 0).await.unwrap();
-        }
-    };
-    fund("t1", "k1", "02a1", 1_000).await;
-    fund("t2", "k2", "02a2", 1_000).await;
+    funded(&ledger, "t1", "k1", 1_000).await;
+    funded(&ledger, "t2", "k2", 1_000).await;
     let r1 = ledger.reserve("k1", "r1", 600, "m").await.unwrap();
     // A top-up while r1 runs: r1's overrun may take it.
-    fund("t3", "k1", "02a3", 5_000).await;
+    funded(&ledger, "t3", "k1", 5_000).await;
     let s = ledger.settle(&r1, 4_000, "overrun").await.unwrap();
     assert_eq!((s.charged_msat, s.uncollected_msat), (4_000, 0));
     // An operator debit while r2 runs: r2 may not take what it took.
@@ -856,15 +858,12 @@ async fn a_batch_of_charges_to_a_key_is_written_together_before_anything_reads_i
     }
     // On the writer, in the open transaction, the row itself has none of them yet (a hot-path
     // job, like the ends: nothing deferred is written before it).
-    let row_in_transaction = ledger
-        .store
-        .submit_with(Answer::Visible, Undo::FailStop, |c| {
-            Ok(c.query_row("SELECT balance_msat, spent_msat, requests FROM keys WHERE key_hash = 'k1'", [], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-            })?)
-        })
-        .await
-        .unwrap();
+    let row_in_transaction = on_the_hot_path(&ledger, |c| {
+        Ok(c.query_row("SELECT balance_msat, spent_msat, requests FROM keys WHERE key_hash = 'k1'", [], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })?)
+    })
+    .await;
     assert_eq!(row_in_transaction, (100_000, 0, 0));
     assert_eq!(key_on_disk("k1"), (100_000, 0, 0), "committed before the linger, with nobody waiting");
     // A debit of all that is left: possible only once the row has every charge.
@@ -884,14 +883,11 @@ async fn a_key_read_while_its_charges_wait_is_read_less_them() {
     ledger.end_detached(&r1, Some(600), "ok", |_| {}).await.unwrap();
     // Between the two ends, on the writer (a hot-path job: nothing deferred is written first).
     let holds = ledger.holds.clone();
-    ledger
-        .store
-        .submit_with(Answer::Visible, Undo::FailStop, move |_| {
-            holds.forget_copies();
-            Ok(())
-        })
-        .await
-        .unwrap();
+    on_the_hot_path(&ledger, move |_| {
+        holds.forget_copies();
+        Ok(())
+    })
+    .await;
     // r2's overrun may take only what r1's charge left.
     let s = ledger.settle(&r2, 500, "overrun").await.unwrap();
     assert_eq!((s.charged_msat, s.uncollected_msat), (400, 100));
