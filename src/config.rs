@@ -118,6 +118,10 @@ pub struct Settings {
     /// How hard the ledger syncs each commit.
     #[arg(long, env = "LEDGER_SYNC", value_enum, default_value_t = LedgerSync::Full)]
     pub ledger_sync: LedgerSync,
+    /// Days each request's own record (id, key, model, charge) is kept. Older ones are folded
+    /// into per-day, per-model totals (balances and all-time sums stay exact). 0 keeps them all.
+    #[arg(long, env = "LEDGER_RETENTION_DAYS", default_value_t = 30)]
+    pub ledger_retention_days: u64,
 
     /// Base URL of the OpenAI-compatible upstream, e.g. https://api.openai.com/v1.
     #[arg(long, env = "UPSTREAM_BASE_URL")]
@@ -386,6 +390,11 @@ impl Settings {
             Some(url) => PathBuf::from(strip_sqlite_scheme(url)),
             None => self.data_dir.join("ledger.sqlite"),
         }
+    }
+
+    /// How long request records are kept; `None`: for good.
+    pub fn ledger_retention(&self) -> Option<Duration> {
+        (self.ledger_retention_days > 0).then(|| Duration::from_secs(self.ledger_retention_days.saturating_mul(86_400)))
     }
 
     pub fn connect_timeout(&self) -> Duration {

@@ -359,6 +359,22 @@ impl Node {
                 });
             }
         }
+        // Records past the retention period: at start, then hourly.
+        if let Some(retention) = self.settings.ledger_retention() {
+            let node = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    match node.ledger().prune_records(retention).await {
+                        Ok(0) => {}
+                        Ok(folded) => {
+                            tracing::info!(folded, "request records past the retention period folded into daily totals")
+                        }
+                        Err(e) => tracing::warn!(error = %e, "pruning request records failed; retried next hour"),
+                    }
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
+            });
+        }
         // Change still held by remote providers (a mint down, a stream cut short, a restart).
         let node = self.clone();
         tokio::spawn(async move {

@@ -314,12 +314,17 @@ impl Ledger {
         let bucket_secs = bucket_secs.max(1);
         self.store
             .read(move |c| {
+                // Days past the retention period come from the roll-up, at their day's start.
                 let mut stmt = c.prepare(&format!(
-                    "SELECT (created_at / ?2) * ?2 AS b, COALESCE(model, ''),
-                            SUM(state = 'charged'), SUM(state = 'released'), COALESCE(SUM(charged_msat), 0)
-                     FROM reservations
-                     WHERE created_at >= ?1 AND state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
-                     GROUP BY b, 2 ORDER BY b, 2"
+                    "SELECT b, model, SUM(charged), SUM(released), COALESCE(SUM(charged_msat), 0) FROM (
+                       SELECT (created_at / ?2) * ?2 AS b, COALESCE(model, '') AS model,
+                              state = 'charged' AS charged, state = 'released' AS released, charged_msat
+                       FROM reservations
+                       WHERE created_at >= ?1 AND state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
+                       UNION ALL
+                       SELECT (day / ?2) * ?2, model, charged, released, charged_msat
+                       FROM reservations_rollup WHERE day >= ?1 AND adjustment = 0
+                     ) GROUP BY b, model ORDER BY b, model"
                 ))?;
                 let rows = stmt.query_map(params![since, bucket_secs], |r| {
                     Ok(UsageBucket {
@@ -335,16 +340,20 @@ impl Ledger {
             .await
     }
 
-    /// Ended requests and msat charged per model, since the ledger began.
+    /// Ended requests and msat charged per model, since the ledger began (pruned records
+    /// included, through the roll-up).
     pub async fn admin_model_totals(&self) -> Result<Vec<ModelTotals>, LedgerError> {
         self.store
             .read(|c| {
                 let mut stmt = c.prepare(&format!(
-                    "SELECT COALESCE(model, ''), SUM(state = 'charged'), SUM(state = 'released'),
-                            COALESCE(SUM(charged_msat), 0)
-                     FROM reservations
-                     WHERE state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
-                     GROUP BY 1 ORDER BY 1"
+                    "SELECT model, SUM(charged), SUM(released), COALESCE(SUM(charged_msat), 0) FROM (
+                       SELECT COALESCE(model, '') AS model, state = 'charged' AS charged, state = 'released' AS released,
+                              charged_msat
+                       FROM reservations
+                       WHERE state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
+                       UNION ALL
+                       SELECT model, charged, released, charged_msat FROM reservations_rollup WHERE adjustment = 0
+                     ) GROUP BY model ORDER BY model"
                 ))?;
                 let rows = stmt.query_map([], |r| {
                     Ok(ModelTotals {

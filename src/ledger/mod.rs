@@ -18,6 +18,7 @@
 mod admin;
 mod holds;
 mod lightning;
+mod retention;
 mod schema;
 mod store;
 
@@ -83,7 +84,7 @@ impl KeyKind {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct KeyInfo {
     pub balance_msat: u64,
     pub reserved_msat: u64,
@@ -705,6 +706,23 @@ impl Ledger {
             .await
     }
 
+    /// Folds the records of requests that began more than `retention` ago into the per-day
+    /// roll-up and deletes them (see `retention`), a batch per writer job so payments interleave.
+    /// Returns how many records were folded.
+    pub async fn prune_records(&self, retention: Duration) -> Result<u64, LedgerError> {
+        let retention = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+        let mut folded = 0;
+        loop {
+            let cutoff = now_secs().saturating_sub(retention);
+            let batch = self.store.run(move |c| prune_batch(c, cutoff)).await?;
+            folded += batch as u64;
+            if batch < retention::BATCH {
+                return Ok(folded);
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// The conservation sums, with what running requests hold (a reader in another process,
     /// `read_totals` alone, cannot see those).
     pub async fn totals(&self) -> Result<Totals, LedgerError> {
@@ -912,6 +930,61 @@ fn debit_for_payout(
     Ok(Some(Payout { id: c.last_insert_rowid(), key_hash: key_hash.to_owned(), mint_url, debit_msat: debit }))
 }
 
+/// One batch of `prune_records`: the oldest records that began before `cutoff`, folded into the
+/// roll-up and deleted in the job's savepoint.
+fn prune_batch(c: &Connection, cutoff: i64) -> Result<usize, LedgerError> {
+    let records = {
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT rowid, created_at, COALESCE(model, ''), request_id LIKE '{ADMIN_ADJUST_PREFIX}%', state,
+                    charged_msat, uncollected_msat
+             FROM reservations ORDER BY rowid LIMIT ?1"
+        ))?;
+        let rows = stmt.query_map([retention::BATCH as i64], |r| {
+            Ok(retention::Record {
+                rowid: r.get(0)?,
+                created_at: r.get(1)?,
+                model: r.get(2)?,
+                adjustment: r.get(3)?,
+                state: r.get(4)?,
+                charged_msat: to_u64(r.get(5)?),
+                uncollected_msat: to_u64(r.get(6)?),
+            })
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    let fold = retention::fold(records, cutoff);
+    let Some(last_rowid) = fold.last_rowid else { return Ok(0) };
+    let mut add = c.prepare_cached(
+        "INSERT INTO reservations_rollup (day, model, adjustment, charged, released, charged_msat, uncollected_msat)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (day, model, adjustment) DO UPDATE SET
+             charged = charged + excluded.charged,
+             released = released + excluded.released,
+             charged_msat = charged_msat + excluded.charged_msat,
+             uncollected_msat = uncollected_msat + excluded.uncollected_msat",
+    )?;
+    for (group, n) in &fold.groups {
+        add.execute(params![
+            group.day,
+            group.model,
+            group.adjustment,
+            to_i64(n.charged),
+            to_i64(n.released),
+            to_i64(n.charged_msat),
+            to_i64(n.uncollected_msat)
+        ])?;
+    }
+    let deleted = c.execute("DELETE FROM reservations WHERE rowid <= ?1", [last_rowid])?;
+    if deleted != fold.records {
+        // Rows below the batch that the scan did not return: roll the savepoint back.
+        return Err(LedgerError::Schema(format!(
+            "pruning deleted {deleted} records for {} folded; nothing pruned",
+            fold.records
+        )));
+    }
+    Ok(fold.records)
+}
+
 /// The conservation sums, from any connection (the node's writer, or a reader in another process).
 pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
     let sum = |sql: &str| -> Result<u64, LedgerError> { Ok(to_u64(c.query_row(sql, [], |r| r.get::<_, i64>(0))?)) };
@@ -922,6 +995,7 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         Ok(n > 0)
     };
     let (has_remote, has_lightning) = (has_table("remote_spends")?, has_table("ln_invoices")?);
+    let has_rollup = has_table("reservations_rollup")?;
     let has_open_requests: bool =
         c.query_row("SELECT COUNT(*) > 0 FROM pragma_table_info('keys') WHERE name = 'open_requests'", [], |r| {
             r.get(0)
@@ -948,7 +1022,8 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         redemption_fees_msat: sum("SELECT COALESCE(SUM(fee_msat), 0) FROM redemptions WHERE state = 'credited'")?,
         balances_msat: sum("SELECT COALESCE(SUM(balance_msat), 0) FROM keys")?,
         reserved_msat: sum("SELECT COALESCE(SUM(reserved_msat), 0) FROM keys")?,
-        charged_msat: sum("SELECT COALESCE(SUM(charged_msat), 0) FROM reservations WHERE state = 'charged'")?,
+        charged_msat: sum("SELECT COALESCE(SUM(charged_msat), 0) FROM reservations WHERE state = 'charged'")?
+            + if has_rollup { sum("SELECT COALESCE(SUM(charged_msat), 0) FROM reservations_rollup")? } else { 0 },
         paid_out_debit_msat: sum(
             "SELECT COALESCE(SUM(debit_msat), 0) FROM payouts WHERE state IN ('pending', 'ready')",
         )?,

@@ -792,3 +792,63 @@ async fn nostr_view_shows_the_last_announcement() {
         Some(relay_url.trim_end_matches('/'))
     );
 }
+
+/// Records past `LEDGER_RETENTION_DAYS` are folded into daily totals when the node starts: the
+/// request's own record goes, and no balance, sum or counter changes.
+#[tokio::test]
+async fn request_records_past_retention_are_folded_at_start() {
+    let mut h = Harness::start_with("admin-retention", admin_env(&[("LEDGER_RETENTION_DAYS", "30")])).await;
+    let key = h.key(100).await;
+    let mut request_ids = Vec::new();
+    for stream in [false, true, false] {
+        let paid = h.post("/v1/chat/completions", Some(&key), &chat(stream)).await;
+        assert_eq!(paid.status, 200, "{}", paid.text);
+        request_ids.push(paid.header("x-routstr-request-id").expect("request id").to_owned());
+    }
+    h.wait_until_settled().await;
+    let metrics = |h: &Harness| {
+        let url = h.url("/metrics");
+        let http = h.http.clone();
+        async move {
+            let text = http.get(url).send().await.unwrap().text().await.unwrap();
+            parse_prometheus(&text)
+                .into_iter()
+                .filter(|(k, _)| {
+                    k.starts_with("routstr_charged_msat_total") || k.starts_with("routstr_settled_requests_total")
+                })
+                .collect::<BTreeMap<_, _>>()
+        }
+    };
+    let counters = metrics(&h).await;
+    assert_eq!(counters[r#"routstr_settled_requests_total{model="gpt-test",outcome="charged"}"#], 3.0, "{counters:?}");
+    let balance = h.balance(&key).await;
+    let totals = h.assert_conserved().await;
+
+    // The node stops; its requests now began 40 days ago.
+    h.node.stop().await;
+    let ledger = rusqlite::Connection::open(h.data_dir.join("ledger.sqlite")).unwrap();
+    let aged = ledger.execute("UPDATE reservations SET created_at = created_at - 40 * 86400", []).unwrap();
+    assert_eq!(aged, 3);
+    drop(ledger);
+    h.node.restart().await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reader = routstr_node::ledger::open_reader(&h.data_dir.join("ledger.sqlite")).unwrap();
+        let left: i64 = reader.query_row("SELECT COUNT(*) FROM reservations", [], |r| r.get(0)).unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{left} records past retention still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metrics(&h).await, counters, "per-model counters include the folded records");
+    assert_eq!(h.balance(&key).await, balance);
+    assert_eq!(h.assert_conserved().await, totals);
+    let mut admin = Admin::new(&h);
+    assert_eq!(admin.login(PASSWORD).await.status, 200);
+    let log = admin.get(&format!("/admin/api/logs?request_id={}", request_ids[0])).await;
+    assert!(log.json["ledger"]["reservation"].is_null(), "{}", log.text);
+    let node_log = std::fs::read_to_string(h.data_dir.join("node.log")).unwrap();
+    assert!(node_log.contains("past the retention period folded"), "the fold is logged");
+}
