@@ -419,6 +419,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retention_in_days_and_zero_keeps_everything() {
+        let mut s = Settings::from_env().unwrap();
+        assert_eq!(s.ledger_retention(), Some(Duration::from_secs(30 * 86_400)));
+        s.ledger_retention_days = 0;
+        assert_eq!(s.ledger_retention(), None);
+    }
+
+    #[test]
     fn database_url_forms() {
         assert_eq!(strip_sqlite_scheme("sqlite+aiosqlite:///./keys.db"), "./keys.db");
         assert_eq!(strip_sqlite_scheme("sqlite:////var/lib/x.db"), "/var/lib/x.db");

@@ -314,7 +314,8 @@ impl Ledger {
         let bucket_secs = bucket_secs.max(1);
         self.store
             .read(move |c| {
-                // Days past the retention period come from the roll-up, at their day's start.
+                // Days past the retention period come from the roll-up: each whole, at its start,
+                // when that is within the window.
                 let mut stmt = c.prepare(&format!(
                     "SELECT b, model, SUM(charged), SUM(released), COALESCE(SUM(charged_msat), 0) FROM (
                        SELECT (created_at / ?2) * ?2 AS b, COALESCE(model, '') AS model,
@@ -323,7 +324,7 @@ impl Ledger {
                        WHERE created_at >= ?1 AND state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
                        UNION ALL
                        SELECT (day / ?2) * ?2, model, charged, released, charged_msat
-                       FROM reservations_rollup WHERE day >= ?1 AND adjustment = 0
+                       FROM reservations_rollup WHERE day >= ?1
                      ) GROUP BY b, model ORDER BY b, model"
                 ))?;
                 let rows = stmt.query_map(params![since, bucket_secs], |r| {
@@ -352,7 +353,7 @@ impl Ledger {
                        FROM reservations
                        WHERE state != 'open' AND request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'
                        UNION ALL
-                       SELECT model, charged, released, charged_msat FROM reservations_rollup WHERE adjustment = 0
+                       SELECT model, charged, released, charged_msat FROM reservations_rollup
                      ) GROUP BY model ORDER BY model"
                 ))?;
                 let rows = stmt.query_map([], |r| {

@@ -930,24 +930,23 @@ fn debit_for_payout(
     Ok(Some(Payout { id: c.last_insert_rowid(), key_hash: key_hash.to_owned(), mint_url, debit_msat: debit }))
 }
 
-/// One batch of `prune_records`: the oldest records that began before `cutoff`, folded into the
-/// roll-up and deleted in the job's savepoint.
+/// One batch of `prune_records`: the oldest request records that began before `cutoff`, folded
+/// into the roll-up and deleted in the job's savepoint. The dashboard's debits stay.
 fn prune_batch(c: &Connection, cutoff: i64) -> Result<usize, LedgerError> {
+    let requests = format!("request_id NOT LIKE '{ADMIN_ADJUST_PREFIX}%'");
     let records = {
         let mut stmt = c.prepare_cached(&format!(
-            "SELECT rowid, created_at, COALESCE(model, ''), request_id LIKE '{ADMIN_ADJUST_PREFIX}%', state,
-                    charged_msat, uncollected_msat
-             FROM reservations ORDER BY rowid LIMIT ?1"
+            "SELECT rowid, created_at, COALESCE(model, ''), state, charged_msat, uncollected_msat
+             FROM reservations WHERE {requests} ORDER BY rowid LIMIT ?1"
         ))?;
         let rows = stmt.query_map([retention::BATCH as i64], |r| {
             Ok(retention::Record {
                 rowid: r.get(0)?,
                 created_at: r.get(1)?,
                 model: r.get(2)?,
-                adjustment: r.get(3)?,
-                state: r.get(4)?,
-                charged_msat: to_u64(r.get(5)?),
-                uncollected_msat: to_u64(r.get(6)?),
+                state: r.get(3)?,
+                charged_msat: to_u64(r.get(4)?),
+                uncollected_msat: to_u64(r.get(5)?),
             })
         })?;
         rows.collect::<Result<Vec<_>, _>>()?
@@ -955,9 +954,9 @@ fn prune_batch(c: &Connection, cutoff: i64) -> Result<usize, LedgerError> {
     let fold = retention::fold(records, cutoff);
     let Some(last_rowid) = fold.last_rowid else { return Ok(0) };
     let mut add = c.prepare_cached(
-        "INSERT INTO reservations_rollup (day, model, adjustment, charged, released, charged_msat, uncollected_msat)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (day, model, adjustment) DO UPDATE SET
+        "INSERT INTO reservations_rollup (day, model, charged, released, charged_msat, uncollected_msat)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (day, model) DO UPDATE SET
              charged = charged + excluded.charged,
              released = released + excluded.released,
              charged_msat = charged_msat + excluded.charged_msat,
@@ -967,16 +966,15 @@ fn prune_batch(c: &Connection, cutoff: i64) -> Result<usize, LedgerError> {
         add.execute(params![
             group.day,
             group.model,
-            group.adjustment,
             to_i64(n.charged),
             to_i64(n.released),
             to_i64(n.charged_msat),
             to_i64(n.uncollected_msat)
         ])?;
     }
-    let deleted = c.execute("DELETE FROM reservations WHERE rowid <= ?1", [last_rowid])?;
+    let deleted = c.execute(&format!("DELETE FROM reservations WHERE rowid <= ?1 AND {requests}"), [last_rowid])?;
     if deleted != fold.records {
-        // Rows below the batch that the scan did not return: roll the savepoint back.
+        // Not the records the scan returned: roll the savepoint back.
         return Err(LedgerError::Schema(format!(
             "pruning deleted {deleted} records for {} folded; nothing pruned",
             fold.records

@@ -2,7 +2,9 @@
 //! one row per day and model (`reservations_rollup`) and deleted, in one transaction. Sums over
 //! all time (the conservation identity's `charged_msat`, per-model totals, the dashboard's usage)
 //! add the roll-up in, so they do not change; only the request's own record (its id, key and
-//! note) goes. Keys keep their own counters (`spent_msat`, `requests`).
+//! note) goes. Keys keep their own counters (`spent_msat`, `requests`). The dashboard's debits
+//! (recorded among the requests, `admin-adjust-…`) are the operator's money moves and are never
+//! folded: the batches pass over them.
 //!
 //! The fold is pure: it takes records in write order and stops at the first one not old enough,
 //! so each batch is a prefix of the table (`rowid <= last`), deleted by one range.
@@ -21,20 +23,16 @@ pub struct Record {
     pub rowid: i64,
     pub created_at: i64,
     pub model: String,
-    /// A dashboard debit (`admin-adjust-…`): counted in the conservation sum, not as usage.
-    pub adjustment: bool,
     pub state: String,
     pub charged_msat: u64,
     pub uncollected_msat: u64,
 }
 
-/// A roll-up row's key: the UTC day the requests began, their model, and whether they are
-/// dashboard debits.
+/// A roll-up row's key: the UTC day the requests began, and their model.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Group {
     pub day: i64,
     pub model: String,
-    pub adjustment: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -72,7 +70,7 @@ pub fn fold(records: impl IntoIterator<Item = Record>, cutoff: i64) -> Fold {
         if r.created_at >= cutoff {
             break;
         }
-        let group = Group { day: day_of(r.created_at), model: r.model, adjustment: r.adjustment };
+        let group = Group { day: day_of(r.created_at), model: r.model };
         let counts = out.groups.entry(group).or_default();
         if charged {
             counts.charged += 1;
@@ -92,15 +90,7 @@ mod tests {
     use super::*;
 
     fn record(rowid: i64, created_at: i64, model: &str, state: &str, charged_msat: u64) -> Record {
-        Record {
-            rowid,
-            created_at,
-            model: model.into(),
-            adjustment: false,
-            state: state.into(),
-            charged_msat,
-            uncollected_msat: 0,
-        }
+        Record { rowid, created_at, model: model.into(), state: state.into(), charged_msat, uncollected_msat: 0 }
     }
 
     #[test]
@@ -114,8 +104,7 @@ mod tests {
     #[test]
     fn folds_old_records_per_day_and_model() {
         let day = 20 * DAY_SECS;
-        let mut adjustment = record(5, day + 7, "", "charged", 4_000);
-        adjustment.adjustment = true;
+        let no_model = record(5, day + 7, "", "charged", 4_000);
         let mut short = record(6, day + DAY_SECS + 1, "gpt", "charged", 100);
         short.uncollected_msat = 30;
         let records = vec![
@@ -123,21 +112,18 @@ mod tests {
             record(2, day + 6, "gpt", "released", 0),
             record(3, day + 9, "llama", "charged", 250),
             record(4, day + 10, "gpt", "charged", 2_000),
-            adjustment,
+            no_model,
             short,
         ];
         let fold = fold(records, day + 2 * DAY_SECS);
         assert_eq!(fold.last_rowid, Some(6));
         assert_eq!(fold.records, 6);
-        let g = |day, model: &str, adjustment| Group { day, model: model.into(), adjustment };
+        let g = |day, model: &str| Group { day, model: model.into() };
         let expected: BTreeMap<Group, Counts> = [
-            (g(day, "gpt", false), Counts { charged: 2, released: 1, charged_msat: 3_000, uncollected_msat: 0 }),
-            (g(day, "llama", false), Counts { charged: 1, released: 0, charged_msat: 250, uncollected_msat: 0 }),
-            (g(day, "", true), Counts { charged: 1, released: 0, charged_msat: 4_000, uncollected_msat: 0 }),
-            (
-                g(day + DAY_SECS, "gpt", false),
-                Counts { charged: 1, released: 0, charged_msat: 100, uncollected_msat: 30 },
-            ),
+            (g(day, "gpt"), Counts { charged: 2, released: 1, charged_msat: 3_000, uncollected_msat: 0 }),
+            (g(day, "llama"), Counts { charged: 1, released: 0, charged_msat: 250, uncollected_msat: 0 }),
+            (g(day, ""), Counts { charged: 1, released: 0, charged_msat: 4_000, uncollected_msat: 0 }),
+            (g(day + DAY_SECS, "gpt"), Counts { charged: 1, released: 0, charged_msat: 100, uncollected_msat: 30 }),
         ]
         .into_iter()
         .collect();

@@ -142,18 +142,17 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE keys ADD COLUMN open_requests INTEGER NOT NULL DEFAULT 0;
     "#,
-    // 5: retention. Records past the retention period are folded into one row per day (UTC,
-    // when the requests began), model and kind, and deleted (see `retention`).
+    // 5: retention. Records of requests past the retention period are folded into one row per
+    // day (UTC, when the requests began) and model, and deleted (see `retention`).
     r#"
     CREATE TABLE reservations_rollup (
         day             INTEGER NOT NULL,                       -- Unix seconds of 00:00 UTC
         model           TEXT NOT NULL,                          -- '' when none
-        adjustment      INTEGER NOT NULL,                       -- 1: dashboard debits
         charged         INTEGER NOT NULL DEFAULT 0,             -- requests charged
         released        INTEGER NOT NULL DEFAULT 0,             -- requests released uncharged
         charged_msat    INTEGER NOT NULL DEFAULT 0,
         uncollected_msat INTEGER NOT NULL DEFAULT 0,
-        PRIMARY KEY (day, model, adjustment)
+        PRIMARY KEY (day, model)
     ) WITHOUT ROWID;
     "#,
 ];

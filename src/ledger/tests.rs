@@ -992,7 +992,8 @@ async fn records_past_retention_are_folded_and_every_sum_stays() {
     let before = sums(ledger.clone()).await;
     assert!(before.0.conserved(), "{:?}", before.0);
 
-    assert_eq!(ledger.prune_records(Duration::from_secs(30 * 86_400)).await.unwrap(), 9);
+    // Eight requests' records fold; the dashboard's debit stays on record.
+    assert_eq!(ledger.prune_records(Duration::from_secs(30 * 86_400)).await.unwrap(), 8);
     assert_eq!(sums(ledger.clone()).await, before, "sums over all time are unchanged");
     let pruned = ledger.admin_request("r0".into()).await.unwrap();
     assert!(pruned["reservation"].is_null(), "{pruned}");
@@ -1007,7 +1008,11 @@ async fn records_past_retention_are_folded_and_every_sum_stays() {
         })
         .await
         .unwrap();
-    assert_eq!((left, days), (2, 2));
+    assert_eq!((left, days), (3, 2));
+    let history = ledger.admin_transactions(100, None).await.unwrap();
+    let kinds: Vec<&str> = history.iter().filter_map(|t| t["kind"].as_str()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "debit").count(), 1, "{history:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "charge").count(), 2, "{history:?}");
     // Nothing left to fold; the next requests are recorded and counted as before.
     assert_eq!(ledger.prune_records(Duration::from_secs(30 * 86_400)).await.unwrap(), 0);
     let r = ledger.reserve("k1", "r9", 10_000, "gpt").await.unwrap();
