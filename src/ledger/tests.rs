@@ -1049,3 +1049,40 @@ async fn pruning_a_long_history_goes_in_batches_and_keeps_the_charged_sum() {
     assert_eq!(ledger.totals().await.unwrap().charged_msat, charged);
     assert_eq!(ledger.admin_model_totals().await.unwrap(), models);
 }
+
+#[tokio::test]
+async fn a_fold_stops_at_a_record_too_young_and_passes_over_debits() {
+    let temp = temp_ledger("retention-order");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 1_000).await;
+    // In write order: old, a debit, old, young (a request that began late), old.
+    ledger
+        .store
+        .run(|c| {
+            for (id, created_at) in
+                [("old-1", 1_000), ("admin-adjust-x", 1_100), ("old-2", 1_200), ("young", now_secs()), ("old-3", 1_300)]
+            {
+                c.execute(
+                    "INSERT INTO reservations (request_id, key_hash, amount_msat, state, charged_msat, model, created_at, ended_at)
+                     VALUES (?1, 'k1', 10, 'charged', 2, 'm', ?2, ?2)",
+                    params![id, created_at],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let charged = ledger.totals().await.unwrap().charged_msat;
+    assert_eq!(ledger.prune_records(Duration::from_secs(86_400)).await.unwrap(), 2);
+    let left: Vec<String> = ledger
+        .store
+        .run(|c| {
+            let mut stmt = c.prepare("SELECT request_id FROM reservations ORDER BY rowid")?;
+            let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+            Ok(ids)
+        })
+        .await
+        .unwrap();
+    assert_eq!(left, ["admin-adjust-x", "young", "old-3"]);
+    assert_eq!(ledger.totals().await.unwrap().charged_msat, charged);
+}
