@@ -6,7 +6,7 @@ use std::sync::Arc;
 use hyper::body::Incoming;
 use hyper::header::{
     HeaderValue, ACCESS_CONTROL_ALLOW_HEADERS, ACCESS_CONTROL_ALLOW_METHODS, ACCESS_CONTROL_ALLOW_ORIGIN,
-    ACCESS_CONTROL_EXPOSE_HEADERS, ORIGIN, VARY,
+    ACCESS_CONTROL_EXPOSE_HEADERS, ACCESS_CONTROL_MAX_AGE, ACCESS_CONTROL_REQUEST_HEADERS, ORIGIN, VARY,
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
@@ -106,10 +106,16 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         *resp.status_mut() = StatusCode::NO_CONTENT;
         let h = resp.headers_mut();
         h.insert(ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        // Whatever headers the browser asks to send (SDKs add their own, such as OpenAI's
+        // `x-stainless-*`): every route checks its credentials itself, so none is dangerous.
+        let asked = req.headers().get(ACCESS_CONTROL_REQUEST_HEADERS).filter(|v| v.len() <= 1024).cloned();
         h.insert(
             ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type, x-cashu, refund-lnurl, key-expiry-time"),
+            asked.unwrap_or(HeaderValue::from_static(
+                "authorization, content-type, x-cashu, refund-lnurl, key-expiry-time",
+            )),
         );
+        h.insert(ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
         return Ok(resp);
     }
     if crate::admin::is_admin_path(&path) {
@@ -121,13 +127,20 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
         (&Method::GET, "" | "info") => Ok(info(node, onion)),
         (&Method::GET, "health") => Ok(http::json_response(StatusCode::OK, &json!({ "status": "ok" }))),
         (&Method::GET, "models") => Ok(models(node)),
+        // OpenAI's `models.retrieve`; ids may hold a `/` (`org/model`).
+        (&Method::GET, r) if r.starts_with("models/") => model(node, &percent_decode(&r["models/".len()..])),
         (&Method::GET, "providers") => {
             let model = param(req.uri().query(), &None, &["model"]);
             Ok(http::json_response(StatusCode::OK, &node.nostr.providers_json(model.as_deref())))
         }
+        // Routstr Core's `GET /v1/balance/` (kept there for its frontend): the key's info.
+        (&Method::GET, "balance" | "wallet") => Box::pin(balance(node, req, "info")).await,
         (_, r) if r.starts_with("balance/") || r.starts_with("wallet/") => {
             let action = r.split_once('/').map(|(_, a)| a).unwrap_or_default().to_owned();
             Box::pin(balance(node, req, &action)).await
+        }
+        (_, r) if versioned && !crate::upstream::stays_under_base(r) => {
+            Err(ApiError::BadRequest("the path may not have '.' or '..' segments".into()))
         }
         (_, r) if versioned || BARE_PROXY_PATHS.contains(&r) => {
             let r = r.to_owned();
@@ -166,12 +179,24 @@ fn info(node: &Node, onion: bool) -> Response<Body> {
     )
 }
 
+/// `/v1/models`' listing.
+fn listing(node: &Node) -> Value {
+    let c = node.catalog();
+    c.to_json(c.upstreams(), &node.policy, node.rates.get())
+}
+
 fn models(node: &Node) -> Response<Body> {
-    let body = {
-        let c = node.catalog();
-        c.to_json(c.upstreams(), &node.policy, node.rates.get())
-    };
-    http::json_response(StatusCode::OK, &body)
+    http::json_response(StatusCode::OK, &listing(node))
+}
+
+/// One model's object, as `/v1/models` lists it.
+fn model(node: &Node, id: &str) -> Result<Response<Body>, ApiError> {
+    let found = listing(node)["data"]
+        .as_array_mut()
+        .and_then(|models| models.iter_mut().find(|m| m["id"] == id))
+        .map(Value::take)
+        .ok_or_else(|| ApiError::UnknownModel(id.to_owned()))?;
+    Ok(http::json_response(StatusCode::OK, &found))
 }
 
 /// A string field from the query string or the JSON body.
@@ -236,8 +261,9 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             })?;
             let api_key = payments.api_key_for_token(&token);
             let key_hash = hash_api_key(&api_key);
+            let refund = payments.refund_headers(&parts.headers)?;
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
-            payments.apply_refund_headers(&key_hash, &parts.headers).await?;
+            payments.apply_refund_headers(&key_hash, refund).await?;
             Ok(http::json_response(
                 StatusCode::OK,
                 &json!({ "api_key": api_key, "balance": redeemed.balance_msat, "fee_msats": redeemed.fee_msat }),
@@ -279,7 +305,8 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
                 Some(Credential::XCashu(token)) => payments.recover_change(token).await?,
                 Some(_) => {
                     let (key_hash, _) = key_credential(node, &parts.headers).await?;
-                    payments.apply_refund_headers(&key_hash, &parts.headers).await?;
+                    let refund = payments.refund_headers(&parts.headers)?;
+                    payments.apply_refund_headers(&key_hash, refund).await?;
                     let info = node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
                     match info.refund_address.filter(|_| payments.lightning.enabled) {
                         Some(address) => return lightning_refund(payments, &key_hash, &address).await,

@@ -220,16 +220,19 @@ impl Catalog {
                     v["name"] = json!(route.id);
                 }
                 v["object"] = json!("model");
-                match (&route.usd, policy.fixed_only) {
-                    (Some(usd), false) => v["pricing"] = usd.with_markup(markup).to_json(),
+                let msat = policy.msat_prices(route, markup, rate);
+                match (&route.usd, policy.fixed_only, &msat, rate) {
+                    (Some(usd), false, _, _) => v["pricing"] = usd.with_markup(markup).charged().to_json(),
+                    // Sold at fixed sats prices: their worth in USD at today's rate.
+                    (_, _, Ok(msat), Some(rate)) => v["pricing"] = msat.to_usd(rate).to_json(),
                     _ => {
                         if let Some(obj) = v.as_object_mut() {
                             obj.remove("pricing");
                         }
                     }
                 }
-                if let Ok(msat) = policy.msat_prices(route, markup, rate) {
-                    v["sats_pricing"] = sats_pricing(&msat, route, policy);
+                if let Ok(msat) = &msat {
+                    v["sats_pricing"] = sats_pricing(msat, route, policy);
                 }
                 v
             })
@@ -386,9 +389,25 @@ mod tests {
         assert_eq!(m["sats_pricing"]["max_prompt_cost"], 1.5);
         assert_eq!(m["sats_pricing"]["max_completion_cost"], 0.3);
         assert_eq!(m["sats_pricing"]["max_cost"], 1.8);
-        // Fixed pricing hides the USD prices and charges the fixed fee.
+        // Fixed pricing shows the fixed fee, in USD at the rate too (1 sat at 100k USD/BTC).
         let fixed = c.to_json(&ups, &policy(true), rate);
-        assert!(fixed["data"][0].get("pricing").is_none());
+        assert_eq!(fixed["data"][0]["pricing"]["request"], "0.001");
+        assert_eq!(fixed["data"][0]["pricing"]["prompt"], "0");
         assert_eq!(fixed["data"][0]["sats_pricing"]["request"], 1.0);
+        // Without a rate there is no USD figure for it.
+        assert!(c.to_json(&ups, &policy(true), None)["data"][0].get("pricing").is_none());
+    }
+
+    #[test]
+    fn shown_prices_are_the_ones_charged() {
+        let ups = vec![upstream("a", &[], &[])];
+        let listing = vec![json!({"id": "m1", "pricing": {"prompt": "0.000001", "completion": "0.000002",
+            "image": "0.01", "web_search": "0.02", "internal_reasoning": "0.000003"}})];
+        let c = Catalog::build(&ups, &[Some(listing)], &[]);
+        let m = &c.to_json(&ups, &policy(false), BtcRate::from_usd(100_000.0))["data"][0];
+        for unmetered in ["image", "web_search", "internal_reasoning"] {
+            assert_eq!((&m["pricing"][unmetered], &m["sats_pricing"][unmetered]), (&json!("0"), &json!(0.0)));
+        }
+        assert_eq!(m["pricing"]["completion"], "0.000003", "the markup of 1.5 stays");
     }
 }

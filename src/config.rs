@@ -190,6 +190,10 @@ pub struct Settings {
     /// Most simultaneous client connections; more wait in the accept queue.
     #[arg(long, env = "MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
+    /// Seconds a client connection may stay open with no request on it (and the longest wait
+    /// for a request's headers); then it is closed, so silent connections cannot hold every slot.
+    #[arg(long, env = "CLIENT_IDLE_TIMEOUT_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub client_idle_timeout_seconds: u64,
     /// Upstream connect timeout, in seconds.
     #[arg(long, env = "UPSTREAM_CONNECT_TIMEOUT_SECONDS", default_value_t = 10)]
     pub upstream_connect_timeout_seconds: u64,
@@ -399,6 +403,10 @@ impl Settings {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.upstream_connect_timeout_seconds)
+    }
+
+    pub fn client_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.client_idle_timeout_seconds)
     }
 
     pub fn idle_timeout(&self) -> Duration {

@@ -150,6 +150,13 @@ impl std::fmt::Debug for PaidOut {
     }
 }
 
+/// `Refund-LNURL` and `Key-Expiry-Time`, checked (`Payments::refund_headers`).
+#[derive(Debug, Default)]
+pub struct RefundHeaders {
+    refund: Option<String>,
+    expiry: Option<i64>,
+}
+
 pub struct Payments {
     pub ledger: Ledger,
     pub wallet: WalletService,
@@ -226,7 +233,8 @@ impl Payments {
             Credential::ApiKey(_) => {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 // Before the reservation: a refused header must not leave it open.
-                self.apply_refund_headers(&key_hash, headers).await?;
+                let refund = self.refund_headers(headers)?;
+                self.apply_refund_headers(&key_hash, refund).await?;
                 let reservation = self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?;
                 Ok(Payer { reservation, xcashu: None })
             }
@@ -234,8 +242,9 @@ impl Payments {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     Err(crate::ledger::LedgerError::KeyNotFound) => {
+                        let refund = self.refund_headers(headers)?;
                         Box::pin(self.redeem(token, &key_hash, KeyKind::Key)).await?;
-                        self.apply_refund_headers(&key_hash, headers).await?;
+                        self.apply_refund_headers(&key_hash, refund).await?;
                         self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?
                     }
                     other => other?,
@@ -275,8 +284,9 @@ impl Payments {
         }
     }
 
-    /// Stores `Refund-LNURL` / `Key-Expiry-Time` on a key when the client sent them.
-    pub async fn apply_refund_headers(&self, key_hash: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    /// `Refund-LNURL` / `Key-Expiry-Time` as the client sent them, checked before any money moves
+    /// (a token is redeemed only once they are known to be usable).
+    pub fn refund_headers(&self, headers: &HeaderMap) -> Result<RefundHeaders, ApiError> {
         let refund = headers.get("refund-lnurl").and_then(|v| v.to_str().ok()).map(|s| s.trim().to_owned());
         let expiry = headers
             .get("key-expiry-time")
@@ -288,10 +298,20 @@ impl Payments {
             })
             .transpose()?;
         if let Some(address) = refund.as_deref() {
+            if !self.lightning.enabled {
+                return Err(ApiError::BadRequest(
+                    "Refund-LNURL: this node pays no refunds over Lightning (LIGHTNING=false); leave the header out and refunds come as a Cashu token".into(),
+                ));
+            }
             self.lnurl.resolve_url(address).map_err(|e| ApiError::BadRequest(format!("Refund-LNURL: {e}")))?;
         }
-        if refund.is_some() || expiry.is_some() {
-            self.ledger.set_refund_options(key_hash, refund, expiry).await?;
+        Ok(RefundHeaders { refund, expiry })
+    }
+
+    /// Stores checked refund headers on a key, if the client sent any.
+    pub async fn apply_refund_headers(&self, key_hash: &str, headers: RefundHeaders) -> Result<(), ApiError> {
+        if headers.refund.is_some() || headers.expiry.is_some() {
+            self.ledger.set_refund_options(key_hash, headers.refund, headers.expiry).await?;
         }
         Ok(())
     }

@@ -52,12 +52,13 @@ pub fn parse_usd(text: &str) -> Option<PicoUsd> {
         return None;
     }
     let value: u128 = digits.parse().ok()?;
-    let shift = exponent - frac_part.len() as i32 + 12;
+    // In i64: an exponent near i32's limits would overflow (the text comes from upstreams).
+    let shift = i64::from(exponent) - frac_part.len() as i64 + 12;
+    let power = |shift: i64| 10u128.checked_pow(u32::try_from(shift).ok()?);
     if shift >= 0 {
-        value.checked_mul(10u128.checked_pow(shift as u32)?)
+        value.checked_mul(power(shift)?)
     } else {
-        let divisor = 10u128.checked_pow((-shift) as u32)?;
-        Some(ceil_div(value, divisor))
+        Some(ceil_div(value, power(-shift)?))
     }
 }
 
@@ -115,6 +116,13 @@ pub struct UsdPrices {
 }
 
 impl UsdPrices {
+    /// Only what the node charges: it meters tokens and requests, so the image, web search and
+    /// reasoning prices (reasoning tokens are counted as completion tokens) show as 0, as in
+    /// `sats_pricing`.
+    pub fn charged(&self) -> UsdPrices {
+        UsdPrices { image: 0, web_search: 0, internal_reasoning: 0, ..self.clone() }
+    }
+
     pub fn with_markup(&self, markup: Markup) -> UsdPrices {
         UsdPrices {
             prompt: markup.apply(self.prompt),
@@ -218,6 +226,21 @@ impl MsatPrices {
             cache_read_per_mtok: per_mtok(or_prompt(usd.input_cache_read)),
             cache_write_per_mtok: per_mtok(or_prompt(usd.input_cache_write)),
             request_msat: saturating_u64(rate.pico_usd_to_msat_ceil(usd.request)),
+        }
+    }
+
+    /// These prices in USD at `rate` (for display: `/v1/models`' `pricing` of a model sold at
+    /// fixed sats prices).
+    pub fn to_usd(&self, rate: BtcRate) -> UsdPrices {
+        // pico-USD per msat = cents per BTC / 10; per token = per million tokens / 1e6.
+        let per_token = |per_mtok: u128| ceil_div(per_mtok.saturating_mul(rate.cents_per_btc as u128), 10_000_000);
+        UsdPrices {
+            prompt: per_token(self.prompt_per_mtok),
+            completion: per_token(self.completion_per_mtok),
+            request: ceil_div((self.request_msat as u128).saturating_mul(rate.cents_per_btc as u128), 10),
+            input_cache_read: per_token(self.cache_read_per_mtok),
+            input_cache_write: per_token(self.cache_write_per_mtok),
+            ..UsdPrices::default()
         }
     }
 
@@ -325,6 +348,9 @@ mod tests {
         assert_eq!(parse_usd("0"), Some(0));
         assert_eq!(parse_usd("0.000000000001"), Some(1));
         assert_eq!(parse_usd("1e-7"), Some(100_000));
+        for extreme in ["1e2147483647", "1.5e2147483647", "1e-2147483648", "0.123e-2147483648"] {
+            assert_eq!(parse_usd(extreme), None, "{extreme}");
+        }
         assert_eq!(parse_usd("2.5E-6"), Some(2_500_000));
         assert_eq!(parse_usd(".5"), Some(PICO_PER_USD / 2));
     }

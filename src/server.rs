@@ -2,20 +2,24 @@
 //! and drains gracefully on shutdown.
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::node::Node;
 
-/// Longest wait for a client's request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Outer bound on draining connections once shutdown starts (the node ends its streams sooner).
@@ -29,10 +33,93 @@ pub enum Origin {
     Onion,
 }
 
+/// What tells an idle connection: its requests still open (until their answer's body ends) and
+/// how many have begun.
+#[derive(Debug, Default)]
+pub struct ConnectionUse {
+    open: AtomicUsize,
+    begun: AtomicUsize,
+}
+
+impl ConnectionUse {
+    fn begin(self: &Arc<Self>) -> OpenRequest {
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenRequest(self.clone())
+    }
+
+    /// Returns once the connection has gone `idle` with no request open and none begun: both
+    /// HTTP/1's wait for a first request (hyper's header timeout starts only after it has told
+    /// HTTP/1 from HTTP/2) and an HTTP/2 connection without streams would otherwise last for good.
+    pub async fn idle(&self, idle: Duration) {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(idle).await;
+            let begun = self.begun.load(Ordering::Relaxed);
+            if begun == seen && self.open.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            seen = begun;
+        }
+    }
+}
+
+/// A request open on its connection; it ends when its answer's body is dropped.
+struct OpenRequest(Arc<ConnectionUse>);
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An answer's body that keeps its request open until it is done with.
+struct Tracked {
+    body: crate::http::Body,
+    _open: OpenRequest,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = crate::http::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves one accepted connection in a task of its own until it ends, goes idle (see
+/// `ConnectionUse::idle`) or the node drains; its slot is freed then.
+pub fn spawn_connection<F>(conn: F, used: Arc<ConnectionUse>, idle: Duration, slot: OwnedSemaphorePermit)
+where
+    F: std::future::Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::select! {
+            biased;
+            _ = conn => {}
+            _ = used.idle(idle) => tracing::debug!("closed a connection idle for the client idle timeout"),
+        }
+        drop(slot);
+    });
+}
+
 /// The hyper service for one connection: every request, tagged with its origin, goes to the API.
 pub fn service(
     node: Arc<Node>,
     origin: Origin,
+    used: Arc<ConnectionUse>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = hyper::Response<crate::http::Body>,
@@ -41,8 +128,12 @@ pub fn service(
 > + Clone {
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let node = node.clone();
+        let open = used.begin();
         req.extensions_mut().insert(origin);
-        async move { Ok::<_, Infallible>(crate::api::handle(node, req).await) }
+        async move {
+            let resp = crate::api::handle(node, req).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked { body, _open: open }.boxed()))
+        }
     })
 }
 
@@ -53,13 +144,14 @@ pub struct ClientIp(pub std::net::IpAddr);
 fn clearnet_service(
     node: Arc<Node>,
     peer: std::net::IpAddr,
+    used: Arc<ConnectionUse>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
     Response = hyper::Response<crate::http::Body>,
     Error = Infallible,
     Future = impl std::future::Future<Output = Result<hyper::Response<crate::http::Body>, Infallible>> + Send,
 > + Clone {
-    let inner = service(node, Origin::Clearnet);
+    let inner = service(node, Origin::Clearnet, used);
     service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ClientIp(peer));
         hyper::service::Service::call(&inner, req)
@@ -67,12 +159,12 @@ fn clearnet_service(
 }
 
 /// HTTP/1.1 and HTTP/2 with bounded heads and header timeouts; shared by every listener.
-pub fn http_builder() -> auto::Builder<TokioExecutor> {
+pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(header_read_timeout)
         // The head is bounded by size here and to hyper's default of 100 headers, not by a
         // `max_headers` of our own: setting one moves hyper's header table from the stack to a
         // heap allocation initialised on every request (≈ 2 % of the node's instructions).
@@ -82,7 +174,8 @@ pub fn http_builder() -> auto::Builder<TokioExecutor> {
 }
 
 pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
-    let builder = Arc::new(http_builder());
+    let idle = node.settings.client_idle_timeout();
+    let builder = Arc::new(http_builder(idle));
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(node.settings.max_connections.max(1)));
     loop {
@@ -104,13 +197,10 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), clearnet_service(node.clone(), peer.ip())).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
+        let used = Arc::new(ConnectionUse::default());
+        let service = clearnet_service(node.clone(), peer.ip(), used.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        spawn_connection(graceful.watch(conn), used, idle, permit);
     }
     drop(listener);
     if tokio::time::timeout(DRAIN_DEADLINE, graceful.shutdown()).await.is_err() {

@@ -178,7 +178,8 @@ impl Upstream {
         })
     }
 
-    /// `{base}/{path}` where `path` is what follows `/v1/` in the client's request.
+    /// `{base}/{path}` where `path` is what follows `/v1/` in the client's request (see
+    /// `stays_under_base`).
     pub fn url_for(&self, path: &str, query: Option<&str>) -> String {
         let mut url = format!("{}/{}", self.base_url, path.trim_start_matches('/'));
         if let Some(q) = query {
@@ -192,6 +193,9 @@ impl Upstream {
     /// it cannot be one. Parsed once for the common paths.
     pub fn uri_for(&self, path: &str, query: Option<&str>) -> Option<hyper::Uri> {
         let parse = || {
+            if !stays_under_base(path) {
+                return None;
+            }
             let url = reqwest::Url::parse(&self.url_for(path, query)).ok()?;
             hyper::Uri::try_from(url.as_str()).ok()
         };
@@ -228,6 +232,16 @@ impl Upstream {
             "consecutive_failures": self.consecutive_failures.load(Ordering::Relaxed),
         })
     }
+}
+
+/// Whether a client's path, joined to an upstream's base URL, stays under it. URL parsers resolve
+/// `.` and `..` segments (percent-encoded ones too) and read `\\` as `/`, so `/v1/../admin` would
+/// reach the upstream's `/admin` with the operator's credentials; some servers decode `%2F` and
+/// `%5C` before they resolve, so those count as separators here too.
+pub fn stays_under_base(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let unfolded = lower.replace("%2e", ".").replace("%2f", "/").replace("%5c", "/").replace('\\', "/");
+    !unfolded.split('/').any(|segment| segment == "." || segment == "..")
 }
 
 fn now_ms() -> u64 {
@@ -287,6 +301,15 @@ mod tests {
         assert_eq!(u.uri_for("models", Some("a=b")).unwrap().to_string(), "http://127.0.0.1:9/v1/models?a=b");
         // A query a browser would send is made a valid URI, not refused.
         assert_eq!(u.uri_for("models", Some("q=a b")).unwrap().to_string(), "http://127.0.0.1:9/v1/models?q=a%20b");
+        for escape in
+            ["../admin", "chat/../../x", "%2e%2E/x", ".%2e/x", "./x/..", "..\\x", "x%5C..%5Cy", "..%2Fx", ".."]
+        {
+            assert!(!stays_under_base(escape), "{escape}");
+            assert_eq!(u.uri_for(escape, None), None, "{escape}");
+        }
+        for fine in ["chat/completions", "files/a..b", "x/...", "models/gpt-4.1", "models/org%2Fmodel", ""] {
+            assert!(stays_under_base(fine), "{fine}");
+        }
         assert!(Upstream::from_spec(spec(0.9), Markup::NONE).is_err());
     }
 

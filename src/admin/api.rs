@@ -49,6 +49,12 @@ fn query_param(query: Option<&str>, name: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// What lies between `prefix` and `suffix` in a path: `keys/<hash>/adjust` → `<hash>`; `None`
+/// when the path is not of that form (or they overlap, as in `keys/adjust`).
+fn inner<'a>(path: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    path.strip_prefix(prefix)?.strip_suffix(suffix)
+}
+
 fn number(query: Option<&str>, name: &str, default: u32, max: u32) -> u32 {
     query_param(query, name).and_then(|v| v.parse().ok()).unwrap_or(default).min(max)
 }
@@ -182,13 +188,13 @@ pub async fn handle(
                 node.ledger().admin_key(hash).await?.ok_or_else(|| ApiError::NotFoundResource("no such key".into()))?;
             ok(json!({ "key": key, "requests": requests }))
         }
-        (&Method::POST, r) if r.starts_with("keys/") && r.ends_with("/adjust") => {
-            let hash = r[5..r.len() - "/adjust".len()].to_owned();
+        (&Method::POST, r) if inner(r, "keys/", "/adjust").is_some() => {
+            let hash = inner(r, "keys/", "/adjust").unwrap_or_default().to_owned();
             let body = json_body(req).await?;
             adjust(node, hash, &body).await
         }
-        (&Method::POST, r) if r.starts_with("keys/") && r.ends_with("/revoke") => {
-            let hash = r[5..r.len() - "/revoke".len()].to_owned();
+        (&Method::POST, r) if inner(r, "keys/", "/revoke").is_some() => {
+            let hash = inner(r, "keys/", "/revoke").unwrap_or_default().to_owned();
             let body = json_body(req).await?;
             let revoked = body.get("revoked").and_then(Value::as_bool).unwrap_or(true);
             let key = node.ledger().admin_set_revoked(hash, revoked).await.map_err(not_found_key)?;
@@ -214,15 +220,15 @@ pub async fn handle(
             delete_upstream(node, r["upstreams/".len()..].to_owned()).await
         }
         (&Method::GET, "models") => ok(models(node)),
-        (&Method::POST, r) if r.starts_with("models/") && r.ends_with("/price") => {
-            let id = r["models/".len()..r.len() - "/price".len()].to_owned();
+        (&Method::POST, r) if inner(r, "models/", "/price").is_some() => {
+            let id = inner(r, "models/", "/price").unwrap_or_default().to_owned();
             let body = json_body(req).await?;
             let pricing =
                 body.get("pricing").cloned().ok_or_else(|| ApiError::BadRequest("pricing is required".into()))?;
             set_price(node, id, Some(pricing)).await
         }
-        (&Method::DELETE, r) if r.starts_with("models/") && r.ends_with("/price") => {
-            set_price(node, r["models/".len()..r.len() - "/price".len()].to_owned(), None).await
+        (&Method::DELETE, r) if inner(r, "models/", "/price").is_some() => {
+            set_price(node, inner(r, "models/", "/price").unwrap_or_default().to_owned(), None).await
         }
         (&Method::GET, "nostr") => ok(nostr(node)),
         (&Method::GET, "tor") => ok(json!({
@@ -406,7 +412,7 @@ fn upstreams(node: &Node) -> Result<Value, ApiError> {
             let live = active.iter().find(|u| u.name == l.spec.name);
             json!({
                 "name": l.spec.name,
-                "base_url": l.spec.base_url.trim_end_matches('/'),
+                "base_url": without_userinfo(l.spec.base_url.trim_end_matches('/')),
                 "has_api_key": l.spec.api_key.is_some() || l.spec.api_key_env.is_some(),
                 "markup": l.spec.markup,
                 "effective_markup": live.map(|u| u.markup.factor()),
@@ -578,7 +584,7 @@ fn settings(settings: &crate::config::Settings) -> Vec<Value> {
         let top = line.starts_with("    ") && !line[4..].starts_with(' ');
         if top {
             if let Some((name, value)) = current.take() {
-                out.push(json!({ "name": name.to_ascii_uppercase(), "value": value.trim_end_matches(',') }));
+                out.push(setting(&name, &value));
             }
             if let Some((name, value)) = line.trim().split_once(": ") {
                 current = Some((name.to_owned(), value.to_owned()));
@@ -591,8 +597,32 @@ fn settings(settings: &crate::config::Settings) -> Vec<Value> {
         }
     }
     if let Some((name, value)) = current.take() {
-        out.push(json!({ "name": name.to_ascii_uppercase(), "value": value.trim_end_matches(',') }));
+        out.push(setting(&name, &value));
     }
+    out
+}
+
+fn setting(name: &str, value: &str) -> Value {
+    json!({ "name": name.to_ascii_uppercase(), "value": without_userinfo(value.trim_end_matches(',')) })
+}
+
+/// `text` with the credentials of every URL in it (`scheme://user:pass@host`) starred out.
+fn without_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let authority_end = tail.find(['/', '?', '#', '"', ' ', ',']).unwrap_or(tail.len());
+        match tail[..authority_end].rfind('@') {
+            Some(userinfo_end) => {
+                out.push_str("***");
+                rest = &tail[userinfo_end..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
     out
 }
 
@@ -610,6 +640,24 @@ mod tests {
         assert!(!text.contains("very-secret") && !text.contains("hunter2"));
         assert!(list.iter().any(|v| v["name"] == "PORT"));
         assert!(list.iter().any(|v| v["name"] == "CASHU_MINTS"));
+    }
+
+    #[test]
+    fn urls_lose_their_credentials() {
+        let mut s = crate::config::Settings::from_env().unwrap();
+        s.upstream_base_url = Some("http://user:pa55word@upstream.example:8080/v1".into());
+        let text = serde_json::to_string(&settings(&s)).unwrap();
+        assert!(!text.contains("pa55word") && text.contains("http://***@upstream.example:8080/v1"), "{text}");
+        assert_eq!(without_userinfo("a https://x@h/p, b http://h2/q@r"), "a https://***@h/p, b http://h2/q@r");
+        assert_eq!(without_userinfo("no url here"), "no url here");
+    }
+
+    #[test]
+    fn paths_around_an_id() {
+        assert_eq!(inner("keys/ab12/adjust", "keys/", "/adjust"), Some("ab12"));
+        assert_eq!(inner("keys/adjust", "keys/", "/adjust"), None);
+        assert_eq!(inner("models/price", "models/", "/price"), None);
+        assert_eq!(inner("models//price", "models/", "/price"), Some(""));
     }
 
     #[test]

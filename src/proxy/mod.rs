@@ -119,9 +119,17 @@ struct Metering {
     payer: Payer,
     request_id: String,
     request_len: usize,
+    /// The completion tokens the reservation covers: an estimate (no usage reported) never
+    /// charges more, so it cannot take more than was held.
+    max_output_tokens: u64,
 }
 
 impl Metering {
+    /// The usage charged when the upstream reported none (see `usage::estimate`).
+    fn estimate(&self, output_tokens: u64) -> Usage {
+        usage::estimate(self.request_len, output_tokens.min(self.max_output_tokens))
+    }
+
     /// Charges `usage` (or releases everything when `None`), then pays `X-Cashu` change.
     async fn settle(&self, prices: &MsatPrices, usage: Option<Usage>, note: &str) -> (Option<Cost>, Option<PaidOut>) {
         self.settle_cost(usage.map(|u| prices.cost(&u)), note).await
@@ -282,12 +290,12 @@ pub async fn handle(
         let body_len = forward.body_for(&remote_route(&model)).len();
         remote::offers(&node, &model, forward.fields.as_ref(), &forward.path, body_len)
     };
-    let (routes, max_cost) = match local {
+    let (routes, max_cost, max_output_tokens) = match local {
         Ok(mut routes) => {
             let max_completion = if forward.path == "embeddings" {
                 0
             } else {
-                max_completion_tokens(forward.fields.as_ref(), &routes[0].route, &node)
+                max_completion_tokens(forward.fields.as_ref(), &forward.path, &routes[0].route, &node)
             };
             let prompt_estimate = (forward.raw.len() as u64).div_ceil(3);
             let max_cost = routes
@@ -300,7 +308,7 @@ pub async fn handle(
                 let fitting = offers.into_iter().filter(|o| o.reserve_msat() <= max_cost);
                 routes.extend(fitting.filter_map(|o| remote_priced(&model, o)));
             }
-            (routes, max_cost)
+            (routes, max_cost, max_completion)
         }
         Err(
             e @ (ApiError::UnknownModel(_)
@@ -314,7 +322,9 @@ pub async fn handle(
                 if routes.is_empty() {
                     return Err(e);
                 }
-                (routes, max_cost)
+                let (asked, choices) = forward.fields.as_ref().map_or((None, 1), |f| f.asked_completion(&forward.path));
+                let per_choice = asked.unwrap_or(node.settings.default_max_completion_tokens);
+                (routes, max_cost, per_choice.saturating_mul(choices))
             }
             Err(remote::NoOffer::Refused(err)) => return Err(err),
             Err(remote::NoOffer::Nobody) if node.upstreams().is_empty() && node.settings.remote_routing => {
@@ -339,7 +349,7 @@ pub async fn handle(
             }
         };
         let request_len = forward.raw.len();
-        let metering = Metering { node, payer, request_id, request_len };
+        let metering = Metering { node, payer, request_id, request_len, max_output_tokens };
         run_request(metering, forward, routes, respond).await;
     };
     Detachable::new(work)
@@ -527,11 +537,10 @@ fn remote_priced(model: &str, offer: remote::RemoteOffer) -> Option<PricedRoute>
     })
 }
 
-/// The most completion tokens a request can produce: the largest limit it gives (upstreams
-/// differ in which one they honour), else the model's, else the default; times the number of
-/// completions asked for.
-fn max_completion_tokens(fields: Option<&RequestFields>, route: &ModelRoute, node: &Node) -> u64 {
-    let (asked, choices) = fields.map_or((None, 1), RequestFields::asked_completion);
+/// The most completion tokens a request can produce: the limit it gives for its endpoint, else
+/// the model's, else the default; times the number of completions asked for.
+fn max_completion_tokens(fields: Option<&RequestFields>, path: &str, route: &ModelRoute, node: &Node) -> u64 {
+    let (asked, choices) = fields.map_or((None, 1), |f| f.asked_completion(path));
     let per_choice = asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens);
     per_choice.saturating_mul(choices)
 }
@@ -616,7 +625,8 @@ impl Forward {
 enum Failure {
     /// Connect error or timeout.
     Transport(ApiError),
-    /// 5xx or 429: its status and body, passed on if no other route answers.
+    /// 5xx, 429, or the node's credentials refused (`upstream_trouble`): passed on if no
+    /// other route answers.
     Status(StatusCode, HeaderMap, Bytes),
 }
 
@@ -679,7 +689,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
                 Failure::Transport(ApiError::Upstream(format!("provider {} answered {status}", offer.name)))
             }
-            (Ok(resp), _, _) if resp.status().is_server_error() || resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+            (Ok(resp), _, _) if upstream_trouble(resp.status()) => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
                 let body = resp.read_whole(ERROR_BODY_LIMIT).await.unwrap_or_default();
@@ -728,18 +738,49 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
     let _ = respond.send(Ok(resp));
 }
 
-/// An upstream error body, passed on in the OpenAI envelope (wrapped when it is not one).
+/// An answer that says the upstream, not the request, is in trouble: another upstream may serve.
+/// 401 and 407 mean the node's own credentials were refused.
+fn upstream_trouble(status: StatusCode) -> bool {
+    status.is_server_error()
+        || matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::UNAUTHORIZED | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+        )
+}
+
+/// The status a client sees for an upstream's error. What concerns the node's own standing with
+/// its upstream (its credentials refused or forbidden, a server error) is a gateway error here:
+/// passed on as 401 or 403 it would tell the client that *its* key is bad (PROTOCOL.md §4).
+fn client_status(upstream: StatusCode) -> StatusCode {
+    match upstream {
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => upstream,
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::PROXY_AUTHENTICATION_REQUIRED => {
+            StatusCode::BAD_GATEWAY
+        }
+        s if s.is_server_error() => StatusCode::BAD_GATEWAY,
+        s => s,
+    }
+}
+
+/// An upstream error body, passed on in the OpenAI envelope (wrapped when it is not one), under
+/// the status `client_status` gives. A refusal of the node's credentials is not passed on: its
+/// text may quote the operator's upstream key.
 fn passthrough_error(status: StatusCode, headers: &HeaderMap, body: Bytes, request_id: &str) -> Response<Body> {
-    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let credentials_refused = matches!(status, StatusCode::UNAUTHORIZED | StatusCode::PROXY_AUTHENTICATION_REQUIRED);
+    let parsed: Option<Value> = if credentials_refused { None } else { serde_json::from_slice(&body).ok() };
     let mut value = match parsed {
         Some(v) if v.get("error").is_some() => v,
+        _ if credentials_refused => {
+            tracing::warn!(request_id, %status, "the upstream refused the node's credentials (check its API key)");
+            json!({ "error": { "message": format!("the upstream refused this node's credentials ({status}); the operator has to fix them"), "type": "upstream_error", "code": "upstream_error" } })
+        }
         _ => {
             let text = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
             json!({ "error": { "message": format!("upstream answered {status}: {text}"), "type": "upstream_error", "code": "upstream_error" } })
         }
     };
     value["request_id"] = json!(request_id);
-    let mut resp = http::json_response(status, &value);
+    let mut resp = http::json_response(client_status(status), &value);
     if let Some(retry) = headers.get(hyper::header::RETRY_AFTER) {
         resp.headers_mut().insert(hyper::header::RETRY_AFTER, retry.clone());
     }
@@ -867,9 +908,9 @@ async fn whole_answer(
     let reported = top.as_ref().map(|t| t.usage).or_else(|| parsed.as_ref().and_then(usage::find_usage));
     let usage = match &parsed {
         _ if reported.is_some() => reported,
-        Some(v) => Some(usage::estimate(metering.request_len, usage::json_output_estimate(v))),
+        Some(v) => Some(metering.estimate(usage::json_output_estimate(v))),
         None if body.is_empty() => None,
-        None => Some(usage::estimate(metering.request_len, (body.len() as u64).div_ceil(4))),
+        None => Some(metering.estimate((body.len() as u64).div_ceil(4))),
     };
     let note = if reported.is_some() { "usage" } else { "estimated: no usage reported" };
     let (cost, change) = match (&spend, &priced.remote) {
@@ -1016,7 +1057,7 @@ async fn stream_answer(
     let charged_usage = match (seen_usage, terminal.is_some()) {
         (Some(u), true) => Some(u),
         (Some(u), false) => Some(Usage { output_tokens: u.output_tokens.max(output_events), ..u }),
-        (None, _) => flowed.then(|| usage::estimate(metering.request_len, output_events)),
+        (None, _) => flowed.then(|| metering.estimate(output_events)),
     };
     let note = match (seen_usage.is_some(), client_gone) {
         (true, _) => "usage",

@@ -152,7 +152,7 @@ pub fn max_cost_msat(
     if path == "embeddings" {
         return prices.max_cost(prompt_estimate, 0).total_msats;
     }
-    let (asked, choices) = fields.map_or((None, 1), RequestFields::asked_completion);
+    let (asked, choices) = fields.map_or((None, 1), |f| f.asked_completion(path));
     match (asked, sats.get("max_completion_cost").and_then(Value::as_f64).filter(|c| c.is_finite() && *c >= 0.0)) {
         (None, Some(per_choice_sats)) => {
             let completion = ((per_choice_sats * 1000.0).round() as u64).saturating_mul(choices);

@@ -63,10 +63,17 @@ impl RequestFields {
         self.n.max(self.best_of).unwrap_or(1)
     }
 
-    /// The largest completion limit the request gives (upstreams differ in which one they
-    /// honour), if any, and the number of completions, within `1..=MAX_CHOICES`.
-    pub fn asked_completion(&self) -> (Option<u64>, u64) {
-        let asked = self.max_tokens.max(self.max_completion_tokens).max(self.max_output_tokens);
+    /// The completion limit the request gives at `path`, if any, and the number of completions,
+    /// within `1..=MAX_CHOICES`. Only the fields that endpoint defines count: an upstream ignores
+    /// the others (`max_output_tokens: 1` on chat completions would otherwise shrink the hold
+    /// while the answer runs to the model's own limit). Elsewhere the largest one given counts.
+    pub fn asked_completion(&self, path: &str) -> (Option<u64>, u64) {
+        let asked = match path {
+            "chat/completions" => self.max_tokens.max(self.max_completion_tokens),
+            "completions" | "messages" => self.max_tokens,
+            "responses" => self.max_output_tokens,
+            _ => self.max_tokens.max(self.max_completion_tokens).max(self.max_output_tokens),
+        };
         (asked, self.choices_asked().clamp(1, MAX_CHOICES))
     }
 }
@@ -198,10 +205,19 @@ mod tests {
     #[test]
     fn limits_and_choices() {
         let f = RequestFields::parse(br#"{"max_tokens":10,"max_completion_tokens":30,"n":2,"best_of":3}"#).unwrap();
-        assert_eq!(f.asked_completion(), (Some(30), 3));
-        assert_eq!(RequestFields::parse(b"{}").unwrap().asked_completion(), (None, 1));
+        assert_eq!(f.asked_completion("chat/completions"), (Some(30), 3));
+        assert_eq!(RequestFields::parse(b"{}").unwrap().asked_completion("chat/completions"), (None, 1));
+        // A limit the endpoint does not define is not one the upstream keeps to.
+        let foreign = RequestFields::parse(br#"{"max_output_tokens":1}"#).unwrap();
+        assert_eq!(foreign.asked_completion("chat/completions"), (None, 1));
+        assert_eq!(foreign.asked_completion("messages"), (None, 1));
+        assert_eq!(foreign.asked_completion("responses"), (Some(1), 1));
+        let chat = RequestFields::parse(br#"{"max_completion_tokens":5,"max_output_tokens":9}"#).unwrap();
+        assert_eq!(chat.asked_completion("completions"), (None, 1));
+        assert_eq!(chat.asked_completion("chat/completions"), (Some(5), 1));
+        assert_eq!(chat.asked_completion("audio/speech"), (Some(9), 1));
         let many = RequestFields::parse(br#"{"n":100000}"#).unwrap();
-        assert_eq!((many.choices_asked(), many.asked_completion().1), (100_000, MAX_CHOICES));
+        assert_eq!((many.choices_asked(), many.asked_completion("chat/completions").1), (100_000, MAX_CHOICES));
     }
 
     #[test]

@@ -268,14 +268,23 @@ pub fn json_output_estimate(v: &Value) -> u64 {
     (len as u64).div_ceil(4)
 }
 
+/// Largest SSE event held back until it is whole. A longer one (or a stream that never ends an
+/// event) passes on in pieces of this size, so one stream cannot grow without bound; such a
+/// piece is not read for usage.
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
 /// Splits a byte stream into whole SSE events (each with its blank-line terminator).
 #[derive(Default)]
 pub struct SseSplitter {
     partial: BytesMut,
+    /// How far into `partial` no terminator starts: a long event is scanned once, not again
+    /// with every chunk.
+    scanned: usize,
 }
 
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
+/// The end of the first event that ends at or after `from` (a terminator starting there).
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
     while i + 1 < buf.len() {
         if buf[i] == b'\n' {
             if buf[i + 1] == b'\n' {
@@ -296,22 +305,31 @@ impl SseSplitter {
     pub fn push(&mut self, chunk: Bytes, out: &mut Vec<Bytes>) {
         if self.partial.is_empty() {
             let mut rest = chunk;
-            while let Some(end) = event_end(&rest) {
+            while let Some(end) = event_end(&rest, 0) {
                 out.push(rest.split_to(end));
             }
             if !rest.is_empty() {
                 self.partial.extend_from_slice(&rest);
+                self.scanned = self.partial.len().saturating_sub(2);
             }
-            return;
+        } else {
+            self.partial.extend_from_slice(&chunk);
+            while let Some(end) = event_end(&self.partial, self.scanned) {
+                out.push(self.partial.split_to(end).freeze());
+                self.scanned = 0;
+            }
+            // A terminator may start in the last two bytes and end in the next chunk.
+            self.scanned = self.partial.len().saturating_sub(2);
         }
-        self.partial.extend_from_slice(&chunk);
-        while let Some(end) = event_end(&self.partial) {
-            out.push(self.partial.split_to(end).freeze());
+        if self.partial.len() > MAX_EVENT_BYTES {
+            out.push(self.partial.split().freeze());
+            self.scanned = 0;
         }
     }
 
     /// Whatever is left when the stream ends (an unterminated last event).
     pub fn finish(&mut self) -> Option<Bytes> {
+        self.scanned = 0;
         if self.partial.is_empty() {
             None
         } else {
@@ -435,6 +453,36 @@ mod tests {
         assert_eq!(s.finish(), None);
         s.push(Bytes::from_static(b"data: tail"), &mut out);
         assert_eq!(s.finish(), Some(Bytes::from_static(b"data: tail")));
+    }
+
+    #[test]
+    fn a_terminator_split_over_chunks_byte_by_byte_is_found() {
+        let stream = b"data: one\n\nevent: two\r\ndata: 2\r\n\r\ndata: three\n\n";
+        let (mut s, mut out) = (SseSplitter::default(), Vec::new());
+        for byte in stream {
+            s.push(Bytes::copy_from_slice(&[*byte]), &mut out);
+        }
+        let events: Vec<&[u8]> = out.iter().map(|b| b.as_ref()).collect();
+        assert_eq!(events, vec![&b"data: one\n\n"[..], b"event: two\r\ndata: 2\r\n\r\n", b"data: three\n\n"]);
+        assert_eq!(s.finish(), None);
+    }
+
+    #[test]
+    fn an_event_that_never_ends_passes_on_in_bounded_pieces() {
+        let (mut s, mut out) = (SseSplitter::default(), Vec::new());
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        let mut pushed = 0;
+        while pushed < 3 * MAX_EVENT_BYTES {
+            s.push(chunk.clone(), &mut out);
+            pushed += chunk.len();
+            assert!(s.partial.len() <= MAX_EVENT_BYTES);
+        }
+        let passed: usize = out.iter().map(Bytes::len).sum::<usize>() + s.finish().map_or(0, |b| b.len());
+        assert_eq!(passed, pushed);
+        assert!(out.len() >= 2 && out.iter().all(|piece| piece.len() <= MAX_EVENT_BYTES + chunk.len()));
+        // After a piece, whole events split as before.
+        s.push(Bytes::from_static(b"data: a\n\n"), &mut out);
+        assert_eq!(out.last().map(|b| b.as_ref()), Some(&b"data: a\n\n"[..]));
     }
 
     #[test]

@@ -80,7 +80,8 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let mut window =
         CircuitWindow::new(settings.onion_max_new_circuits, Duration::from_secs(settings.onion_circuit_window_seconds));
-    let builder = Arc::new(server::http_builder());
+    let idle = node.settings.client_idle_timeout();
+    let builder = Arc::new(server::http_builder(idle));
     let graceful = GracefulShutdown::new();
     let mut rend_requests = Box::pin(rend_requests);
     let mut refused = 0u64;
@@ -102,14 +103,10 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
                 tokio::spawn(accept_circuit(rend, tor.clone(), slots.clone(), streams_tx.clone()));
             }
             Some((stream, permit)) = streams_rx.recv() => {
-                let conn = builder
-                    .serve_connection(TokioIo::new(stream), server::service(node.clone(), Origin::Onion))
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
-                });
+                let used = Arc::new(server::ConnectionUse::default());
+                let service = server::service(node.clone(), Origin::Onion, used.clone());
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                server::spawn_connection(graceful.watch(conn), used, idle, permit);
             }
             _ = shutdown.changed() => break,
         }

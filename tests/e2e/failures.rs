@@ -7,7 +7,7 @@ use routstr_node::demo::mint::{start_test_mint, TestMintConfig};
 use routstr_node::demo::upstream::{Behavior, StandInConfig, StandInUpstream};
 use serde_json::json;
 
-use crate::harness::{chat, Harness, Options, ScratchDir};
+use crate::harness::{chat, raw_http, Harness, Options, ScratchDir};
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors_and_costs_nothing() {
@@ -74,6 +74,30 @@ async fn bad_input_gets_clear_errors_and_costs_nothing() {
 
     assert_eq!(h.get("/v1/balance/topup", Some(&key)).await.status, 405);
     assert_eq!(h.get("/nope", None).await.status, 404);
+
+    // A path that would leave the upstream's base URL (`/v1/../x` is the upstream's `/x`, called
+    // with the operator's credentials): refused before anything is paid or forwarded. Sent raw:
+    // client libraries would normalise it away.
+    let body = serde_json::to_string(&chat(false)).unwrap();
+    for path in ["/v1/../admin/keys", "/v1/%2e%2E/admin", "/v1/chat/..%2F..%2Fx"] {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: node\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let answer = raw_http(h.node.port, &request).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("'..'"), "{path}: {answer}");
+    }
+
+    // OpenAI's `models.retrieve`, and Routstr Core's `GET /v1/balance/`: answered by the node.
+    let model = h.get("/v1/models/gpt-test", None).await;
+    assert_eq!((model.status, model.json["id"].as_str()), (200, Some("gpt-test")), "{}", model.text);
+    assert!(model.json["sats_pricing"]["max_cost"].is_number());
+    let missing = h.get("/v1/models/no-such-model", None).await;
+    assert_eq!((missing.status, missing.error_code()), (404, "model_not_found"));
+    let info = h.get("/v1/balance/", Some(&key)).await;
+    assert_eq!((info.status, info.json["balance"].as_u64()), (200, Some(50_000)), "{}", info.text);
+
     assert_eq!(h.upstream.requests(), 0, "no bad request reached the upstream");
     assert_eq!(h.balance(&key).await, (50_000, 0));
     h.assert_conserved().await;
@@ -95,9 +119,26 @@ async fn failing_upstream_charges_nothing_and_returns_xcashu_in_full() {
             &chat(false),
         )
         .await;
-    assert_eq!(failed.status, 500, "{}", failed.text);
+    assert_eq!(failed.status, 502, "an upstream 500 is a gateway error here: {}", failed.text);
     assert!(failed.json["error"].is_object());
     assert_eq!(h.balance(&key).await, (100_000, 0));
+
+    // The upstream refusing the node's credentials is not the client's key being bad: 502, and
+    // the upstream's words about its key stay out. A client error of its own passes as it is.
+    for (upstream, shown, code) in
+        [("401", 502, "upstream_error"), ("403", 502, "forbidden"), ("400", 400, "invalid_request")]
+    {
+        let refused = h
+            .post_with(
+                "/v1/chat/completions",
+                &[("authorization", &format!("Bearer {key}")), ("x-stand-in-behavior", upstream)],
+                &chat(false),
+            )
+            .await;
+        assert_eq!((refused.status, refused.error_code()), (shown, code), "upstream {upstream}: {}", refused.text);
+        assert!(!refused.text.contains("invalid_api_key"), "{}", refused.text);
+        assert_eq!(h.balance(&key).await, (100_000, 0));
+    }
 
     let stalled = h
         .post_with(
@@ -381,4 +422,56 @@ async fn sigterm_during_a_stream_ends_it_cleanly_and_settles() {
     assert!(text.contains("\"cost\""));
     let t = h.assert_conserved().await;
     assert_eq!(t.charged_msat, 3 + 20 * 2);
+}
+
+#[tokio::test]
+async fn silent_connections_are_closed_and_slow_answers_are_not() {
+    let mut h = Harness::start_with(
+        "idle-connections",
+        Options {
+            env: vec![("MAX_CONNECTIONS", "2".into()), ("CLIENT_IDLE_TIMEOUT_SECONDS", "1".into())],
+            ..Default::default()
+        },
+    )
+    .await;
+    // Connections the node closes after a second idle must not be picked from a pool just then.
+    h.http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let key = h.key(100).await;
+
+    // Two connections that never send a request (one stops inside HTTP/2's preface) would hold
+    // both slots for good: they are closed, and a new client gets in.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", h.node.port)).await.unwrap();
+    let mut half_preface = tokio::net::TcpStream::connect(("127.0.0.1", h.node.port)).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let health = tokio::time::timeout(Duration::from_secs(8), h.http.get(h.url("/health")).send()).await;
+    assert_eq!(health.expect("a free slot within the idle timeout").unwrap().status(), 200);
+    for stream in [&mut silent, &mut half_preface] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the node closed the silent connection: {read:?}");
+    }
+
+    // A request waiting longer than the idle timeout for its answer, and a stream with gaps
+    // longer than it, are open requests: they run to their end.
+    let auth = format!("Bearer {key}");
+    let slow = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-stand-in-answer-delay-us", "2500000")],
+            &chat(false),
+        )
+        .await;
+    assert_eq!(slow.status, 200, "{}", slow.text);
+    let gappy = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &auth), ("x-stand-in-chunks", "3"), ("x-stand-in-delay-ms", "1500")],
+            &chat(true),
+        )
+        .await;
+    assert_eq!(gappy.status, 200);
+    assert!(gappy.text.contains("[DONE]"), "{}", gappy.text);
+    h.wait_until_settled().await;
+    h.assert_conserved().await;
 }
