@@ -66,10 +66,7 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
             println!("wallet total:            {:>16} sat", msat_to_sats(held));
             // Running requests' holds live in the node's memory: the node's /admin shows them.
             println!("users' balances:         {:>16} sat", msat_to_sats(totals.balances_msat));
-            println!(
-                "operator earnings:       {:>16} sat",
-                msat_to_sats(held.saturating_sub(totals.liabilities_msat()))
-            );
+            println!("operator earnings:       {:>16} sat", msat_to_sats(totals.earnings_msat(held)));
             let in_flight: u64 = balances.iter().map(|b| b.pending_msat).sum();
             if totals.undercovered(held, in_flight) {
                 println!("WARNING: the wallet holds less than users' balances claim");
@@ -89,7 +86,7 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
             let balances = wallet.balances().await?;
             let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
             let totals = liabilities(settings)?;
-            let earnings = held.saturating_sub(totals.liabilities_msat());
+            let earnings = totals.earnings_msat(held);
             if amount_msat > earnings {
                 return Err(NodeError::Config(format!(
                     "refused: {amount} sat is more than the operator's earnings ({} sat); the rest backs users' balances",

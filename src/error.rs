@@ -76,7 +76,7 @@ impl ApiError {
             ApiError::KeyRevoked => StatusCode::FORBIDDEN,
             ApiError::Wallet(w) => match w {
                 WalletError::MintUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                WalletError::Pending => StatusCode::CONFLICT,
+                WalletError::Pending | WalletError::OverBudget(_) => StatusCode::CONFLICT,
                 WalletError::InsufficientFunds | WalletError::Other(_) => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::BAD_REQUEST,
             },
@@ -110,6 +110,7 @@ impl ApiError {
                 WalletError::UnsupportedUnit(_) => ("invalid_request_error", "unsupported_unit"),
                 WalletError::MintUnavailable(_) => ("mint_error", "mint_unavailable"),
                 WalletError::InsufficientFunds => ("mint_error", "wallet_insufficient_funds"),
+                WalletError::OverBudget(_) => ("invalid_request_error", "over_budget"),
                 WalletError::Other(_) => ("mint_error", "mint_error"),
             },
             ApiError::BadRequest(_) => ("invalid_request_error", "bad_request"),

@@ -628,7 +628,7 @@ impl Payments {
         let balances = self.wallet.balances().await?;
         let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
         let totals = self.ledger.totals().await?;
-        let earnings = held.saturating_sub(totals.liabilities_msat());
+        let earnings = totals.earnings_msat(held);
         let Some(richest) = balances.iter().filter(|b| b.unit == "sat").max_by_key(|b| b.balance_msat) else {
             return Ok(None);
         };

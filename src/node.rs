@@ -327,6 +327,9 @@ impl Node {
                 if let Err(e) = node.payments.reconcile_pending().await {
                     tracing::warn!(error = %e, "reconciliation failed");
                 }
+                if let Err(e) = node.payments.revoke_abandoned_sends().await {
+                    tracing::warn!(error = %e, "taking back tokens that never left the node failed; will retry");
+                }
                 node.pay_stranded_change().await;
                 tokio::time::sleep(Duration::from_secs(60)).await;
             }

@@ -463,14 +463,26 @@ impl Payments {
     }
 
     /// At start, before serving: payouts left `pending` by the previous process never handed a
-    /// token out, so their debit returns to the key (the wallet's own recovery reclaims the
-    /// proofs of a send that was cut short). Never while serving: a payout in flight is pending.
+    /// token out, so their debit returns to the key; a token made for one is taken back into the
+    /// wallet by `revoke_abandoned_sends`. Never while serving: a payout in flight is pending.
     pub async fn fail_interrupted_payouts(&self) -> Result<usize, ApiError> {
         let pending = self.ledger.pending_payouts().await?;
         for payout in &pending {
             self.ledger.fail_payout(payout.id).await?;
         }
         Ok(pending.len())
+    }
+
+    /// Takes back into the wallet the tokens made for payouts and provider payments that the
+    /// ledger records as failed: none of them left the node (a process killed between making a
+    /// token and keeping it). cdk's own recovery leaves such a send as it is: the token might be
+    /// out there. Run at start and then every minute (the mint may be away).
+    pub async fn revoke_abandoned_sends(&self) -> Result<u64, ApiError> {
+        let abandoned = self.ledger.abandoned_send_tags().await?;
+        if abandoned.is_empty() {
+            return Ok(0);
+        }
+        Ok(self.wallet.revoke_abandoned_sends(&abandoned).await?)
     }
 
     /// Pays out a key's whole free balance as a token: debited first, token kept once made.
@@ -492,10 +504,12 @@ impl Payments {
         };
         let up = payout.debit_msat.div_ceil(1000) * 1000;
         let down = payout.debit_msat / 1000 * 1000;
-        let mut attempt = self.wallet.send(&mint, up).await.map(|s| (s, payout.debit_msat));
+        let tag = format!("payout:{}", payout.id);
+        let mut attempt = self.wallet.send_tagged(&mint, up, &tag).await.map(|s| (s, payout.debit_msat));
         if matches!(attempt, Err(WalletError::InsufficientFunds)) && down > 0 && down < up {
-            attempt = self.wallet.send(&mint, down).await.map(|s| (s, down));
+            attempt = self.wallet.send_tagged(&mint, down, &tag).await.map(|s| (s, down));
         }
+        crate::failpoint::hit("payout:after-send");
         match attempt {
             Ok((sent, debit)) => {
                 self.ledger.complete_payout(payout.id, &sent.token, debit, sent.amount_msat, sent.fee_msat).await?;

@@ -248,6 +248,14 @@ async fn input_fees_are_accounted() {
     let (bal, pending) = sat_balance(&w, &m.url).await;
     assert_eq!(bal, r.credited_msat - 10_000 - sent.fee_msat);
     assert_eq!(pending, 0);
+
+    // Within a budget that covers the amount but not the fee: nothing is sent or held.
+    let refused = w.send_within(&m.url, 10_000, 10_000).await;
+    assert!(matches!(refused, Err(WalletError::OverBudget(_))), "{refused:?}");
+    assert_eq!(sat_balance(&w, &m.url).await, (bal, 0), "the prepared send was cancelled");
+    let within = w.send_within(&m.url, 10_000, 20_000).await.expect("fee within the budget");
+    assert!(within.amount_msat + within.fee_msat <= 20_000);
+    assert_eq!(redeem_token(&m.url, &within.token).await.expect("redeem"), 10);
 }
 
 #[tokio::test]

@@ -300,7 +300,7 @@ async fn wallet(node: &Node) -> Result<Value, ApiError> {
     let balances = node.wallet().balances().await?;
     let totals = node.ledger().totals().await?;
     let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
-    let earnings = held.saturating_sub(totals.liabilities_msat());
+    let earnings = totals.earnings_msat(held);
     Ok(json!({
         "mints": balances.iter().map(|b| json!({
             "mint_url": b.mint_url, "unit": b.unit, "balance_msat": b.balance_msat, "pending_msat": b.pending_msat,
@@ -353,7 +353,7 @@ async fn withdraw(node: &Node, body: &Value) -> Result<Response<Body>, ApiError>
     let balances = node.wallet().balances().await?;
     let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
     let totals = node.ledger().totals().await?;
-    let earnings = held.saturating_sub(totals.liabilities_msat());
+    let earnings = totals.earnings_msat(held);
     if amount_msat > earnings {
         return Err(ApiError::Conflict(format!(
             "refused: {amount_sat} sat is more than the operator's earnings ({} sat); the rest backs users' balances",
@@ -368,7 +368,8 @@ async fn withdraw(node: &Node, body: &Value) -> Result<Response<Body>, ApiError>
             .map(|b| b.mint_url.clone())
             .ok_or_else(|| ApiError::Conflict("the wallet is empty".into()))?,
     };
-    let sent = node.wallet().send(&mint, amount_msat).await?;
+    // The mint's fee comes out of the wallet too: token and fee within the earnings.
+    let sent = node.wallet().send_within(&mint, amount_msat, earnings).await?;
     tracing::info!(amount_sat, mint = %sent.mint_url, fee_msat = sent.fee_msat, "admin withdrew earnings");
     ok(json!({
         "token": sent.token,
@@ -390,7 +391,7 @@ async fn adjust(node: &Node, hash: String, body: &Value) -> Result<Response<Body
     let _one_at_a_time = node.admin.earnings_lock.lock().await;
     if delta > 0 {
         let held: u64 = node.wallet().balances().await?.iter().map(|b| b.balance_msat).sum();
-        let earnings = held.saturating_sub(node.ledger().totals().await?.liabilities_msat());
+        let earnings = node.ledger().totals().await?.earnings_msat(held);
         if delta.unsigned_abs() > earnings {
             return Err(ApiError::Conflict(format!(
                 "refused: a credit of {delta} msat is more than the operator's earnings ({earnings} msat)"

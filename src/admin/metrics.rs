@@ -268,7 +268,7 @@ pub async fn render(node: &Arc<Node>) -> Response<Body> {
         if let Some(t) = &totals {
             let held: u64 = balances.iter().map(|b| b.balance_msat).sum();
             family(&mut out, "routstr_operator_earnings_msat", "gauge", "Wallet minus users' balances.");
-            let _ = writeln!(out, "routstr_operator_earnings_msat {}", held.saturating_sub(t.liabilities_msat()));
+            let _ = writeln!(out, "routstr_operator_earnings_msat {}", t.earnings_msat(held));
         }
     }
 

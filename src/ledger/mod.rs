@@ -22,6 +22,7 @@ mod retention;
 mod schema;
 mod store;
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -164,6 +165,9 @@ pub struct Totals {
     pub payout_fees_msat: u64,
     pub open_reservations: u64,
     pub pending_redemptions: u64,
+    /// The face value of those tokens: the wallet may hold their proofs already (the swap done,
+    /// the credit not yet recorded), and they are users' money, not the operator's.
+    pub pending_redemptions_msat: u64,
     /// Tokens our wallet sent to remote providers (value + fees), once made.
     pub remote_sent_msat: u64,
     /// Change from remote providers credited back into our wallet.
@@ -193,6 +197,12 @@ impl Totals {
     /// still being made have debited (their proofs have not left the wallet yet).
     pub fn liabilities_msat(&self) -> u64 {
         self.balances_msat.saturating_add(self.payouts_open_debit_msat)
+    }
+
+    /// What of `held_msat` (the wallet) is the operator's: beyond users' balances, open payouts
+    /// and tokens still being redeemed.
+    pub fn earnings_msat(&self, held_msat: u64) -> u64 {
+        held_msat.saturating_sub(self.liabilities_msat()).saturating_sub(self.pending_redemptions_msat)
     }
 
     /// Whether the wallet holds less than users' balances: `unspent_msat` spendable proofs plus
@@ -873,9 +883,28 @@ impl Ledger {
             .await
     }
 
-    /// At start, before serving: a `pending` spend never made its token (the wallet's recovery
-    /// reclaims a send cut short), so it failed; a `sent` one died with its request, so its
+    /// At start, before serving: a `pending` spend never sent its token (one made for it is
+    /// taken back, see `Payments::revoke_abandoned_sends`), so it failed; a `sent` one died with its request, so its
     /// change is to be recovered. Returns how many were left `sent`.
+    /// The wallet tags (`payout:<id>`, `remote:<id>`) of payouts and provider payments recorded as
+    /// failed: a token made for one of them never left the node.
+    pub async fn abandoned_send_tags(&self) -> Result<HashSet<String>, LedgerError> {
+        self.store
+            .read(|c| {
+                let mut tags = HashSet::new();
+                let mut failed = c.prepare("SELECT id FROM payouts WHERE state = 'failed'")?;
+                for id in failed.query_map([], |r| r.get::<_, i64>(0))? {
+                    tags.insert(format!("payout:{}", id?));
+                }
+                let mut failed = c.prepare("SELECT id FROM remote_spends WHERE state = 'failed'")?;
+                for id in failed.query_map([], |r| r.get::<_, i64>(0))? {
+                    tags.insert(format!("remote:{}", id?));
+                }
+                Ok(tags)
+            })
+            .await
+    }
+
     pub async fn recover_interrupted_remote_spends(&self) -> Result<u64, LedgerError> {
         self.store
             .run(|c| {
@@ -1031,6 +1060,7 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?
             + if has_open_requests { sum("SELECT COALESCE(SUM(open_requests), 0) FROM keys")? } else { 0 },
         pending_redemptions: sum("SELECT COUNT(*) FROM redemptions WHERE state = 'pending'")?,
+        pending_redemptions_msat: sum("SELECT COALESCE(SUM(value_msat), 0) FROM redemptions WHERE state = 'pending'")?,
         remote_sent_msat: remote(
             "SELECT COALESCE(SUM(amount_msat + fee_msat), 0) FROM remote_spends WHERE state IN ('sent', 'settled', 'recovering')",
         )?,

@@ -118,7 +118,12 @@ async fn redemption_is_once_per_token() {
     assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::Started);
     assert_eq!(ledger.begin_redemption("t", "k", "m", 5_000, &ys).await.unwrap(), RedemptionState::InProgress);
     assert_eq!(ledger.pending_redemptions().await.unwrap().len(), 1);
+    // The wallet may hold the token's proofs before the credit is recorded: they are not earnings.
+    let pending = ledger.totals().await.unwrap();
+    assert_eq!((pending.pending_redemptions_msat, pending.earnings_msat(5_000)), (5_000, 0));
     ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
+    let credited = ledger.totals().await.unwrap();
+    assert_eq!((credited.pending_redemptions_msat, credited.earnings_msat(5_000)), (0, 100));
     // Completing twice credits once.
     ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
     assert_eq!(

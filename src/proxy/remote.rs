@@ -271,7 +271,7 @@ pub async fn pay(node: &Node, request_id: &str, offer: &RemoteOffer) -> Result<S
     let ledger = node.ledger();
     let id =
         ledger.begin_remote_spend(request_id, &offer.provider, &offer.base_url, &offer.mint, offer.token_msat).await?;
-    match node.wallet().send(&offer.mint, offer.token_msat).await {
+    match node.wallet().send_tagged(&offer.mint, offer.token_msat, &format!("remote:{id}")).await {
         Ok(sent) => match ledger.remote_spend_sent(id, &sent.token, sent.amount_msat, sent.fee_msat).await {
             Ok(()) => Ok(Spend { id, token: sent.token, amount_msat: sent.amount_msat }),
             Err(e) => {

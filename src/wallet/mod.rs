@@ -65,6 +65,9 @@ pub enum WalletError {
     MintUnavailable(String),
     #[error("insufficient funds in the node wallet")]
     InsufficientFunds,
+    /// A send whose token and fees would cost more than it may (`send_within`): nothing sent.
+    #[error("{0}")]
+    OverBudget(String),
     #[error("wallet error: {0}")]
     Other(String),
 }
@@ -144,6 +147,18 @@ impl Default for WalletOptions {
 }
 
 /// Wallets for one trusted mint.
+/// The key, in a send's metadata (cdk keeps it with the send's transaction), of what the
+/// send paid for.
+const SEND_TAG: &str = "routstr";
+
+/// How [`WalletService::send_as`] makes a token: its version, its tag, its most total cost.
+#[derive(Default)]
+struct SendSpec<'a> {
+    v3: bool,
+    tag: Option<&'a str>,
+    budget_msat: Option<u64>,
+}
+
 struct MintEntry {
     url: MintUrl,
     sat: Wallet,
@@ -672,7 +687,56 @@ impl WalletService {
 
     /// Make a token of `amount_msat` from our proofs at `mint_url`, in v4 (`cashuB`) form.
     pub async fn send(&self, mint_url: &str, amount_msat: u64) -> Result<Sent, WalletError> {
-        self.send_with_version(mint_url, amount_msat, false).await
+        self.send_as(mint_url, amount_msat, SendSpec::default()).await
+    }
+
+    /// [`Self::send`] for what `tag` names in the ledger (`payout:<id>`, `remote:<id>`), kept with
+    /// the send in the wallet: if the ledger later records it as failed (its token never left the
+    /// node: the process died before the token was kept), [`Self::revoke_abandoned_sends`] takes
+    /// the proofs back.
+    pub async fn send_tagged(&self, mint_url: &str, amount_msat: u64, tag: &str) -> Result<Sent, WalletError> {
+        self.send_as(mint_url, amount_msat, SendSpec { tag: Some(tag), ..SendSpec::default() }).await
+    }
+
+    /// [`Self::send`] only if the token and its fees come to at most `budget_msat` (the
+    /// operator's earnings): otherwise nothing is sent.
+    pub async fn send_within(&self, mint_url: &str, amount_msat: u64, budget_msat: u64) -> Result<Sent, WalletError> {
+        self.send_as(mint_url, amount_msat, SendSpec { budget_msat: Some(budget_msat), ..SendSpec::default() }).await
+    }
+
+    /// Takes back the proofs of sends whose tag is in `abandoned` (see [`Self::send_tagged`]) and
+    /// whose token nobody has claimed. Returns the msat that came back.
+    pub async fn revoke_abandoned_sends(&self, abandoned: &HashSet<String>) -> Result<u64, WalletError> {
+        let mut reclaimed = 0u64;
+        for key in &self.inner.order {
+            let Some(entry) = self.inner.mints.get(key) else {
+                continue;
+            };
+            let _gate = entry.gate.read().await;
+            for wallet in entry.wallets() {
+                let pending = wallet.get_pending_sends().await.map_err(map_cdk)?;
+                if pending.is_empty() {
+                    continue;
+                }
+                let sends = wallet.list_transactions(Some(TransactionDirection::Outgoing)).await.map_err(map_cdk)?;
+                for operation in pending {
+                    let tag = sends
+                        .iter()
+                        .find(|t| t.saga_id == Some(operation))
+                        .and_then(|t| t.metadata.get(SEND_TAG))
+                        .filter(|tag| abandoned.contains(*tag));
+                    let Some(tag) = tag else { continue };
+                    if self.timed("send status", wallet.check_send_status(operation)).await? {
+                        continue;
+                    }
+                    let back = self.timed("revoke", wallet.revoke_send(operation)).await?;
+                    let back_msat = to_msat(back, &wallet.unit)?;
+                    tracing::info!(%tag, msat = back_msat, "took back the proofs of a token that never left the node");
+                    reclaimed = reclaimed.saturating_add(back_msat);
+                }
+            }
+        }
+        Ok(reclaimed)
     }
 
     /// [`Self::send`], with `v3 = true` producing a `cashuA` token (full keyset ids).
@@ -681,6 +745,11 @@ impl WalletService {
     /// (`SendOptions::include_fee`), so the receiver ends up with the full `amount_msat`; it is
     /// reported in `fee_msat` together with any swap fee we paid to make exact change.
     pub async fn send_with_version(&self, mint_url: &str, amount_msat: u64, v3: bool) -> Result<Sent, WalletError> {
+        self.send_as(mint_url, amount_msat, SendSpec { v3, ..SendSpec::default() }).await
+    }
+
+    async fn send_as(&self, mint_url: &str, amount_msat: u64, spec: SendSpec<'_>) -> Result<Sent, WalletError> {
+        let SendSpec { v3, tag, budget_msat } = spec;
         let entry = self.entry(mint_url)?.clone();
         if amount_msat == 0 {
             return Err(WalletError::Other("cannot send a zero amount".into()));
@@ -698,17 +767,30 @@ impl WalletService {
             (&entry.msat, amount_msat)
         };
         let unit = wallet.unit.clone();
-        let opts = SendOptions { include_fee: true, ..Default::default() };
+        let metadata = tag.map(|t| HashMap::from([(SEND_TAG.to_owned(), t.to_owned())])).unwrap_or_default();
+        let opts = SendOptions { include_fee: true, metadata, ..Default::default() };
 
         let _gate = entry.gate.read().await;
+        let factor = unit_factor(&unit)?;
         let (token, fee) = self
             .timed("send", async {
                 let prepared = wallet.prepare_send(Amount::from(amount), opts).await?;
                 let fee = prepared.fee();
+                let total_msat = amount.saturating_add(u64::from(fee)).saturating_mul(factor);
+                if budget_msat.is_some_and(|budget| total_msat > budget) {
+                    prepared.cancel().await?;
+                    return Ok(None);
+                }
                 let token = prepared.confirm(None).await?;
-                Ok((token, fee))
+                Ok(Some((token, fee)))
             })
-            .await?;
+            .await?
+            .ok_or_else(|| {
+                WalletError::OverBudget(format!(
+                    "refused: {amount_msat} msat and the mint's fee come to more than the {} msat allowed",
+                    budget_msat.unwrap_or_default()
+                ))
+            })?;
         let token = if v3 {
             let infos = self
                 .inner

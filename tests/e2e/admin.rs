@@ -235,6 +235,11 @@ async fn admin_api_every_route_and_refusals() {
     assert_eq!(admin.post("/admin/api/withdraw", &json!({ "amount_sat": 1 })).await.status, 409);
 
     // Adjust: a credit beyond earnings is refused; a debit, then a credit within earnings.
+    // A path without a key in it is no route (it used to panic the connection).
+    for path in ["/admin/api/keys/adjust", "/admin/api/keys/revoke", "/admin/api/models/price"] {
+        let none = admin.post(path, &json!({ "delta_msat": 1 })).await;
+        assert!(matches!(none.status, 404 | 405) && none.json["error"].is_object(), "{path}: {}", none.text);
+    }
     let url = format!("/admin/api/keys/{hash}/adjust");
     assert_eq!(admin.post(&url, &json!({ "delta_msat": cost as i64 + 1 })).await.status, 409);
     assert_eq!(admin.post(&url, &json!({ "delta_msat": 0 })).await.status, 400);

@@ -475,3 +475,34 @@ async fn silent_connections_are_closed_and_slow_answers_are_not() {
     h.wait_until_settled().await;
     h.assert_conserved().await;
 }
+
+#[tokio::test]
+async fn a_payout_killed_after_its_token_was_made_returns_to_the_wallet() {
+    let mut h = Harness::start("payout-crash").await;
+    let key = h.key(40).await;
+    let auth = format!("Bearer {key}");
+
+    // The refund's token is made, and the node dies before keeping it: nobody has the token.
+    h.node.set_env("ROUTSTR_TEST_FAILPOINT", Some("payout:after-send"));
+    h.node.restart().await;
+    let died = h.http.post(h.url("/v1/balance/refund")).header("authorization", &auth).json(&json!({})).send().await;
+    assert!(died.is_err(), "the node died mid-payout: {died:?}");
+    h.node.set_env("ROUTSTR_TEST_FAILPOINT", None);
+    h.node.restart().await;
+
+    // The debit is back on the key, and the token's proofs back in the wallet: the wallet holds
+    // nothing else, so the key's whole balance can be paid out only if they came back.
+    assert_eq!(h.balance(&key).await, (40_000, 0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let token = loop {
+        let refund = h.post_with("/v1/balance/refund", &[("authorization", &auth)], &json!({})).await;
+        if refund.status == 200 {
+            break refund.json["token"].as_str().expect("a token").to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "the wallet never got its proofs back: {}", refund.text);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(h.redeem(&token).await, 40);
+    assert_eq!(h.balance(&key).await, (0, 0));
+    h.assert_conserved().await;
+}
