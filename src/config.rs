@@ -152,8 +152,9 @@ pub struct Settings {
     /// Public clearnet URL of this node.
     #[arg(long, env = "HTTP_URL")]
     pub http_url: Option<String>,
-    /// Public onion URL of this node.
-    #[arg(long, env = "ONION_URL")]
+    /// Public onion URL of this node (`http://<56 characters>.onion`), when a Tor sidecar serves
+    /// it; the node's own onion service announces its address itself.
+    #[arg(long, env = "ONION_URL", value_parser = onion_url)]
     pub onion_url: Option<String>,
 
     /// Charge fixed prices instead of per-model prices.
@@ -422,6 +423,19 @@ fn strip_sqlite_scheme(url: &str) -> &str {
     }
 }
 
+/// `ONION_URL`: empty, or an http(s) URL whose host is a v3 onion address (56 base32 characters).
+fn onion_url(text: &str) -> Result<String, String> {
+    if text.is_empty() {
+        return Ok(String::new());
+    }
+    let rest = text.strip_prefix("http://").or_else(|| text.strip_prefix("https://"));
+    let host = rest.map(|r| r.split(['/', ':']).next().unwrap_or_default());
+    match host.and_then(|h| h.strip_suffix(".onion")) {
+        Some(id) if id.len() == 56 && id.bytes().all(|b| matches!(b, b'a'..=b'z' | b'2'..=b'7')) => Ok(text.to_owned()),
+        _ => Err(format!("{text} is not http://<56 characters>.onion")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,6 +446,22 @@ mod tests {
         assert_eq!(s.ledger_retention(), Some(Duration::from_secs(30 * 86_400)));
         s.ledger_retention_days = 0;
         assert_eq!(s.ledger_retention(), None);
+    }
+
+    #[test]
+    fn onion_urls_are_v3_addresses() {
+        let id = "a".repeat(52) + "2345";
+        for good in [format!("http://{id}.onion"), format!("http://{id}.onion:8080/"), String::new()] {
+            assert_eq!(onion_url(&good).as_deref(), Ok(good.as_str()));
+        }
+        for bad in [
+            format!("{id}.onion"),
+            "http://short.onion".into(),
+            format!("http://{id}.com"),
+            format!("http://{}.onion", id.to_uppercase()),
+        ] {
+            assert!(onion_url(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

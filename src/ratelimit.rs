@@ -2,16 +2,26 @@
 //! IP; the Tor module limits them per circuit.)
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Above this many tracked clients, idle ones are forgotten.
 const MAX_TRACKED: usize = 100_000;
+/// Looking for idle clients walks the whole table: at most this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// While the table is full of active clients, new ones share this one bucket (an address no
+/// peer can have).
+const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
 pub struct RateLimiter {
     per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    state: Mutex<Table>,
+}
+
+struct Table {
+    buckets: HashMap<IpAddr, Bucket>,
+    next_prune: Option<Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -20,10 +30,22 @@ struct Bucket {
     last: Instant,
 }
 
+/// The client a bucket is for: an IPv6 client is its /64 (one subscriber gets a whole /64, and
+/// could otherwise take a fresh bucket per address); an IPv4-mapped address is its IPv4 one.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+        v4 => v4,
+    }
+}
+
 impl RateLimiter {
     /// `per_minute == 0` disables the limit.
     pub fn new(per_minute: u32) -> RateLimiter {
-        RateLimiter { per_minute, buckets: Mutex::new(HashMap::new()) }
+        RateLimiter { per_minute, state: Mutex::new(Table { buckets: HashMap::new(), next_prune: None }) }
     }
 
     /// Takes one request from `ip`'s bucket: `Err(wait)` when it is empty.
@@ -37,11 +59,17 @@ impl RateLimiter {
         }
         let capacity = self.per_minute as f64;
         let per_sec = capacity / 60.0;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_TRACKED {
-            buckets.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(60));
+        let mut table = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Table { buckets, next_prune } = &mut *table;
+        if buckets.len() >= MAX_TRACKED && next_prune.is_none_or(|at| now >= at) {
+            buckets.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(60));
+            *next_prune = Some(now + PRUNE_EVERY);
         }
-        let bucket = buckets.entry(ip).or_insert(Bucket { tokens: capacity, last: now });
+        let mut client = client_of(ip);
+        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&client) {
+            client = OVERFLOW;
+        }
+        let bucket = buckets.entry(client).or_insert(Bucket { tokens: capacity, last: now });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
         bucket.last = now;
@@ -72,5 +100,38 @@ mod tests {
         assert!(limiter.check_at(other, t0).is_ok(), "clients are independent");
         assert!(limiter.check_at(ip, t0 + Duration::from_secs(1)).is_ok(), "one token per second refills");
         assert!(RateLimiter::new(0).check_at(ip, t0).is_ok());
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_one_its_ipv4() {
+        let limiter = RateLimiter::new(2);
+        let t0 = Instant::now();
+        for ip in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9"] {
+            assert!(limiter.check_at(ip.parse().unwrap(), t0).is_ok());
+        }
+        assert!(limiter.check_at("2001:db8:1:2::7".parse().unwrap(), t0).is_err(), "one bucket for the /64");
+        assert!(limiter.check_at("2001:db8:1:3::1".parse().unwrap(), t0).is_ok(), "another /64");
+        assert_eq!(client_of("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn a_full_table_of_active_clients_is_walked_once_a_second_and_newcomers_share_a_bucket() {
+        let limiter = RateLimiter::new(60);
+        let t0 = Instant::now();
+        for n in 0..MAX_TRACKED as u32 {
+            assert!(limiter.check_at(IpAddr::V4(n.into()), t0).is_ok());
+        }
+        // Full of clients active this minute: nothing to forget; newcomers share one bucket.
+        let started = Instant::now();
+        for n in 0..60u32 {
+            assert!(limiter.check_at(IpAddr::V4((u32::MAX - n).into()), t0).is_ok());
+        }
+        assert!(limiter.check_at(IpAddr::V4((u32::MAX - 100).into()), t0).is_err(), "the shared bucket is empty");
+        assert!(started.elapsed() < Duration::from_secs(1), "no walk of the table per request");
+        assert!(limiter.check_at(IpAddr::V4(5.into()), t0).is_ok(), "known clients keep their own bucket");
+        // A minute later the idle ones are forgotten and newcomers get buckets of their own.
+        let later = t0 + Duration::from_secs(61);
+        assert!(limiter.check_at(IpAddr::V4((u32::MAX - 100).into()), later).is_ok());
+        assert!(limiter.state.lock().unwrap().buckets.len() < 10);
     }
 }
