@@ -367,10 +367,15 @@ pub async fn finish(node: &Node, spend: &Spend, change: Option<&str>, served: bo
     let wallet = node.wallet();
     let recorded = match change {
         Some(token) => {
-            let face = wallet.parse_token(token).ok().map(|p| p.value_msat);
+            let mut face = wallet.parse_token(token).ok().map(|p| p.value_msat);
             let result = match wallet.receive(token).await {
                 Ok(r) => ledger.settle_remote_spend(spend.id, r.credited_msat, r.fee_msat, "change received").await,
                 Err(e) => {
+                    // A change token that is spent or not a token is worth nothing to us: the
+                    // client is then charged by usage, not as if the change had come back.
+                    if !matches!(e, WalletError::MintUnavailable(_) | WalletError::Pending) {
+                        face = None;
+                    }
                     tracing::warn!(error = %e, "remote change not received now; it will be recovered");
                     ledger.recovering_remote_spend(spend.id, Some(token), &format!("change not received: {e}")).await
                 }

@@ -172,7 +172,12 @@ impl RawMembers<'_> {
     }
 
     fn repeats_a_name(&self) -> bool {
-        self.0.iter().enumerate().any(|(i, (name, _))| self.0[..i].iter().any(|(n, _)| n == name))
+        // Pairwise for the usual handful of members; a set for an answer with many.
+        if self.0.len() <= 16 {
+            return self.0.iter().enumerate().any(|(i, (name, _))| self.0[..i].iter().any(|(n, _)| n == name));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.0.len());
+        !self.0.iter().all(|(name, _)| seen.insert(name))
     }
 }
 
@@ -453,6 +458,22 @@ mod tests {
         assert_eq!(s.finish(), None);
         s.push(Bytes::from_static(b"data: tail"), &mut out);
         assert_eq!(s.finish(), Some(Bytes::from_static(b"data: tail")));
+    }
+
+    #[test]
+    fn repeated_member_names_are_found_in_small_and_large_objects() {
+        let object = |names: &[String]| {
+            let members: Vec<String> = names.iter().map(|n| format!("\"{n}\":1")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        for size in [3, 40] {
+            let mut names: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
+            let text = object(&names);
+            assert!(!serde_json::from_str::<RawMembers>(&text).unwrap().repeats_a_name(), "{size}");
+            names.push("m1".into());
+            let text = object(&names);
+            assert!(serde_json::from_str::<RawMembers>(&text).unwrap().repeats_a_name(), "{size}");
+        }
     }
 
     #[test]
