@@ -239,6 +239,10 @@ impl Upstream {
 /// reach the upstream's `/admin` with the operator's credentials; some servers decode `%2F` and
 /// `%5C` before they resolve, so those count as separators here too.
 pub fn stays_under_base(path: &str) -> bool {
+    // The common case, checked without allocating: nothing that could make a dot segment.
+    if !path.bytes().any(|b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true;
+    }
     let lower = path.to_ascii_lowercase();
     let unfolded = lower.replace("%2e", ".").replace("%2f", "/").replace("%5c", "/").replace('\\', "/");
     !unfolded.split('/').any(|segment| segment == "." || segment == "..")

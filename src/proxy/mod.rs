@@ -917,7 +917,7 @@ async fn whole_answer(
         (Some(spend), Some(offer)) => {
             let theirs = parsed.as_ref().and_then(remote::their_cost).or(reported_cost);
             let due = remote::change_due(spend.amount_msat, theirs.as_ref());
-            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, usage)).await
+            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due)).await
         }
         _ if metering.payer.xcashu.is_none() => {
             // A key pays: the charge is queued (every later ledger read sees it) and the answer
@@ -952,16 +952,19 @@ async fn settle_remote(
     theirs: Option<Value>,
     change_token: Option<&str>,
     due: Option<u64>,
-    usage: Option<Usage>,
 ) -> (Option<Cost>, Option<PaidOut>) {
     match remote::finish(&metering.node, spend, change_token, true, due).await {
         Some(returned) => {
             let cost = remote::charge(offer, spend.amount_msat, returned, theirs.as_ref());
             metering.settle_cost(Some(cost), "remote provider").await
         }
+        // It answered and kept the whole token, as far as we know now: that is what this answer
+        // cost us, and what the client pays (the most it agreed to). Charging by the usage the
+        // provider reports would let a provider that keeps tokens (and a client of its own)
+        // drain our wallet; change recovered later is the operator's.
         None => {
-            let cost = usage.map(|u| remote::estimated_charge(offer, &u));
-            metering.settle_cost(cost, "remote provider: change unknown, charged by usage").await
+            let cost = remote::charge(offer, spend.amount_msat, 0, theirs.as_ref());
+            metering.settle_cost(Some(cost), "remote provider: no change came back, charged what was sent").await
         }
     }
 }
@@ -1069,7 +1072,7 @@ async fn stream_answer(
             let theirs = held.as_deref().and_then(usage::event_json).as_ref().and_then(remote::their_cost);
             // The provider's cost is final only when its stream ended properly.
             let due = if terminal.is_some() { remote::change_due(spend.amount_msat, theirs.as_ref()) } else { None };
-            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due, charged_usage)).await
+            Box::pin(settle_remote(&metering, spend, offer, theirs, remote_change.as_deref(), due)).await
         }
         _ => metering.settle(&priced.prices, charged_usage, note).await,
     };

@@ -66,8 +66,6 @@ pub struct RemoteOffer {
     pub markup: Markup,
     /// The provider's prices with our markup (what the request is shown to cost per token).
     pub prices: MsatPrices,
-    /// The provider's own prices, for estimating what it keeps when its change is unknown.
-    pub provider_prices: MsatPrices,
     latency_ms: u64,
 }
 
@@ -226,7 +224,6 @@ pub fn offers(
             token_msat,
             markup,
             prices: with_markup(&prices, markup),
-            provider_prices: prices,
             latency_ms: offer.latency_ms,
         });
     }
@@ -431,17 +428,12 @@ pub fn charge(offer: &RemoteOffer, sent_msat: u64, change_msat: u64, theirs: Opt
     if their_total == 0 {
         return Cost::new(total, 0, 0);
     }
-    let share = |v: u64| u64::try_from(total as u128 * v as u128 / their_total as u128).unwrap_or(0);
-    let (input, output) = (share(part("input_msats")), share(part("output_msats")));
-    Cost::new(total.saturating_sub(input + output), input, output)
-}
-
-/// What the client pays when the provider's change is not known yet (it is recovered later):
-/// the provider's price for `usage`, rounded up to whole sats as a stateless payment is, with our
-/// markup.
-pub fn estimated_charge(offer: &RemoteOffer, usage: &crate::pricing::Usage) -> Cost {
-    let kept = offer.provider_prices.cost(usage).total_msats.div_ceil(1000).saturating_mul(1000);
-    charge(offer, kept.min(offer.token_msat), 0, None)
+    // The provider's parts only split our total: together they never exceed it, whatever they say.
+    let input_part = part("input_msats").min(their_total);
+    let output_part = part("output_msats").min(their_total - input_part);
+    let share = |v: u64| u64::try_from(total as u128 * v as u128 / their_total as u128).unwrap_or(total);
+    let (input, output) = (share(input_part), share(output_part));
+    Cost::new(total.saturating_sub(input.saturating_add(output)), input, output)
 }
 
 /// The provider's `usage.cost` in an answer or event.
@@ -585,7 +577,6 @@ mod tests {
             token_msat: 10_000,
             markup: Markup::from_factor(1.1).unwrap(),
             prices: MsatPrices::default(),
-            provider_prices: MsatPrices { completion_per_mtok: 2_000_000, ..MsatPrices::default() },
             latency_ms: 0,
         };
         assert_eq!(offer.reserve_msat(), 11_000);
@@ -595,8 +586,12 @@ mod tests {
         let c = charge(&offer, 10_000, 7_000, Some(&theirs));
         assert_eq!((c.input_msats, c.output_msats, c.total_msats), (1_100, 2_200, 3_300));
         assert_eq!(change_due(5_000, Some(&theirs)), Some(2_000));
-        let usage = crate::pricing::Usage { output_tokens: 17, ..Default::default() };
-        assert_eq!(estimated_charge(&offer, &usage).total_msats, 1_100, "34 msat → 1 sat kept → 1.1 sat");
+        // A cost report whose parts exceed its total only splits ours; it never adds to it.
+        let inflated = json!({"total_msats": 3000, "input_msats": 3_000_000_000u64, "output_msats": u64::MAX});
+        let c = charge(&offer, 10_000, 7_000, Some(&inflated));
+        assert_eq!((c.input_msats, c.output_msats, c.total_msats), (3_300, 0, 3_300));
+        // No change back: the whole token is what the answer cost.
+        assert_eq!(charge(&offer, 10_000, 0, None).total_msats, 11_000);
         assert_eq!(change_due(1_000, Some(&json!({"total_msats": 1_000}))), Some(0));
         assert!(refused(reqwest::StatusCode::PAYMENT_REQUIRED, b""));
         assert!(refused(reqwest::StatusCode::BAD_REQUEST, br#"{"error":{"code":"token_already_spent"}}"#));

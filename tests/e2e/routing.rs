@@ -129,10 +129,11 @@ async fn change_left_at_the_provider_is_recovered() {
     assert!(back >= 3_000 && back % 1000 == 0, "A charged a few tokens of 2000 and returned whole sats: {back}");
     let ta = a.totals();
     assert_eq!(ta.paid_out_msat, back, "the change A made is the change B got");
-    // Charged before the change was known: A's price for what streamed, in whole sats as A
-    // keeps them, with B's markup; here exactly what A turned out to keep, marked up.
+    // Charged before the change was known: the whole token, marked up (the most the client
+    // agreed to: a provider that keeps tokens cannot be paid out of B's pocket). The change
+    // recovered later is B's operator's.
     let spent_by_client = 100_000 - b.balance(&key).await.0;
-    assert_eq!(spent_by_client, marked_up(sent - back));
+    assert_eq!(spent_by_client, marked_up(sent));
     assert_conserved_between(&mut a, &b, 0).await;
 }
 
