@@ -94,8 +94,14 @@ async fn route(node: &Arc<Node>, req: Request<Incoming>, request_id: &str) -> Re
     let rest = rest.trim_end_matches('/');
     // Health checks (load balancers, Docker) are not limited.
     let health = req.uri().path() == "/health";
-    if let Some(crate::server::ClientIp(ip)) = req.extensions().get::<crate::server::ClientIp>().filter(|_| !health) {
-        if let Err(wait) = node.rate_limiter.check(*ip) {
+    let client =
+        match (req.extensions().get::<crate::server::ClientIp>(), req.extensions().get::<crate::server::Circuit>()) {
+            (Some(crate::server::ClientIp(ip)), _) => Some(crate::ratelimit::Client::Ip(*ip)),
+            (None, Some(crate::server::Circuit(id))) => Some(crate::ratelimit::Client::Circuit(*id)),
+            (None, None) => None,
+        };
+    if let Some(client) = client.filter(|_| !health) {
+        if let Err(wait) = node.rate_limiter.check(client) {
             return Err(ApiError::RateLimited { retry_after_secs: wait.as_secs().max(1) });
         }
     }

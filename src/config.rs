@@ -361,6 +361,10 @@ pub struct Settings {
     /// own network).
     #[arg(long, env = "LNURL_ALLOW_PRIVATE_HOSTS", default_value_t = false, action = clap::ArgAction::Set)]
     pub lnurl_allow_private_hosts: bool,
+    /// Let discovered providers be at loopback or private addresses (tests and private networks
+    /// only: announcements are anyone's, so this lets strangers point the node at its own network).
+    #[arg(long, env = "NOSTR_ALLOW_PRIVATE_HOSTS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub nostr_allow_private_hosts: bool,
 
     // --- Admin ---
     /// The admin dashboard's password. Unset: one is generated at first start and printed once

@@ -277,6 +277,11 @@ impl LnurlClient {
         if self.opts.allow_private_hosts || host.ends_with(".onion") || host.parse::<IpAddr>().is_ok() {
             return Ok(());
         }
+        // Through the proxy (Tor) the name is resolved by it, and a Tor exit refuses private
+        // addresses itself: resolving it here would ask the system's resolver, outside Tor.
+        if self.opts.proxy.is_some() {
+            return Ok(());
+        }
         let port = url.port_or_known_default().unwrap_or(443);
         let addrs = tokio::time::timeout(self.opts.timeout, tokio::net::lookup_host((host.as_str(), port)))
             .await
@@ -385,7 +390,7 @@ fn decode_lnurl(s: &str) -> Result<Url, LnurlError> {
 }
 
 /// Lower case, without the brackets of an IPv6 literal and without a trailing root dot.
-fn normalize_host(host: &str) -> String {
+pub(crate) fn normalize_host(host: &str) -> String {
     host.trim_start_matches('[').trim_end_matches(']').trim_end_matches('.').to_ascii_lowercase()
 }
 
@@ -394,7 +399,7 @@ fn is_localhost_name(host: &str) -> bool {
 }
 
 /// `localhost` or a literal IP that is not public (`host` normalised).
-fn is_local_host(host: &str) -> bool {
+pub(crate) fn is_local_host(host: &str) -> bool {
     is_localhost_name(host) || host.parse::<IpAddr>().is_ok_and(|ip| !is_public_ip(ip))
 }
 
@@ -466,6 +471,12 @@ impl fmt::Display for Blocked {
 }
 
 impl StdError for Blocked {}
+
+/// A resolver that keeps only public addresses (see `GuardedResolver`), for other clients that
+/// contact hosts strangers named (discovered providers).
+pub(crate) fn public_only_resolver() -> Arc<dyn Resolve> {
+    Arc::new(GuardedResolver { allow_private: false, proxy_host: None })
+}
 
 /// Resolves with the system resolver and keeps only public addresses, so what is checked is
 /// exactly what is connected to.
@@ -760,6 +771,17 @@ mod tests {
         assert!(matches!(c.parse_pay_params(&wrong_tag), Err(LnurlError::BadResponse(_))));
         let err = serde_json::json!({"status": "ERROR", "reason": "no such user\n"});
         assert_eq!(lnurl_error_reason(&err).as_deref(), Some("no such user"));
+    }
+
+    #[tokio::test]
+    async fn a_user_host_is_not_resolved_outside_the_proxy() {
+        // Without a proxy the name is looked up (and this one does not exist); through the
+        // proxy (Tor) it is left to the proxy: no lookup on the system's resolver.
+        let direct = client(false, None);
+        assert!(matches!(direct.check_user_host("https://nonexistent.invalid").await, Err(LnurlError::Unreachable(_))));
+        let through_tor = client(false, Some("http://127.0.0.1:1"));
+        assert!(through_tor.check_user_host("https://nonexistent.invalid").await.is_ok());
+        assert!(matches!(through_tor.check_user_host("https://10.0.0.1").await, Err(LnurlError::NotAllowed(_))));
     }
 
     #[tokio::test]

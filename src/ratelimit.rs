@@ -1,5 +1,5 @@
-//! Inbound rate limit for clearnet clients: a token bucket per client IP. (Onion clients have no
-//! IP; the Tor module limits them per circuit.)
+//! Inbound rate limit: a token bucket per client, a clearnet client by its IP address (an IPv6
+//! one by its /64), an onion client by its circuit (it has no address).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -12,7 +12,15 @@ const MAX_TRACKED: usize = 100_000;
 const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// While the table is full of active clients, new ones share this one bucket (an address no
 /// peer can have).
-const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+const OVERFLOW: Client = Client::Ip(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+
+/// Who a bucket is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Client {
+    Ip(IpAddr),
+    /// An onion service circuit, numbered by the node.
+    Circuit(u64),
+}
 
 pub struct RateLimiter {
     per_minute: u32,
@@ -20,7 +28,7 @@ pub struct RateLimiter {
 }
 
 struct Table {
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<Client, Bucket>,
     next_prune: Option<Instant>,
 }
 
@@ -42,18 +50,33 @@ fn client_of(ip: IpAddr) -> IpAddr {
     }
 }
 
+impl Client {
+    fn bucket_key(self) -> Client {
+        match self {
+            Client::Ip(ip) => Client::Ip(client_of(ip)),
+            circuit => circuit,
+        }
+    }
+}
+
+impl From<IpAddr> for Client {
+    fn from(ip: IpAddr) -> Client {
+        Client::Ip(ip)
+    }
+}
+
 impl RateLimiter {
     /// `per_minute == 0` disables the limit.
     pub fn new(per_minute: u32) -> RateLimiter {
         RateLimiter { per_minute, state: Mutex::new(Table { buckets: HashMap::new(), next_prune: None }) }
     }
 
-    /// Takes one request from `ip`'s bucket: `Err(wait)` when it is empty.
-    pub fn check(&self, ip: IpAddr) -> Result<(), Duration> {
-        self.check_at(ip, Instant::now())
+    /// Takes one request from `client`'s bucket: `Err(wait)` when it is empty.
+    pub fn check(&self, client: Client) -> Result<(), Duration> {
+        self.check_at(client, Instant::now())
     }
 
-    fn check_at(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+    fn check_at(&self, client: impl Into<Client>, now: Instant) -> Result<(), Duration> {
         if self.per_minute == 0 {
             return Ok(());
         }
@@ -65,7 +88,7 @@ impl RateLimiter {
             buckets.retain(|_, b| now.saturating_duration_since(b.last) < Duration::from_secs(60));
             *next_prune = Some(now + PRUNE_EVERY);
         }
-        let mut client = client_of(ip);
+        let mut client = client.into().bucket_key();
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&client) {
             client = OVERFLOW;
         }
@@ -107,11 +130,20 @@ mod tests {
         let limiter = RateLimiter::new(2);
         let t0 = Instant::now();
         for ip in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9"] {
-            assert!(limiter.check_at(ip.parse().unwrap(), t0).is_ok());
+            assert!(limiter.check_at(ip.parse::<IpAddr>().unwrap(), t0).is_ok());
         }
-        assert!(limiter.check_at("2001:db8:1:2::7".parse().unwrap(), t0).is_err(), "one bucket for the /64");
-        assert!(limiter.check_at("2001:db8:1:3::1".parse().unwrap(), t0).is_ok(), "another /64");
+        assert!(limiter.check_at("2001:db8:1:2::7".parse::<IpAddr>().unwrap(), t0).is_err(), "one bucket for the /64");
+        assert!(limiter.check_at("2001:db8:1:3::1".parse::<IpAddr>().unwrap(), t0).is_ok(), "another /64");
         assert_eq!(client_of("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn onion_circuits_have_buckets_of_their_own() {
+        let limiter = RateLimiter::new(1);
+        let t0 = Instant::now();
+        assert!(limiter.check_at(Client::Circuit(7), t0).is_ok());
+        assert!(limiter.check_at(Client::Circuit(7), t0).is_err());
+        assert!(limiter.check_at(Client::Circuit(8), t0).is_ok(), "another circuit");
     }
 
     #[test]

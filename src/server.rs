@@ -115,10 +115,12 @@ where
     });
 }
 
-/// The hyper service for one connection: every request, tagged with its origin, goes to the API.
-pub fn service(
+/// The hyper service for one connection: every request, tagged with its origin and with `client`
+/// (who is rate-limited: a clearnet [`ClientIp`] or an onion [`Circuit`]), goes to the API.
+pub fn service<C: Clone + Send + Sync + 'static>(
     node: Arc<Node>,
     origin: Origin,
+    client: C,
     used: Arc<ConnectionUse>,
 ) -> impl hyper::service::Service<
     hyper::Request<hyper::body::Incoming>,
@@ -130,6 +132,7 @@ pub fn service(
         let node = node.clone();
         let open = used.begin();
         req.extensions_mut().insert(origin);
+        req.extensions_mut().insert(client.clone());
         async move {
             let resp = crate::api::handle(node, req).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked { body, _open: open }.boxed()))
@@ -141,22 +144,9 @@ pub fn service(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub std::net::IpAddr);
 
-fn clearnet_service(
-    node: Arc<Node>,
-    peer: std::net::IpAddr,
-    used: Arc<ConnectionUse>,
-) -> impl hyper::service::Service<
-    hyper::Request<hyper::body::Incoming>,
-    Response = hyper::Response<crate::http::Body>,
-    Error = Infallible,
-    Future = impl std::future::Future<Output = Result<hyper::Response<crate::http::Body>, Infallible>> + Send,
-> + Clone {
-    let inner = service(node, Origin::Clearnet, used);
-    service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-        req.extensions_mut().insert(ClientIp(peer));
-        hyper::service::Service::call(&inner, req)
-    })
-}
+/// The onion client's circuit (there is no address), for the per-circuit rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Circuit(pub u64);
 
 /// HTTP/1.1 and HTTP/2 with bounded heads and header timeouts; shared by every listener.
 pub fn http_builder(header_read_timeout: Duration) -> auto::Builder<TokioExecutor> {
@@ -198,7 +188,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
         };
         let _ = stream.set_nodelay(true);
         let used = Arc::new(ConnectionUse::default());
-        let service = clearnet_service(node.clone(), peer.ip(), used.clone());
+        let service = service(node.clone(), Origin::Clearnet, ClientIp(peer.ip()), used.clone());
         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         spawn_connection(graceful.watch(conn), used, idle, permit);
     }

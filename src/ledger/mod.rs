@@ -165,8 +165,9 @@ pub struct Totals {
     pub payout_fees_msat: u64,
     pub open_reservations: u64,
     pub pending_redemptions: u64,
-    /// The face value of those tokens: the wallet may hold their proofs already (the swap done,
-    /// the credit not yet recorded), and they are users' money, not the operator's.
+    /// The face value of those tokens from trusted mints: the wallet may hold their proofs
+    /// already (the swap done, the credit not yet recorded), and they are users' money, not the
+    /// operator's.
     pub pending_redemptions_msat: u64,
     /// Tokens our wallet sent to remote providers (value + fees), once made.
     pub remote_sent_msat: u64,
@@ -1060,7 +1061,13 @@ pub fn read_totals(c: &Connection) -> Result<Totals, LedgerError> {
         open_reservations: sum("SELECT COUNT(*) FROM reservations WHERE state = 'open'")?
             + if has_open_requests { sum("SELECT COALESCE(SUM(open_requests), 0) FROM keys")? } else { 0 },
         pending_redemptions: sum("SELECT COUNT(*) FROM redemptions WHERE state = 'pending'")?,
-        pending_redemptions_msat: sum("SELECT COALESCE(SUM(value_msat), 0) FROM redemptions WHERE state = 'pending'")?,
+        // A foreign token's proofs reach the wallet only as the redemption completes (our invoice
+        // paid, then minted): a foreign mint that never pays must not hold earnings back.
+        pending_redemptions_msat: sum(if has_lightning {
+            "SELECT COALESCE(SUM(value_msat), 0) FROM redemptions WHERE state = 'pending' AND swap_mint_url IS NULL"
+        } else {
+            "SELECT COALESCE(SUM(value_msat), 0) FROM redemptions WHERE state = 'pending'"
+        })?,
         remote_sent_msat: remote(
             "SELECT COALESCE(SUM(amount_msat + fee_msat), 0) FROM remote_spends WHERE state IN ('sent', 'settled', 'recovering')",
         )?,

@@ -124,6 +124,18 @@ async fn redemption_is_once_per_token() {
     ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
     let credited = ledger.totals().await.unwrap();
     assert_eq!((credited.pending_redemptions_msat, credited.earnings_msat(5_000)), (0, 100));
+    // A foreign token being moved over Lightning: its proofs come only with its completion, so
+    // a foreign mint that never pays holds no earnings back.
+    let foreign_ys = vec!["02bb".to_string()];
+    ledger.begin_redemption("f", "k2", "https://foreign", 7_000, &foreign_ys).await.unwrap();
+    let swap = crate::ledger::lightning::Swap {
+        mint_url: "m".into(),
+        mint_quote: "q1".into(),
+        melt_quote: "q2".into(),
+        amount_msat: 6_000,
+    };
+    ledger.record_swap("f", swap).await.unwrap();
+    assert_eq!(ledger.totals().await.unwrap().pending_redemptions_msat, 0);
     // Completing twice credits once.
     ledger.complete_redemption("t", KeyKind::Key, 4_900, 100).await.unwrap();
     assert_eq!(

@@ -71,6 +71,8 @@ async fn one_shot(settings: &Settings, timeout: Duration) -> Result<Vec<Value>, 
     for event in events.iter() {
         registry.ingest(event, now);
     }
-    registry.check_all(&discovery::health_client(timeout, None), timeout, false).await;
+    let private = settings.nostr_allow_private_hosts;
+    let reach = discovery::Reach { onion: false, private };
+    registry.check_all(&discovery::health_client(timeout, None, private), timeout, reach).await;
     Ok(registry.to_json())
 }

@@ -23,9 +23,14 @@ use super::events::{self, Announcement, ModelOffer, ANNOUNCEMENT_KIND, MODELS_KI
 pub const FUTURE_TOLERANCE_SECS: u64 = 60;
 /// At most this many providers (and as many price lists) are tracked.
 pub const MAX_PROVIDERS: usize = 2000;
+/// At most this many of them (announcements, and price lists) per key: one key cannot fill the
+/// registry and keep everyone else out.
+pub const MAX_PER_PUBKEY: usize = 8;
+/// A health check tries at most this many of a provider's URLs (in its order).
+const MAX_PROBED_URLS: usize = 3;
 const INFO_BODY_LIMIT: usize = 256 * 1024;
 const MODELS_BODY_LIMIT: usize = 4 * 1024 * 1024;
-const CHECK_CONCURRENCY: usize = 8;
+const CHECK_CONCURRENCY: usize = 16;
 /// The least time an onion health request gets (descriptor, introduction, rendezvous).
 const ONION_MIN_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -170,6 +175,9 @@ impl Registry {
                     Some(true) => Health::default(),
                 },
                 None if inner.providers.len() >= MAX_PROVIDERS => return Ingest::Full,
+                None if inner.providers.keys().filter(|(pk, _)| *pk == event.pubkey).count() >= MAX_PER_PUBKEY => {
+                    return Ingest::Full
+                }
                 None => Health::default(),
             };
             let recheck = health.checked_at.is_none();
@@ -201,6 +209,9 @@ impl Registry {
                     Some(true) => {}
                 },
                 None if inner.prices.len() >= MAX_PROVIDERS => return Ingest::Full,
+                None if inner.prices.keys().filter(|(pk, _)| *pk == event.pubkey).count() >= MAX_PER_PUBKEY => {
+                    return Ingest::Full
+                }
                 None => {}
             }
             inner.prices.insert(key, PriceList { event_id: event.id, created_at: event.created_at, models });
@@ -208,33 +219,30 @@ impl Registry {
         }
     }
 
-    /// Checks every provider's health now (a few at a time); `.onion` URLs too when `onion`
-    /// (`http` then reaches them through Tor, see [`health_client`]).
-    pub async fn check_all(&self, http: &reqwest::Client, timeout: Duration, onion: bool) {
+    /// Checks every provider's health now (a few at a time), at the URLs `reach` allows (`.onion`
+    /// ones are then reached through Tor by `http`, see [`health_client`]).
+    pub async fn check_all(&self, http: &reqwest::Client, timeout: Duration, reach: Reach) {
         let targets: Vec<(Key, Vec<String>)> = match self.inner.read() {
             Ok(inner) => inner.providers.iter().map(|(k, p)| (k.clone(), p.announcement.urls.clone())).collect(),
             Err(_) => return,
         };
-        let results: Vec<(Key, Vec<String>, Health)> = futures_util::stream::iter(targets)
-            .map(|(key, urls)| async move {
-                let health = probe(http, &urls, timeout, onion).await;
-                (key, urls, health)
-            })
-            .buffer_unordered(CHECK_CONCURRENCY)
-            .collect()
-            .await;
-        if let Ok(mut inner) = self.inner.write() {
-            for (key, urls, mut health) in results {
-                if let Some(p) = inner.providers.get_mut(&key) {
-                    if p.announcement.urls == urls {
-                        if health.status != HealthStatus::Ok {
-                            health.last_ok = p.health.last_ok;
+        // Each result is kept as it comes: a pass slowed by providers that never answer does not
+        // hold back what the others' checks found.
+        futures_util::stream::iter(targets)
+            .for_each_concurrent(CHECK_CONCURRENCY, |(key, urls)| async move {
+                let mut health = probe(http, &urls, timeout, reach).await;
+                if let Ok(mut inner) = self.inner.write() {
+                    if let Some(p) = inner.providers.get_mut(&key) {
+                        if p.announcement.urls == urls {
+                            if health.status != HealthStatus::Ok {
+                                health.last_ok = p.health.last_ok;
+                            }
+                            p.health = health;
                         }
-                        p.health = health;
                     }
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// A snapshot of the providers.
@@ -379,9 +387,24 @@ pub fn table(providers: &[Value], model: Option<&str>) -> String {
     out
 }
 
+/// Which announced URLs the node contacts: `.onion` ones only with a Tor client; loopback and
+/// private addresses only when `private` (`NOSTR_ALLOW_PRIVATE_HOSTS`: tests and private
+/// networks). Announcements are anyone's: without this, a stranger could have the node probe its
+/// operator's own network and read the outcome in `/v1/providers`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reach {
+    pub onion: bool,
+    pub private: bool,
+}
+
 /// The HTTP client for health checks: no redirects, bounded connect and total time. With a Tor
-/// client, `.onion` hosts (and, with TOR_OUTBOUND, all but loopback) go through Tor.
-pub fn health_client(timeout: Duration, tor: Option<&std::sync::Arc<crate::tor::Tor>>) -> reqwest::Client {
+/// client, `.onion` hosts (and, with TOR_OUTBOUND, all but loopback) go through Tor. Unless
+/// `private`, names that resolve to no public address are not connected to.
+pub fn health_client(
+    timeout: Duration,
+    tor: Option<&std::sync::Arc<crate::tor::Tor>>,
+    private: bool,
+) -> reqwest::Client {
     let builder = reqwest::Client::builder();
     let builder = match crate::tor::route(builder, tor) {
         Ok(b) => b,
@@ -390,6 +413,7 @@ pub fn health_client(timeout: Duration, tor: Option<&std::sync::Arc<crate::tor::
             reqwest::Client::builder()
         }
     };
+    let builder = if private { builder } else { builder.dns_resolver(crate::lnurl::public_only_resolver()) };
     builder
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(timeout)
@@ -400,13 +424,19 @@ pub fn health_client(timeout: Duration, tor: Option<&std::sync::Arc<crate::tor::
 }
 
 /// The base of an announced URL: `https://x/`, `https://x/v1` → `https://x`. `None` for anything
-/// but http(s), and for onion hosts unless `onion` (they need Tor).
-pub fn probe_base(url: &str, onion: bool) -> Option<String> {
+/// but http(s), for onion hosts unless `reach.onion` (they need Tor), for loopback and private
+/// addresses unless `reach.private`, and for URLs with a query or fragment (the node appends
+/// its own paths).
+pub fn probe_base(url: &str, reach: Reach) -> Option<String> {
     let parsed = reqwest::Url::parse(url).ok()?;
-    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+    let host = parsed.host_str()?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.query().is_some() || parsed.fragment().is_some() {
         return None;
     }
-    if !onion && crate::tor::is_onion(&parsed) {
+    if !reach.onion && crate::tor::is_onion(&parsed) {
+        return None;
+    }
+    if !reach.private && crate::lnurl::is_local_host(&crate::lnurl::normalize_host(host)) {
         return None;
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
@@ -416,12 +446,12 @@ pub fn probe_base(url: &str, onion: bool) -> Option<String> {
     Some(trimmed.strip_suffix("/v1").unwrap_or(trimmed).to_owned())
 }
 
-async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration, onion: bool) -> Health {
+async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration, reach: Reach) -> Health {
     let now = Timestamp::now().as_secs();
     let mut error = None;
-    for url in urls {
-        let Some(base) = probe_base(url, onion) else {
-            error.get_or_insert_with(|| format!("{url}: not reachable without Tor or not http(s)"));
+    for url in urls.iter().take(MAX_PROBED_URLS) {
+        let Some(base) = probe_base(url, reach) else {
+            error.get_or_insert_with(|| format!("{url}: not a public http(s) URL the node may reach"));
             continue;
         };
         let timeout = match reqwest::Url::parse(&base).is_ok_and(|u| crate::tor::is_onion(&u)) {
@@ -451,7 +481,7 @@ async fn probe(http: &reqwest::Client, urls: &[String], timeout: Duration, onion
         }
     }
     let status =
-        if urls.iter().any(|u| probe_base(u, onion).is_some()) { HealthStatus::Down } else { HealthStatus::Unknown };
+        if urls.iter().any(|u| probe_base(u, reach).is_some()) { HealthStatus::Down } else { HealthStatus::Unknown };
     Health { status, error, checked_at: Some(now), ..Health::default() }
 }
 
@@ -538,6 +568,26 @@ mod tests {
     }
 
     #[test]
+    fn one_key_cannot_fill_the_registry() {
+        let registry = Registry::new(None);
+        let (flooder, honest) = (Keys::generate(), Keys::generate());
+        let now = Timestamp::now();
+        let outcomes: Vec<Ingest> = (0..MAX_PER_PUBKEY + 5)
+            .map(|i| {
+                let event = announcement(&format!("d{i}"), "flood").builder(now).sign_with_keys(&flooder).unwrap();
+                registry.ingest(&event, now)
+            })
+            .collect();
+        assert_eq!(outcomes.iter().filter(|o| **o == Ingest::Accepted).count(), MAX_PER_PUBKEY);
+        assert_eq!(outcomes.last(), Some(&Ingest::Full));
+        let event = announcement("mine", "honest").builder(now).sign_with_keys(&honest).unwrap();
+        assert_eq!(registry.ingest(&event, now), Ingest::Accepted, "another key still gets in");
+        // A newer announcement of a key's existing provider is still taken.
+        let update = announcement("d0", "flood v2").builder(now + 1).sign_with_keys(&flooder).unwrap();
+        assert_eq!(registry.ingest(&update, now + 1), Ingest::Accepted);
+    }
+
+    #[test]
     fn price_lists_attach_to_their_own_announcement_only() {
         let registry = Registry::new(None);
         let keys = Keys::generate();
@@ -581,16 +631,32 @@ mod tests {
         let names: Vec<&str> = list.iter().map(|p| p["name"].as_str().unwrap()).collect();
         assert_eq!(names, ["cheap", "fast", "slow", "down"]);
         assert!(table(&list, Some("m")).contains("cheap"));
-        for tor in [false, true] {
-            assert_eq!(probe_base("https://x.example/v1/", tor).as_deref(), Some("https://x.example"));
-            assert_eq!(probe_base("http://127.0.0.1:8000", tor).as_deref(), Some("http://127.0.0.1:8000"));
-            assert_eq!(probe_base("file:///etc/passwd", tor), None);
-            assert_eq!(probe_base("ftp://x.example", tor), None);
-            assert_eq!(probe_base("http://user:pw@x.example", tor), None);
+        for onion in [false, true] {
+            let anywhere = Reach { onion, private: true };
+            assert_eq!(probe_base("https://x.example/v1/", anywhere).as_deref(), Some("https://x.example"));
+            assert_eq!(probe_base("http://127.0.0.1:8000", anywhere).as_deref(), Some("http://127.0.0.1:8000"));
+            assert_eq!(probe_base("file:///etc/passwd", anywhere), None);
+            assert_eq!(probe_base("ftp://x.example", anywhere), None);
+            assert_eq!(probe_base("http://user:pw@x.example", anywhere), None);
+            // The node appends its own paths: a fragment or query would swallow them.
+            assert_eq!(probe_base("http://x.example/any/path?q#", anywhere), None);
+            let public = Reach { onion, private: false };
+            assert_eq!(probe_base("https://x.example/v1/", public).as_deref(), Some("https://x.example"));
+            for local in [
+                "http://127.0.0.1:8000",
+                "http://10.0.0.5",
+                "http://169.254.169.254/",
+                "http://[::1]:80",
+                "http://localhost:1",
+                "http://a.localhost",
+            ] {
+                assert_eq!(probe_base(local, public), None, "{local}");
+            }
         }
         let onion = format!("http://{}.onion", "a".repeat(56));
-        assert_eq!(probe_base(&onion, false), None, "onion needs Tor");
-        assert_eq!(probe_base(&format!("{onion}/v1"), true), Some(onion.clone()));
-        assert_eq!(probe_base(&format!("https://{}.ONION/", "b".repeat(56)), false), None);
+        let (without_tor, with_tor) = (Reach { onion: false, private: false }, Reach { onion: true, private: false });
+        assert_eq!(probe_base(&onion, without_tor), None, "onion needs Tor");
+        assert_eq!(probe_base(&format!("{onion}/v1"), with_tor), Some(onion.clone()));
+        assert_eq!(probe_base(&format!("https://{}.ONION/", "b".repeat(56)), without_tor), None);
     }
 }

@@ -101,7 +101,45 @@ pub struct ModelOffer {
     pub sats_pricing: Value,
 }
 
+/// The fields of a model's `sats_pricing` (PROTOCOL.md §2); others are dropped.
+const PRICE_FIELDS: [&str; 11] = [
+    "prompt",
+    "completion",
+    "request",
+    "image",
+    "web_search",
+    "internal_reasoning",
+    "input_cache_read",
+    "input_cache_write",
+    "max_prompt_cost",
+    "max_completion_cost",
+    "max_cost",
+];
+/// Longest model id or name kept.
+const MAX_MODEL_TEXT: usize = 256;
+
 impl ModelOffer {
+    /// The offer as a stranger may hand it to us, bounded: an id of sensible length, a name cut
+    /// short, and a `sats_pricing` of the known fields' numbers (anything else in it is
+    /// dropped), so no provider makes the registry large. `None` without an id or prices.
+    fn bounded(mut self) -> Option<ModelOffer> {
+        if self.id.is_empty() || self.id.len() > MAX_MODEL_TEXT {
+            return None;
+        }
+        if let Some(name) = &mut self.name {
+            if let Some((cut, _)) = name.char_indices().nth(MAX_MODEL_TEXT) {
+                name.truncate(cut);
+            }
+        }
+        let given = self.sats_pricing.as_object()?;
+        let prices: serde_json::Map<String, Value> = PRICE_FIELDS
+            .iter()
+            .filter_map(|field| given.get(*field).filter(|v| v.is_number()).map(|v| ((*field).to_owned(), v.clone())))
+            .collect();
+        self.sats_pricing = Value::Object(prices);
+        Some(self)
+    }
+
     fn price(&self, field: &str) -> f64 {
         self.sats_pricing.get(field).and_then(Value::as_f64).unwrap_or(0.0)
     }
@@ -128,15 +166,13 @@ pub fn offers_from_listing(listing: &Value) -> Vec<ModelOffer> {
                 .filter_map(|m| {
                     let id = m.get("id")?.as_str()?.to_owned();
                     let sats_pricing = m.get("sats_pricing").filter(|p| p.is_object())?.clone();
-                    if id.is_empty() || id.len() > 256 {
-                        return None;
-                    }
-                    Some(ModelOffer {
+                    ModelOffer {
                         name: m.get("name").and_then(Value::as_str).filter(|n| *n != id).map(str::to_owned),
                         context_length: m.get("context_length").and_then(Value::as_u64),
                         id,
                         sats_pricing,
-                    })
+                    }
+                    .bounded()
                 })
                 .collect()
         })
@@ -178,8 +214,7 @@ pub fn parse_models(event: &Event) -> Option<(String, Option<String>, Vec<ModelO
         .iter()
         .find(|t| t.as_slice().first().map(String::as_str) == Some("a"))
         .and_then(|t| t.as_slice().get(1).cloned());
-    let mut models = content.models;
-    models.retain(|m| !m.id.is_empty() && m.id.len() <= 256);
+    let mut models: Vec<ModelOffer> = content.models.into_iter().filter_map(ModelOffer::bounded).collect();
     models.truncate(MAX_MODELS);
     Some((event.tags.identifier().unwrap_or_default().to_owned(), a, models))
 }
@@ -282,6 +317,27 @@ mod tests {
         assert_eq!((d.as_str(), a.unwrap()), ("abc", coordinate(&keys.public_key(), "abc")));
         assert_eq!(models, offers);
         assert_eq!(models[0].reference_cost(), 1.0 + 1000.0 * 0.03);
+    }
+
+    #[test]
+    fn a_strangers_model_list_is_kept_small() {
+        let mut pricing = serde_json::Map::new();
+        pricing.insert("prompt".into(), json!(0.001));
+        pricing.insert("padding".into(), json!("x".repeat(1_000_000)));
+        pricing.insert("n".repeat(100), json!(1.0));
+        for i in 0..100 {
+            pricing.insert(format!("f{i:03}"), json!(i));
+        }
+        let listing = json!({"data": [
+            {"id": "m", "name": "N".repeat(10_000), "sats_pricing": pricing},
+            {"id": "x".repeat(300), "sats_pricing": {"prompt": 1.0}},
+        ]});
+        let offers = offers_from_listing(&listing);
+        assert_eq!(offers.len(), 1, "an id too long is dropped");
+        let kept = offers[0].sats_pricing.as_object().unwrap();
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["prompt"], "only the known fields, as numbers");
+        assert_eq!(offers[0].name.as_ref().map(|n| n.chars().count()), Some(MAX_MODEL_TEXT));
+        assert!(serde_json::to_string(&offers).unwrap().len() < 2_000);
     }
 
     #[test]

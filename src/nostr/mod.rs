@@ -42,7 +42,7 @@ pub struct Nostr {
     onion: watch::Sender<Option<String>>,
     http: reqwest::Client,
     /// Whether `http` reaches `.onion` providers (the node has a Tor client).
-    onion_checks: bool,
+    reach: discovery::Reach,
     timeout: Duration,
     stats: Mutex<Stats>,
 }
@@ -73,8 +73,8 @@ impl Nostr {
                 .build(),
             registry: Arc::new(Registry::new(Some(keys.public_key()))),
             onion: watch::Sender::new(settings.onion_url.clone().filter(|u| !u.is_empty())),
-            http: discovery::health_client(timeout, tor),
-            onion_checks: tor.is_some(),
+            http: discovery::health_client(timeout, tor, settings.nostr_allow_private_hosts),
+            reach: discovery::Reach { onion: tor.is_some(), private: settings.nostr_allow_private_hosts },
             keys,
             relays,
             timeout,
@@ -180,7 +180,7 @@ async fn discover(nostr: &Nostr) {
 async fn check_health(nostr: &Nostr, settings: &Settings) {
     let every = Duration::from_secs(settings.nostr_health_seconds.max(1));
     loop {
-        nostr.registry.check_all(&nostr.http, nostr.timeout, nostr.onion_checks).await;
+        nostr.registry.check_all(&nostr.http, nostr.timeout, nostr.reach).await;
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = nostr.registry.changed.notified() => {

@@ -198,7 +198,11 @@ pub fn offers(
         if node.router.is_cooling(&offer.pubkey) {
             continue;
         }
-        let Some(base_url) = crate::nostr::discovery::probe_base(&offer.url, node.tor.is_some()) else { continue };
+        let reach = crate::nostr::discovery::Reach {
+            onion: node.tor.is_some(),
+            private: node.settings.nostr_allow_private_hosts,
+        };
+        let Some(base_url) = crate::nostr::discovery::probe_base(&offer.url, reach) else { continue };
         let Some(prices) = prices_from_sats(&offer.sats_pricing) else { continue };
         let shared = offer
             .mints

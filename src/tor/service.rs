@@ -76,7 +76,7 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
 
     // Admitted rendezvous circuits hand their accepted streams to this loop, which serves them
     // under one graceful-shutdown watch.
-    let (streams_tx, mut streams_rx) = mpsc::channel::<(DataStream, OwnedSemaphorePermit)>(64);
+    let (streams_tx, mut streams_rx) = mpsc::channel::<(DataStream, OwnedSemaphorePermit, server::Circuit)>(64);
     let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
     let mut window =
         CircuitWindow::new(settings.onion_max_new_circuits, Duration::from_secs(settings.onion_circuit_window_seconds));
@@ -102,9 +102,9 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
                 }
                 tokio::spawn(accept_circuit(rend, tor.clone(), slots.clone(), streams_tx.clone()));
             }
-            Some((stream, permit)) = streams_rx.recv() => {
+            Some((stream, permit, circuit)) = streams_rx.recv() => {
                 let used = Arc::new(server::ConnectionUse::default());
-                let service = server::service(node.clone(), Origin::Onion, used.clone());
+                let service = server::service(node.clone(), Origin::Onion, circuit, used.clone());
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 server::spawn_connection(graceful.watch(conn), used, idle, permit);
             }
@@ -125,8 +125,11 @@ async fn accept_circuit(
     rend: RendRequest,
     tor: Arc<Tor>,
     slots: Arc<Semaphore>,
-    streams: mpsc::Sender<(DataStream, OwnedSemaphorePermit)>,
+    streams: mpsc::Sender<(DataStream, OwnedSemaphorePermit, server::Circuit)>,
 ) {
+    // Numbered in this process: what the rate limit counts on (a circuit has no address).
+    static CIRCUITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let circuit = server::Circuit(CIRCUITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let mut requests = match rend.accept().await {
         Ok(r) => r,
         Err(e) => {
@@ -150,7 +153,7 @@ async fn accept_circuit(
                         s.state = TorState::Reachable;
                     }
                 });
-                if streams.send((stream, permit)).await.is_err() {
+                if streams.send((stream, permit, circuit)).await.is_err() {
                     return; // shutting down
                 }
             }

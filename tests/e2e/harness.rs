@@ -247,6 +247,8 @@ impl Harness {
             ("LEDGER_SYNC".into(), "normal".into()),
             // Hermetic: no public relays. The Nostr tests turn it on with their own relay.
             ("NOSTR_ENABLED".into(), "false".into()),
+            // Every provider in these tests is on loopback.
+            ("NOSTR_ALLOW_PRIVATE_HOSTS".into(), "true".into()),
         ];
         // `{PORT}` in a value becomes the node's port (e.g. HTTP_URL=http://127.0.0.1:{PORT}),
         // `{MINT}` this harness's mint.

@@ -161,6 +161,8 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
         ("PORT".into(), port.to_string()),
         ("CLEARNET_LISTEN".into(), "false".into()),
         ("NOSTR_ENABLED".into(), "false".into()),
+        // Onion clients have no address: they are limited per circuit.
+        ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
     ];
     env.extend(tor_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let mut child = spawn_node(&h, &env);
@@ -185,6 +187,14 @@ async fn onion_service_serves_paid_requests_and_keeps_its_address() {
         .await
         .expect("balance over the onion");
     assert_eq!(balance.json["balance"], 50_000 - 2 * CHAT_COST_MSAT, "{}", balance.text);
+    // Over one circuit (C tor keeps its circuit to the service), the seventh request in a minute
+    // finds the bucket empty.
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let info = curl(socks, "GET", &format!("{onion_url}/v1/info"), &[], None).await.expect("info over the onion");
+        statuses.push(info.status);
+    }
+    assert!(statuses.contains(&429), "a circuit is rate-limited: {statuses:?}");
 
     // A clean stop (SIGTERM drains the onion side too).
     stop(&mut child).await;

@@ -209,7 +209,7 @@ async function loadNostr() {
   $("nostr-info").textContent = JSON.stringify(info, null, 2);
   $("nostr-last-announcement").textContent = when(n.last_announcement_at) || "never";
   $("nostr-last-prices").textContent = when(n.last_price_list_at) || "never";
-  fill($("providers"), (providers || []).map((p) => row([p.name || p.pubkey || "", (p.urls || [p.url]).join(" "), String(p.healthy ?? p.health?.healthy ?? "")])));
+  fill($("providers"), (providers || []).map((p) => row([p.name || p.pubkey || "", (p.urls || [p.url]).join(" "), String(p.health ?? "")])));
 }
 
 async function loadTor() {
