@@ -30,6 +30,11 @@ const EXPIRED_REFUND_RETRY_SECS: i64 = 600;
 
 /// Expired invoices are asked about on one watcher pass in this many.
 const EXPIRED_INVOICE_EVERY: u64 = 12;
+/// Open invoices asked about at once on a watcher pass.
+const INVOICE_CHECKS_AT_ONCE: usize = 8;
+/// Most invoices waiting to be paid; more are refused until some are paid or expire (anyone may
+/// ask for one, and each is asked about on every watcher pass).
+pub const MAX_UNPAID_INVOICES: u64 = 1000;
 
 /// Lightning settings (from [`Settings`]).
 #[derive(Debug, Clone)]
@@ -175,6 +180,13 @@ impl Payments {
                 "amount_sats must be between {} and {}",
                 o.min_invoice_sat, o.max_invoice_sat
             )));
+        }
+        // Every unpaid invoice is asked about each pass: their number is bounded.
+        if self.ledger.unpaid_invoices().await? >= MAX_UNPAID_INVOICES {
+            return Err(ApiError::Unavailable(
+                "too many Lightning invoices are waiting to be paid here; try again later or pay with a Cashu token"
+                    .into(),
+            ));
         }
         let id = hex::encode(rand::random::<[u8; 16]>());
         let (purpose, key_hash) = match topup_key {
@@ -703,22 +715,30 @@ impl Payments {
         if !self.lightning.enabled {
             return;
         }
-        match self.ledger.open_invoices(self.lightning.invoice_grace_secs).await {
-            Ok(invoices) => {
-                let expired_too = pass.is_multiple_of(EXPIRED_INVOICE_EVERY);
-                for invoice in invoices.into_iter().filter(|i| expired_too || i.state == "unpaid") {
-                    if let Err(e) = self.settle_invoice(invoice).await {
-                        tracing::debug!(error = %e, "open invoice not settled yet");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "could not list open invoices"),
-        }
+        // Money already on its way out first: however many invoices are open, a refund in
+        // flight is looked at every pass.
         if let Err(e) = self.reconcile_lightning_payouts().await {
             tracing::warn!(error = %e, "Lightning refunds still unresolved");
         }
         if let Err(e) = self.reconcile_operator_payouts().await {
             tracing::warn!(error = %e, "operator payouts still unresolved");
+        }
+        match self.ledger.open_invoices(self.lightning.invoice_grace_secs).await {
+            Ok(invoices) => {
+                let expired_too = pass.is_multiple_of(EXPIRED_INVOICE_EVERY);
+                let open = invoices.into_iter().filter(|i| expired_too || i.state == "unpaid");
+                futures_util::StreamExt::for_each_concurrent(
+                    futures_util::stream::iter(open),
+                    INVOICE_CHECKS_AT_ONCE,
+                    |invoice| async move {
+                        if let Err(e) = self.settle_invoice(invoice).await {
+                            tracing::debug!(error = %e, "open invoice not settled yet");
+                        }
+                    },
+                )
+                .await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not list open invoices"),
         }
         if let Err(e) = self.refund_expired_keys().await {
             tracing::warn!(error = %e, "expired keys not refunded yet");

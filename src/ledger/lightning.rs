@@ -210,6 +210,17 @@ impl Ledger {
             .await
     }
 
+    /// How many invoices wait to be paid.
+    pub async fn unpaid_invoices(&self) -> Result<u64, LedgerError> {
+        self.store
+            .read(|c| {
+                let n: i64 =
+                    c.query_row("SELECT COUNT(*) FROM ln_invoices WHERE state = 'unpaid'", [], |r| r.get(0))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+            .await
+    }
+
     /// Invoices still worth asking about: unpaid ones, and expired ones within `grace_secs` of
     /// their expiry (a payment can land late).
     pub async fn open_invoices(&self, grace_secs: i64) -> Result<Vec<Invoice>, LedgerError> {
