@@ -79,6 +79,8 @@ impl Drop for InFlightGuard {
 pub struct Node {
     pub inflight: Arc<InFlight>,
     pub rate_limiter: crate::ratelimit::RateLimiter,
+    /// `MAX_CONNECTIONS` client connections, clearnet and onion together.
+    pub connection_slots: Arc<tokio::sync::Semaphore>,
     /// Set when shutdown gives up waiting: running streams end and settle.
     stopping: watch::Sender<bool>,
     pub settings: Settings,
@@ -254,6 +256,7 @@ impl Node {
         let node = Arc::new(Node {
             inflight: Arc::default(),
             rate_limiter: crate::ratelimit::RateLimiter::new(settings.rate_limit_per_minute),
+            connection_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_connections.max(1))),
             stopping: watch::channel(false).0,
             settings,
             payments,

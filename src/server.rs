@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use crate::node::Node;
 
@@ -167,7 +167,7 @@ pub async fn serve(listener: TcpListener, node: Arc<Node>, mut shutdown: watch::
     let idle = node.settings.client_idle_timeout();
     let builder = Arc::new(http_builder(idle));
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(node.settings.max_connections.max(1)));
+    let slots = node.connection_slots.clone();
     loop {
         // Take a slot first: beyond the limit, connections wait in the kernel's accept queue.
         let permit = tokio::select! {

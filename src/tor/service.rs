@@ -77,7 +77,7 @@ async fn run(node: Arc<Node>, tor: Arc<Tor>, mut shutdown: watch::Receiver<bool>
     // Admitted rendezvous circuits hand their accepted streams to this loop, which serves them
     // under one graceful-shutdown watch.
     let (streams_tx, mut streams_rx) = mpsc::channel::<(DataStream, OwnedSemaphorePermit, server::Circuit)>(64);
-    let slots = Arc::new(Semaphore::new(settings.max_connections.max(1)));
+    let slots = node.connection_slots.clone();
     let mut window =
         CircuitWindow::new(settings.onion_max_new_circuits, Duration::from_secs(settings.onion_circuit_window_seconds));
     let idle = node.settings.client_idle_timeout();
