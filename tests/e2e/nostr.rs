@@ -340,15 +340,17 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     assert!(row.starts_with("1 ") && row.contains(" ok ") && row.contains(&a.node.url), "{table}");
     assert!(!table.contains("third"), "third sells no gpt-test: {table}");
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
-        .args(["providers", "--json"])
-        .env_clear()
-        .env("RELAYS", format!("{refused_url},{relay_url}"))
-        .env("NOSTR_TIMEOUT_SECONDS", "3")
-        .env("DATA_DIR", b.data_dir.join("cli").display().to_string())
-        .output()
-        .await
-        .unwrap();
+    let one_shot = |allow_private: &'static str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_routstr-node"))
+            .args(["providers", "--json"])
+            .env_clear()
+            .env("RELAYS", format!("{refused_url},{relay_url}"))
+            .env("NOSTR_TIMEOUT_SECONDS", "3")
+            .env("NOSTR_ALLOW_PRIVATE_HOSTS", allow_private)
+            .env("DATA_DIR", b.data_dir.join("cli").display().to_string())
+            .output()
+    };
+    let out = one_shot("true").await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let found: Value = serde_json::from_slice(&out.stdout).unwrap();
     let found = found["providers"].as_array().unwrap();
@@ -356,6 +358,14 @@ async fn discovers_a_second_node_and_ignores_forged_future_and_stale_events() {
     assert_eq!(pks, [a_pk.as_str(), third_pk.as_str()], "healthy A first; no forged or future event");
     assert_eq!(found[0]["health"], "ok");
     assert_eq!(found[1]["name"], "third", "the relay's store holds the newest third-party event");
+    // By default an announced loopback URL is not contacted: announcements are anyone's.
+    let out = one_shot("false").await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let a_seen = found["providers"].as_array().unwrap().iter().find(|p| p["pubkey"] == a_pk.as_str()).cloned();
+    let a_seen = a_seen.expect("A is still listed");
+    assert_ne!(a_seen["health"], "ok", "{a_seen}");
+    assert!(a_seen["error"].as_str().unwrap_or_default().contains("not a public"), "{a_seen}");
 
     a.assert_conserved().await;
     b.assert_conserved().await;
