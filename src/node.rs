@@ -405,7 +405,7 @@ impl Node {
             }
         };
         for key in keys {
-            if let Err(e) = self.payments.pay_out(&key, None, None).await {
+            if let Err(e) = self.payments.pay_stranded_change(&key).await {
                 tracing::debug!(error = %e, "stranded change still cannot be paid");
             }
         }

@@ -494,9 +494,24 @@ impl Payments {
         source_token_hash: Option<&str>,
         request_id: Option<&str>,
     ) -> Result<Option<PaidOut>, ApiError> {
-        let Some(payout) = self.ledger.begin_payout(key_hash, source_token_hash, request_id).await? else {
-            return Ok(None);
-        };
+        match self.ledger.begin_payout(key_hash, source_token_hash, request_id, false).await? {
+            Some(payout) => self.make_payout(payout).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Pays out the change an `X-Cashu` request left behind (its mint was away when it ended),
+    /// unless a request is using the key right now: a client retrying with its token is then
+    /// spending that balance, and gets what is left as its own change.
+    pub async fn pay_stranded_change(&self, key_hash: &str) -> Result<Option<PaidOut>, ApiError> {
+        match self.ledger.begin_payout(key_hash, None, None, true).await? {
+            Some(payout) => self.make_payout(payout).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Makes the token of a payout begun (debited) in the ledger, and keeps it there.
+    async fn make_payout(&self, payout: crate::ledger::Payout) -> Result<PaidOut, ApiError> {
         let mint = if payout.mint_url.is_empty() {
             self.wallet.trusted_mints().into_iter().next().unwrap_or_default()
         } else {
@@ -513,7 +528,7 @@ impl Payments {
         match attempt {
             Ok((sent, debit)) => {
                 self.ledger.complete_payout(payout.id, &sent.token, debit, sent.amount_msat, sent.fee_msat).await?;
-                Ok(Some(PaidOut { token: sent.token, amount_msat: sent.amount_msat }))
+                Ok(PaidOut { token: sent.token, amount_msat: sent.amount_msat })
             }
             Err(e) => {
                 self.ledger.fail_payout(payout.id).await?;

@@ -246,7 +246,7 @@ impl Ledger {
         let (key_hash, destination, holds) = (key_hash.to_owned(), destination.to_owned(), self.holds.clone());
         self.store
             .run(move |c| {
-                let Some(payout) = super::debit_for_payout(c, &holds, &key_hash, None, None)? else {
+                let Some(payout) = super::debit_for_payout(c, &holds, &key_hash, None, None, false)? else {
                     return Ok(None);
                 };
                 c.execute(

@@ -564,12 +564,17 @@ impl Ledger {
         key_hash: &str,
         source_token_hash: Option<&str>,
         request_id: Option<&str>,
+        only_if_idle: bool,
     ) -> Result<Option<Payout>, LedgerError> {
         let key_hash = key_hash.to_owned();
         let source = source_token_hash.map(str::to_owned);
         let request_id = request_id.map(str::to_owned);
         let holds = self.holds.clone();
-        self.store.run(move |c| debit_for_payout(c, &holds, &key_hash, source.as_deref(), request_id.as_deref())).await
+        self.store
+            .run(move |c| {
+                debit_for_payout(c, &holds, &key_hash, source.as_deref(), request_id.as_deref(), only_if_idle)
+            })
+            .await
     }
 
     /// The payout's token exists: keep it (it is handed out from here, and again on request).
@@ -934,8 +939,12 @@ fn debit_for_payout(
     key_hash: &str,
     source: Option<&str>,
     request_id: Option<&str>,
+    only_if_idle: bool,
 ) -> Result<Option<Payout>, LedgerError> {
     let held = holds.seize(key_hash);
+    if only_if_idle && held > 0 {
+        return Ok(None);
+    }
     let Some(key) = read_key(c, key_hash)? else {
         return Err(LedgerError::KeyNotFound);
     };

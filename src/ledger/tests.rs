@@ -158,7 +158,7 @@ async fn payouts_debit_first_and_can_be_replayed() {
     let temp = temp_ledger("payout");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
     funded(&ledger, "t1", "k1", 2_500).await;
-    let p = ledger.begin_payout("k1", Some("src"), None).await.unwrap().unwrap();
+    let p = ledger.begin_payout("k1", Some("src"), None, false).await.unwrap().unwrap();
     assert_eq!(p.debit_msat, 2_500);
     assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 0);
     assert_eq!(ledger.latest_payout(None, Some("src")).await.unwrap(), PayoutLookup::Pending);
@@ -170,10 +170,24 @@ async fn payouts_debit_first_and_can_be_replayed() {
         ledger.latest_payout(Some("k1"), None).await.unwrap(),
         PayoutLookup::Ready { token: "cashuBxyz".into(), amount_msat: 2_000 }
     );
-    let p2 = ledger.begin_payout("k1", None, None).await.unwrap().unwrap();
+    let p2 = ledger.begin_payout("k1", None, None, false).await.unwrap().unwrap();
     ledger.fail_payout(p2.id).await.unwrap();
     ledger.fail_payout(p2.id).await.unwrap();
     assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 500);
+    assert!(ledger.totals().await.unwrap().conserved());
+    assert!(ledger.abandoned_send_tags().await.unwrap().contains(&format!("payout:{}", p2.id)));
+}
+
+#[tokio::test]
+async fn stranded_change_is_not_paid_while_a_request_uses_the_key() {
+    let temp = temp_ledger("stranded");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 3_000).await;
+    let r = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
+    assert!(ledger.begin_payout("k1", None, None, true).await.unwrap().is_none(), "a request holds part of it");
+    ledger.settle(&r, 400, "usage").await.unwrap();
+    let p = ledger.begin_payout("k1", None, None, true).await.unwrap().expect("idle now");
+    assert_eq!(p.debit_msat, 2_600);
     assert!(ledger.totals().await.unwrap().conserved());
 }
 
@@ -587,7 +601,7 @@ async fn random_money_moves_match_a_reference_model() {
                     assert!(!ledger.settle(&r, 1, "again").await.unwrap().first_time);
                 }
                 5 => {
-                    let got = outcome(ledger.begin_payout(key, None, None).await);
+                    let got = outcome(ledger.begin_payout(key, None, None, false).await);
                     let Some(k) = model.get_mut(key) else {
                         assert_eq!(got.err().as_deref(), Some("KeyNotFound"));
                         continue;
@@ -669,7 +683,7 @@ async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
                 let key = ["ka", "kb"][dice.below(2) as usize];
                 match dice.below(10) {
                     0 => {
-                        if let Some(p) = ledger.begin_payout(key, None, None).await.unwrap() {
+                        if let Some(p) = ledger.begin_payout(key, None, None, false).await.unwrap() {
                             paid += 1;
                             if dice.below(2) == 0 {
                                 ledger.fail_payout(p.id).await.unwrap();
@@ -737,7 +751,7 @@ async fn a_reservation_during_a_payout_waits_for_it() {
     let payout = ledger
         .store
         .run(move |c| {
-            let payout = debit_for_payout(c, &holds, "k1", None, None)?.expect("6,000 are free");
+            let payout = debit_for_payout(c, &holds, "k1", None, None, false)?.expect("6,000 are free");
             // Mid-job, as a request on another thread would see it.
             assert_eq!(holds.try_reserve("k1", "r2", 1)?, Admission::Unknown);
             Ok(payout)
