@@ -34,32 +34,34 @@ pub enum Origin {
 }
 
 /// What tells an idle connection: its requests still open (until their answer's body ends) and
-/// how many have begun.
+/// how many times one began or ended.
 #[derive(Debug, Default)]
 pub struct ConnectionUse {
     open: AtomicUsize,
-    begun: AtomicUsize,
+    /// Counts each request's start and its end: a connection is idle only after a whole period
+    /// without either, so the last answer's bytes still in hyper's buffers have long been sent.
+    moves: AtomicUsize,
 }
 
 impl ConnectionUse {
     fn begin(self: &Arc<Self>) -> OpenRequest {
-        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.moves.fetch_add(1, Ordering::Relaxed);
         self.open.fetch_add(1, Ordering::Relaxed);
         OpenRequest(self.clone())
     }
 
-    /// Returns once the connection has gone `idle` with no request open and none begun: both
+    /// Returns once the connection has gone `idle` with no request open, begun or ended: both
     /// HTTP/1's wait for a first request (hyper's header timeout starts only after it has told
     /// HTTP/1 from HTTP/2) and an HTTP/2 connection without streams would otherwise last for good.
     pub async fn idle(&self, idle: Duration) {
         let mut seen = 0;
         loop {
             tokio::time::sleep(idle).await;
-            let begun = self.begun.load(Ordering::Relaxed);
-            if begun == seen && self.open.load(Ordering::Relaxed) == 0 {
+            let moves = self.moves.load(Ordering::Relaxed);
+            if moves == seen && self.open.load(Ordering::Relaxed) == 0 {
                 return;
             }
-            seen = begun;
+            seen = moves;
         }
     }
 }
@@ -69,6 +71,7 @@ struct OpenRequest(Arc<ConnectionUse>);
 
 impl Drop for OpenRequest {
     fn drop(&mut self) {
+        self.0.moves.fetch_add(1, Ordering::Relaxed);
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }

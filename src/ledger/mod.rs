@@ -892,18 +892,25 @@ impl Ledger {
     /// At start, before serving: a `pending` spend never sent its token (one made for it is
     /// taken back, see `Payments::revoke_abandoned_sends`), so it failed; a `sent` one died with its request, so its
     /// change is to be recovered. Returns how many were left `sent`.
-    /// The wallet tags (`payout:<id>`, `remote:<id>`) of payouts and provider payments recorded as
-    /// failed: a token made for one of them never left the node.
+    /// The wallet tags (`payout:<id>`, `remote:<id>`) of token payouts and provider payments
+    /// recorded as failed in the last week: a token made for one of them never left the node.
+    /// (Taking one back takes minutes, or as long as its mint is away; older ones are done with,
+    /// and the wallet is not searched for them every minute.)
     pub async fn abandoned_send_tags(&self) -> Result<HashSet<String>, LedgerError> {
+        const LOOK_BACK_SECS: i64 = 7 * 86_400;
         self.store
             .read(|c| {
+                let since = now_secs() - LOOK_BACK_SECS;
                 let mut tags = HashSet::new();
-                let mut failed = c.prepare("SELECT id FROM payouts WHERE state = 'failed'")?;
-                for id in failed.query_map([], |r| r.get::<_, i64>(0))? {
+                let mut failed = c.prepare(
+                    "SELECT id FROM payouts WHERE state = 'failed' AND method = 'cashu' AND updated_at >= ?1",
+                )?;
+                for id in failed.query_map([since], |r| r.get::<_, i64>(0))? {
                     tags.insert(format!("payout:{}", id?));
                 }
-                let mut failed = c.prepare("SELECT id FROM remote_spends WHERE state = 'failed'")?;
-                for id in failed.query_map([], |r| r.get::<_, i64>(0))? {
+                let mut failed =
+                    c.prepare("SELECT id FROM remote_spends WHERE state = 'failed' AND updated_at >= ?1")?;
+                for id in failed.query_map([since], |r| r.get::<_, i64>(0))? {
                     tags.insert(format!("remote:{}", id?));
                 }
                 Ok(tags)

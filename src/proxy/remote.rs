@@ -361,44 +361,34 @@ pub fn change_due(sent_msat: u64, their_cost: Option<&Value>) -> Option<u64> {
 
 /// Ends a spend: takes the change back into the wallet. `change` is what the provider returned;
 /// `served` whether it answered the request (else, without change, the token itself may still
-/// be ours); `due` the change its cost report implies. Returns the change's value when it is
-/// known, for charging the client.
+/// be ours); `due` the change its cost report implies (only used to tell "no change due" from
+/// "change owed"). Returns the change that is in our wallet now (0 when none was due), for
+/// charging the client; `None` when it is not (owed, unreadable, spent, or its mint away): the
+/// client then pays the whole token, and change recovered later is the operator's. Counting
+/// change that is not in hand would let a provider keep tokens at our expense.
 pub async fn finish(node: &Node, spend: &Spend, change: Option<&str>, served: bool, due: Option<u64>) -> Option<u64> {
     let ledger = node.ledger();
-    let wallet = node.wallet();
-    let recorded = match change {
-        Some(token) => {
-            let mut face = wallet.parse_token(token).ok().map(|p| p.value_msat);
-            let result = match wallet.receive(token).await {
-                Ok(r) => ledger.settle_remote_spend(spend.id, r.credited_msat, r.fee_msat, "change received").await,
-                Err(e) => {
-                    // A change token that is spent or not a token is worth nothing to us: the
-                    // client is then charged by usage, not as if the change had come back.
-                    if !matches!(e, WalletError::MintUnavailable(_) | WalletError::Pending) {
-                        face = None;
-                    }
-                    tracing::warn!(error = %e, "remote change not received now; it will be recovered");
-                    ledger.recovering_remote_spend(spend.id, Some(token), &format!("change not received: {e}")).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::error!(error = %e, "remote spend could not be updated");
+    let (recorded, in_hand) = match change {
+        Some(token) => match node.wallet().receive(token).await {
+            Ok(r) => (
+                ledger.settle_remote_spend(spend.id, r.credited_msat, r.fee_msat, "change received").await,
+                Some(r.value_msat),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "remote change not received now; it will be recovered");
+                let note = format!("change not received: {e}");
+                (ledger.recovering_remote_spend(spend.id, Some(token), &note).await, None)
             }
-            return face;
-        }
-        None if !served => reclaim(node, spend.id, &spend.token).await,
+        },
+        None if !served => (reclaim(node, spend.id, &spend.token).await, None),
         // It kept the whole token (its cost, rounded to whole sats, took it all).
-        None if due == Some(0) => ledger.settle_remote_spend(spend.id, 0, 0, "no change due").await,
-        None => ledger.recovering_remote_spend(spend.id, None, "no change received with the answer").await,
+        None if due == Some(0) => (ledger.settle_remote_spend(spend.id, 0, 0, "no change due").await, Some(0)),
+        None => (ledger.recovering_remote_spend(spend.id, None, "no change received with the answer").await, None),
     };
     if let Err(e) = recorded {
         tracing::error!(error = %e, "remote spend could not be updated");
     }
-    if served {
-        due
-    } else {
-        None
-    }
+    in_hand.filter(|_| served)
 }
 
 /// The provider did not serve: take the token back if it never redeemed it, else leave the

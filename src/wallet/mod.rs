@@ -726,13 +726,24 @@ impl WalletService {
                         .and_then(|t| t.metadata.get(SEND_TAG))
                         .filter(|tag| abandoned.contains(*tag));
                     let Some(tag) = tag else { continue };
-                    if self.timed("send status", wallet.check_send_status(operation)).await? {
-                        continue;
+                    // One send that cannot be taken back now does not hold up the others.
+                    let revoked = async {
+                        if self.timed("send status", wallet.check_send_status(operation)).await? {
+                            return Ok(0);
+                        }
+                        let back = self.timed("revoke", wallet.revoke_send(operation)).await?;
+                        to_msat(back, &wallet.unit)
+                    };
+                    match revoked.await {
+                        Ok(0) => {}
+                        Ok(back_msat) => {
+                            tracing::info!(%tag, msat = back_msat, "took back the proofs of a token that never left the node");
+                            reclaimed = reclaimed.saturating_add(back_msat);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%tag, error = %e, "a token that never left the node is not taken back yet")
+                        }
                     }
-                    let back = self.timed("revoke", wallet.revoke_send(operation)).await?;
-                    let back_msat = to_msat(back, &wallet.unit)?;
-                    tracing::info!(%tag, msat = back_msat, "took back the proofs of a token that never left the node");
-                    reclaimed = reclaimed.saturating_add(back_msat);
                 }
             }
         }
