@@ -98,8 +98,65 @@ async fn bad_input_gets_clear_errors_and_costs_nothing() {
     let info = h.get("/v1/balance/", Some(&key)).await;
     assert_eq!((info.status, info.json["balance"].as_u64()), (200, Some(50_000)), "{}", info.text);
 
+    // A token paying as a bearer key with an unusable Refund-LNURL: refused before it is
+    // redeemed, so the token still pays a request of its own afterwards.
+    let token = h.token(5, false).await;
+    let refused = h
+        .post_with(
+            "/v1/chat/completions",
+            &[("authorization", &format!("Bearer {token}")), ("refund-lnurl", "not an address")],
+            &chat(false),
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert_eq!(h.redeem(&token).await, 5, "the token was not spent");
+
+    // A browser's preflight gets the headers it asks for (SDKs add their own).
+    let preflight = h
+        .http
+        .request(reqwest::Method::OPTIONS, h.url("/v1/chat/completions"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "authorization, x-stainless-os")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(preflight.status(), 204);
+    let allowed = preflight.headers().get("access-control-allow-headers").and_then(|v| v.to_str().ok());
+    assert_eq!(allowed, Some("authorization, x-stainless-os"));
+
     assert_eq!(h.upstream.requests(), 0, "no bad request reached the upstream");
     assert_eq!(h.balance(&key).await, (50_000, 0));
+    h.assert_conserved().await;
+}
+
+#[tokio::test]
+async fn without_lightning_refund_headers_are_ignored() {
+    let mut h =
+        Harness::start_with("no-lightning", Options { env: vec![("LIGHTNING", "false".into())], ..Default::default() })
+            .await;
+    let token = h.token(20, false).await;
+    let created = h
+        .post_with(
+            "/v1/balance/create",
+            &[("refund-lnurl", "alice@example.com"), ("key-expiry-time", "1")],
+            &json!({ "initial_balance_token": token }),
+        )
+        .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+    h.paid_in_msat += 20_000;
+    let key = created.json["api_key"].as_str().unwrap().to_owned();
+    let info = h.get("/v1/balance/info", Some(&key)).await;
+    assert_eq!(
+        (info.json["refund_address"].is_null(), info.json["expiry_time"].is_null()),
+        (true, true),
+        "{}",
+        info.text
+    );
+    // Refunds come as a Cashu token.
+    let refund = h.post_with("/v1/balance/refund", &[("authorization", &format!("Bearer {key}"))], &json!({})).await;
+    assert_eq!(refund.status, 200, "{}", refund.text);
+    assert_eq!(h.redeem(refund.json["token"].as_str().unwrap()).await, 20);
     h.assert_conserved().await;
 }
 
