@@ -5,7 +5,51 @@ use routstr_node::{cli, node};
 // mimalloc's malloc and free take about a third of the instructions glibc's take on the request
 // path (docs/benchmarks.md, round 12). The library leaves the choice of allocator to its user.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: Allocator = Allocator;
+
+/// mimalloc, asked for plain blocks when a layout needs no more than a word's alignment (every
+/// mimalloc block has that): `mimalloc::MiMalloc` asks for every block through its aligned entry
+/// points, whose larger blocks take a slower path (docs/benchmarks.md, round 16).
+struct Allocator;
+
+/// Every block mimalloc hands out is aligned to this (its sizes are whole words).
+const WORD: usize = std::mem::size_of::<usize>();
+
+// SAFETY: every block comes from mimalloc and goes back to it; a layout with an alignment above
+// a word goes through its aligned functions, which honour it.
+unsafe impl std::alloc::GlobalAlloc for Allocator {
+    #[inline]
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.align() <= WORD {
+            unsafe { libmimalloc_sys::mi_malloc(layout.size()).cast() }
+        } else {
+            unsafe { libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()).cast() }
+        }
+    }
+
+    #[inline]
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        if layout.align() <= WORD {
+            unsafe { libmimalloc_sys::mi_zalloc(layout.size()).cast() }
+        } else {
+            unsafe { libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()).cast() }
+        }
+    }
+
+    #[inline]
+    unsafe fn dealloc(&self, ptr: *mut u8, _layout: std::alloc::Layout) {
+        unsafe { libmimalloc_sys::mi_free(ptr.cast()) }
+    }
+
+    #[inline]
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        if layout.align() <= WORD {
+            unsafe { libmimalloc_sys::mi_realloc(ptr.cast(), new_size).cast() }
+        } else {
+            unsafe { libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()).cast() }
+        }
+    }
+}
 
 /// `mi_option_arena_max_object_size` in the mimalloc that libmimalloc-sys (pinned by Cargo.lock)
 /// builds; the crate names only the older options. The test below checks it against its default.

@@ -1,8 +1,9 @@
 //! The call to an upstream (or a discovered provider). Plain-HTTP upstreams that Tor need not
-//! carry go straight to hyper's pooled client; HTTPS and Tor-routed ones go through reqwest (TLS,
-//! proxies). reqwest runs on the same pooled client, but its own layer around each request (URL
-//! and URI conversions, default headers, redirect and proxy checks, boxed futures) was ≈ 8–10 %
-//! of the node's request work at the benchmark (docs/benchmarks.md): most upstreams a node
+//! carry go straight to hyper's HTTP/1.1 client over the node's own pool of kept-alive
+//! connections (`pool`); HTTPS and Tor-routed ones go through reqwest (TLS, proxies). reqwest's
+//! own layer around each request (URL and URI conversions, default headers, redirect and proxy
+//! checks, boxed futures) was ≈ 8–10 % of the node's request work at the benchmark, and
+//! hyper-util's pool around hyper another ≈ 5 % (docs/benchmarks.md): most upstreams a node
 //! meters sit next to it, on plain HTTP.
 //!
 //! Both paths keep the same timeouts: a connect timeout, and an idle timeout that bounds the wait
@@ -14,20 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, LOCATION};
 use hyper::{Method, Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use super::pool::{Lease, Pool, PoolError};
 use crate::tor::Tor;
-
-/// Idle pooled connections are closed after this long.
-const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Idle pooled connections kept per upstream.
-const POOL_MAX_IDLE_PER_HOST: usize = 1024;
 
 /// Why an upstream call failed. Deliberately without the URL or the upstream's words: both can
 /// name the client's request.
@@ -43,7 +37,7 @@ pub enum UpstreamError {
 
 /// How the node calls its upstreams.
 pub struct UpstreamClient {
-    direct: Client<HttpConnector, Full<Bytes>>,
+    direct: Arc<Pool>,
     /// HTTPS and Tor-routed calls (the node's own reqwest client, shared).
     general: reqwest::Client,
     idle: Duration,
@@ -60,15 +54,7 @@ const PROXY_VARIABLES: [&str; 4] = ["http_proxy", "HTTP_PROXY", "all_proxy", "AL
 impl UpstreamClient {
     /// `general` carries what the direct path cannot; it should have the same timeouts.
     pub fn new(general: reqwest::Client, connect: Duration, idle: Duration, tor: Option<Arc<Tor>>) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect));
-        connector.set_keepalive(Some(Duration::from_secs(15)));
-        let direct = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let direct = Pool::new(connect);
         let env_proxy =
             tor.is_none() && PROXY_VARIABLES.iter().any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()));
         if env_proxy {
@@ -85,18 +71,19 @@ impl UpstreamClient {
         // Kept to send again through reqwest should the upstream redirect (rare; reqwest follows
         // redirects as the node always has). Cheap: the URI and body are shared, not copied.
         let again = (req.method().clone(), req.uri().clone(), req.headers().clone(), req.body().clone());
-        let sent = tokio::time::timeout(self.idle, self.direct.request(req.map(Full::new))).await;
+        let sent = tokio::time::timeout(self.idle, self.direct.send(req)).await;
         match sent {
-            Ok(Ok(resp)) if resp.status().is_redirection() && resp.headers().contains_key(LOCATION) => {
+            Ok(Ok((resp, _))) if resp.status().is_redirection() && resp.headers().contains_key(LOCATION) => {
                 let (method, uri, headers, body) = again;
                 let mut req = Request::new(body);
                 (*req.method_mut(), *req.uri_mut(), *req.headers_mut()) = (method, uri, headers);
                 self.send_general(req).await
             }
-            Ok(Ok(resp)) => Ok(UpstreamResponse { inner: Inner::Direct(resp), idle: self.idle }),
-            Ok(Err(e)) if timed_out(&e) => Err(UpstreamError::Timeout),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect),
-            Ok(Err(e)) => Err(UpstreamError::Broken(cause(&e))),
+            Ok(Ok((resp, lease))) => Ok(UpstreamResponse { inner: Inner::Direct(resp, Some(lease)), idle: self.idle }),
+            Ok(Err(PoolError::Connect(_) | PoolError::NoHost)) => Err(UpstreamError::Connect),
+            Ok(Err(PoolError::ConnectTimeout)) => Err(UpstreamError::Timeout),
+            Ok(Err(PoolError::Exchange(e))) if timed_out(&e) => Err(UpstreamError::Timeout),
+            Ok(Err(PoolError::Exchange(e))) => Err(UpstreamError::Broken(cause(&e))),
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
@@ -126,8 +113,8 @@ impl UpstreamClient {
     }
 }
 
-/// Whether a hyper client error is a timeout (the connect timeout reports itself as one).
-fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+/// Whether a hyper client error is a timeout.
+fn timed_out(e: &hyper::Error) -> bool {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if s.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
@@ -154,7 +141,8 @@ pub struct UpstreamResponse {
 }
 
 enum Inner {
-    Direct(Response<Incoming>),
+    /// The lease goes back to the pool when the body has been read to its end.
+    Direct(Response<Incoming>, Option<Lease>),
     /// reqwest applies its own idle timeout to each read.
     General(reqwest::Response),
 }
@@ -168,14 +156,14 @@ impl From<reqwest::Response> for UpstreamResponse {
 impl UpstreamResponse {
     pub fn status(&self) -> StatusCode {
         match &self.inner {
-            Inner::Direct(r) => r.status(),
+            Inner::Direct(r, _) => r.status(),
             Inner::General(r) => r.status(),
         }
     }
 
     pub fn headers(&self) -> &HeaderMap {
         match &self.inner {
-            Inner::Direct(r) => r.headers(),
+            Inner::Direct(r, _) => r.headers(),
             Inner::General(r) => r.headers(),
         }
     }
@@ -183,7 +171,7 @@ impl UpstreamResponse {
     /// The body's length when the upstream announced it.
     pub fn content_length(&self) -> Option<u64> {
         match &self.inner {
-            Inner::Direct(r) => hyper::body::Body::size_hint(r.body()).exact(),
+            Inner::Direct(r, _) => hyper::body::Body::size_hint(r.body()).exact(),
             Inner::General(r) => r.content_length(),
         }
     }
@@ -191,10 +179,15 @@ impl UpstreamResponse {
     /// The next chunk of the body; `None` at its end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match &mut self.inner {
-            Inner::Direct(r) => loop {
+            Inner::Direct(r, lease) => loop {
                 let frame = match tokio::time::timeout(self.idle, r.body_mut().frame()).await {
                     Err(_) => return Err(UpstreamError::Timeout),
-                    Ok(None) => return Ok(None),
+                    Ok(None) => {
+                        if let Some(lease) = lease.take() {
+                            lease.release();
+                        }
+                        return Ok(None);
+                    }
                     Ok(Some(Err(e))) => return Err(UpstreamError::Broken(cause(&e))),
                     Ok(Some(Ok(frame))) => frame,
                 };
@@ -255,6 +248,7 @@ pub enum ReadError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::Full;
     use hyper::service::service_fn;
     use hyper_util::rt::TokioIo;
 

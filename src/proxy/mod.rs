@@ -8,6 +8,7 @@
 //! reservation open: the work always settles or releases.
 
 pub mod client;
+mod pool;
 pub mod remote;
 pub mod request;
 pub mod usage;
