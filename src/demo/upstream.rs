@@ -322,6 +322,7 @@ struct KnownModel {
 struct Shared {
     behavior: AtomicU32,
     requests: AtomicU64,
+    connections: AtomicU64,
     last: Mutex<Option<RawRecord>>,
     models_json: Bytes,
     models: Vec<KnownModel>,
@@ -395,6 +396,7 @@ impl StandInUpstream {
         let shared = Arc::new(Shared {
             behavior: AtomicU32::new(Behavior::Normal.encode()),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             last: Mutex::new(None),
             models_json: Bytes::from(models_json),
             models,
@@ -410,7 +412,11 @@ impl StandInUpstream {
             tokio::spawn(super::serve_until(
                 listener,
                 shutdown_rx,
-                move || refusing.behavior() == Behavior::ConnectRefused,
+                // Asked once per accepted connection: counted here.
+                move || {
+                    refusing.connections.fetch_add(1, Ordering::Relaxed);
+                    refusing.behavior() == Behavior::ConnectRefused
+                },
                 move |req| handle(serving.clone(), req),
             ))
         };
@@ -431,6 +437,12 @@ impl StandInUpstream {
     /// embeddings, responses, messages), whatever the outcome (faults and errors included).
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// TCP connections accepted (refused ones included): a client that keeps its connections
+    /// alive opens few.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// The last request received on a completion-type endpoint (`/models` is not recorded, so

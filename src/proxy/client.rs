@@ -73,13 +73,18 @@ impl UpstreamClient {
         let again = (req.method().clone(), req.uri().clone(), req.headers().clone(), req.body().clone());
         let sent = tokio::time::timeout(self.idle, self.direct.send(req)).await;
         match sent {
-            Ok(Ok((resp, _))) if resp.status().is_redirection() && resp.headers().contains_key(LOCATION) => {
+            Ok(Ok((resp, lease))) if resp.status().is_redirection() && resp.headers().contains_key(LOCATION) => {
+                // The answer before its connection (see `Lease`).
+                drop(resp);
+                drop(lease);
                 let (method, uri, headers, body) = again;
                 let mut req = Request::new(body);
                 (*req.method_mut(), *req.uri_mut(), *req.headers_mut()) = (method, uri, headers);
                 self.send_general(req).await
             }
-            Ok(Ok((resp, lease))) => Ok(UpstreamResponse { inner: Inner::Direct(resp, Some(lease)), idle: self.idle }),
+            Ok(Ok((resp, lease))) => {
+                Ok(UpstreamResponse { inner: Inner::Direct { resp, _lease: lease }, idle: self.idle })
+            }
             Ok(Err(PoolError::Connect(_) | PoolError::NoHost)) => Err(UpstreamError::Connect),
             Ok(Err(PoolError::ConnectTimeout)) => Err(UpstreamError::Timeout),
             Ok(Err(PoolError::Exchange(e))) if timed_out(&e) => Err(UpstreamError::Timeout),
@@ -141,8 +146,9 @@ pub struct UpstreamResponse {
 }
 
 enum Inner {
-    /// The lease goes back to the pool when the body has been read to its end.
-    Direct(Response<Incoming>, Option<Lease>),
+    /// The answer, then its connection's lease: fields drop in order, so the body goes first and
+    /// the connection back to the pool after it.
+    Direct { resp: Response<Incoming>, _lease: Lease },
     /// reqwest applies its own idle timeout to each read.
     General(reqwest::Response),
 }
@@ -156,14 +162,14 @@ impl From<reqwest::Response> for UpstreamResponse {
 impl UpstreamResponse {
     pub fn status(&self) -> StatusCode {
         match &self.inner {
-            Inner::Direct(r, _) => r.status(),
+            Inner::Direct { resp: r, .. } => r.status(),
             Inner::General(r) => r.status(),
         }
     }
 
     pub fn headers(&self) -> &HeaderMap {
         match &self.inner {
-            Inner::Direct(r, _) => r.headers(),
+            Inner::Direct { resp: r, .. } => r.headers(),
             Inner::General(r) => r.headers(),
         }
     }
@@ -171,7 +177,7 @@ impl UpstreamResponse {
     /// The body's length when the upstream announced it.
     pub fn content_length(&self) -> Option<u64> {
         match &self.inner {
-            Inner::Direct(r, _) => hyper::body::Body::size_hint(r.body()).exact(),
+            Inner::Direct { resp: r, .. } => hyper::body::Body::size_hint(r.body()).exact(),
             Inner::General(r) => r.content_length(),
         }
     }
@@ -179,15 +185,10 @@ impl UpstreamResponse {
     /// The next chunk of the body; `None` at its end.
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match &mut self.inner {
-            Inner::Direct(r, lease) => loop {
+            Inner::Direct { resp: r, .. } => loop {
                 let frame = match tokio::time::timeout(self.idle, r.body_mut().frame()).await {
                     Err(_) => return Err(UpstreamError::Timeout),
-                    Ok(None) => {
-                        if let Some(lease) = lease.take() {
-                            lease.release();
-                        }
-                        return Ok(None);
-                    }
+                    Ok(None) => return Ok(None),
                     Ok(Some(Err(e))) => return Err(UpstreamError::Broken(cause(&e))),
                     Ok(Some(Ok(frame))) => frame,
                 };

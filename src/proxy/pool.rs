@@ -4,14 +4,16 @@
 //! node's ≈ 113 k instructions per request at the benchmark (docs/benchmarks.md, *Round 16*):
 //! a SipHash of the pool's key when a connection is taken and again when it is returned, a task
 //! spawned per request to return the connection once it is idle, boxed futures. Here a
-//! connection goes back the moment its answer's body has been read to its end (`Lease`), found
-//! by its authority's text.
+//! connection goes back when its answer is dropped (`Lease`), found by its authority's text; the
+//! next exchange that takes it waits until hyper has it idle (the rest of the answer read or
+//! drained) or finds it closed (an answer cut short).
 //!
 //! What it keeps of hyper-util's behaviour: origin-form request targets and a `Host` header, a
 //! request that never left a connection closed under it is sent on another (a connection the
-//! upstream closed while idle), idle connections are dropped after `IDLE_TIMEOUT` and at most
-//! `MAX_IDLE_PER_HOST` are kept, a connect timeout over all of a name's addresses, `TCP_NODELAY`
-//! and TCP keep-alive.
+//! upstream closed while idle), idle connections are closed after `IDLE_TIMEOUT` (swept every
+//! `SWEEP_EVERY`) and at most `MAX_IDLE_PER_HOST` are kept, a connect timeout shared by a name's
+//! addresses, `TCP_NODELAY` and TCP keep-alive. hyper-util also tried the other address family
+//! 300 ms into a slow first attempt; here each address has its share of the timeout.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +33,8 @@ use hyper_util::rt::TokioIo;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Idle connections kept per upstream.
 const MAX_IDLE_PER_HOST: usize = 1024;
+/// How often idle connections past `IDLE_TIMEOUT` are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// TCP keep-alive probes start after this long without traffic.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -60,23 +64,47 @@ struct Idle {
     since: Instant,
 }
 
-/// One connection lent to one exchange. `release` it once the answer's body has been read to its
-/// end; dropped before that, the connection is closed with the body (HTTP/1.1 cannot reuse it).
+/// One connection lent to one exchange; back to the pool when dropped. Drop it after the
+/// answer's body (`UpstreamResponse` holds the body first): held while the body lives, the
+/// connection would wait for that body before it takes another request.
 pub struct Lease {
     pool: Arc<Pool>,
     authority: Authority,
-    sender: Sender,
+    sender: Option<Sender>,
 }
 
-impl Lease {
-    pub fn release(self) {
-        self.pool.put(self.authority.as_str(), self.sender);
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.put(self.authority.as_str(), sender);
+        }
     }
 }
 
 impl Pool {
+    /// Within a Tokio runtime, a task closes idle connections past their time for as long as the
+    /// pool lives.
     pub fn new(connect_timeout: Duration) -> Arc<Pool> {
-        Arc::new(Pool { idle: Mutex::default(), connect_timeout })
+        let pool = Arc::new(Pool { idle: Mutex::default(), connect_timeout });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    match weak.upgrade() {
+                        Some(pool) => pool.sweep(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        pool
+    }
+
+    fn lease(self: &Arc<Self>, authority: Authority, sender: Sender) -> Lease {
+        Lease { pool: self.clone(), authority, sender: Some(sender) }
     }
 
     /// Sends `req` (absolute URI) on an idle connection to its authority, or a new one, and
@@ -85,8 +113,12 @@ impl Pool {
         let (mut parts, body) = req.into_parts();
         let authority = parts.uri.authority().cloned().ok_or(PoolError::NoHost)?;
         if !parts.headers.contains_key(HOST) {
-            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| PoolError::NoHost)?;
-            parts.headers.insert(HOST, host);
+            // As hyper-util wrote it: the host, and its port unless the default.
+            let host = match authority.port_u16() {
+                Some(port) if port != 80 => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+                _ => HeaderValue::from_str(authority.host()),
+            };
+            parts.headers.insert(HOST, host.map_err(|_| PoolError::NoHost)?);
         }
         parts.uri = Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
         let mut req = Request::from_parts(parts, Full::new(body));
@@ -96,7 +128,7 @@ impl Pool {
                 continue;
             }
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, Lease { pool: self.clone(), authority, sender })),
+                Ok(resp) => return Ok((resp, self.lease(authority, sender))),
                 // Not written: the connection closed under it (an upstream closing idle ones).
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
@@ -106,7 +138,7 @@ impl Pool {
         }
         let mut sender = self.connect(&authority).await?;
         let resp = sender.send_request(req).await?;
-        Ok((resp, Lease { pool: self.clone(), authority, sender }))
+        Ok((resp, self.lease(authority, sender)))
     }
 
     /// The most recently returned live connection to `authority`.
@@ -141,27 +173,46 @@ impl Pool {
         queue.push_back(Idle { sender, since: now });
     }
 
+    /// Closes idle connections past their time, and forgets upstreams with none.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|_, queue| {
+            queue.retain(|entry| !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT);
+            !queue.is_empty()
+        });
+    }
+
     async fn connect(&self, authority: &Authority) -> Result<Sender, PoolError> {
         let port = authority.port_u16().unwrap_or(80);
         let host = authority.host();
-        let stream = tokio::time::timeout(self.connect_timeout, async {
-            let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-            let addrs: Vec<SocketAddr> = match literal.parse::<IpAddr>() {
-                Ok(ip) => vec![SocketAddr::new(ip, port)],
-                Err(_) => tokio::net::lookup_host((host, port)).await?.collect(),
-            };
-            let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
-            for addr in addrs {
-                match tokio::net::TcpStream::connect(addr).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => last = e,
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let literal = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        let addrs: Vec<SocketAddr> = match literal.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, port))).await {
+                Ok(found) => found.map_err(PoolError::Connect)?.collect(),
+                Err(_) => return Err(PoolError::ConnectTimeout),
+            },
+        };
+        // Each address has its share of the time left, so that one that does not answer (a
+        // broken IPv6 route) leaves time for the next.
+        let mut last = PoolError::Connect(std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address"));
+        let mut connected = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    connected = Some(stream);
+                    break;
                 }
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => last = PoolError::ConnectTimeout,
+                Ok(Err(e)) => last = PoolError::Connect(e),
+                Err(_) => last = PoolError::ConnectTimeout,
             }
-            Err(last)
-        })
-        .await
-        .map_err(|_| PoolError::ConnectTimeout)?
-        .map_err(PoolError::Connect)?;
+        }
+        let stream = connected.ok_or(last)?;
         let _ = stream.set_nodelay(true);
         let _ =
             socket2::SockRef::from(&stream).set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
@@ -229,7 +280,7 @@ mod tests {
         let (resp, lease) = pool.send(get(authority, path)).await.unwrap();
         let host = resp.headers().get("x-host").cloned();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        lease.release();
+        drop(lease);
         (String::from_utf8(body.to_vec()).unwrap(), host)
     }
 
@@ -251,15 +302,55 @@ mod tests {
         let ((ra, la), (rb, lb)) = (a.unwrap(), b.unwrap());
         ra.into_body().collect().await.unwrap();
         rb.into_body().collect().await.unwrap();
-        la.release();
-        lb.release();
+        drop((la, lb));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         assert_eq!(pool.idle_count(&authority), 2);
 
-        // A lease dropped before its body was read closes its connection: not reused.
-        let (_resp, lease) = pool.send(get(&authority, "/a")).await.unwrap();
+        // An answer dropped unread (a stream left at its terminal event): hyper drains what it
+        // has, and the connection serves the next exchange.
+        let (resp, lease) = pool.send(get(&authority, "/a")).await.unwrap();
+        drop(resp);
         drop(lease);
-        assert_eq!(pool.idle_count(&authority), 1);
+        assert_eq!(exchange(&pool, &authority, "/b").await.0, "/b?q=1");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // Idle past their time: closed by the sweep, and the upstream forgotten.
+        for entry in pool.idle.lock().unwrap().get_mut(authority.as_str()).unwrap() {
+            entry.since = entry.since.checked_sub(IDLE_TIMEOUT).expect("a machine up for 90 s");
+        }
+        pool.sweep();
+        assert_eq!(pool.idle_count(&authority), 0);
+        assert!(pool.idle.lock().unwrap().is_empty());
+        exchange(&pool, &authority, "/c").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn a_stream_cut_short_does_not_hold_its_connection() {
+        // An upstream that sends a head and the start of a body, then nothing.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let head =
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                    let _ = stream.write_all(format!("{head}6\r\ndata: \r\n").as_bytes()).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let pool = Pool::new(Duration::from_secs(1));
+        let (mut resp, lease) = pool.send(get(&authority, "/stream")).await.unwrap();
+        resp.body_mut().frame().await.unwrap().unwrap();
+        drop(resp);
+        drop(lease);
+        // The next exchange does not wait on it: hyper closed it, and a new one is opened.
+        let next = tokio::time::timeout(Duration::from_secs(2), pool.send(get(&authority, "/stream"))).await;
+        assert!(next.expect("not held up by the first connection").is_ok());
     }
 
     #[tokio::test]

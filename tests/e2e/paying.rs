@@ -33,6 +33,16 @@ async fn key_chat_stream_embeddings_topup_refund() {
     assert_eq!(seen.header("host"), Some(h.upstream.addr.to_string().as_str()));
     assert!(seen.headers.iter().all(|(_, v)| !v.contains(&key)));
 
+    // Kept-alive upstream connections: answers, streamed or not, leave theirs for the next
+    // request (at most one more for the node's own price refresh meanwhile).
+    let other = h.key(10).await;
+    let opened = h.upstream.connections();
+    for stream in [false, true, false, true, false, true] {
+        assert_eq!(h.post("/v1/chat/completions", Some(&other), &chat(stream)).await.status, 200);
+    }
+    let more = h.upstream.connections() - opened;
+    assert!(more <= 2, "{more} new upstream connections for 6 requests one after another");
+
     // Without the /v1 prefix too, and streaming: usage asked for and read from the stream.
     let answer = h.post("/chat/completions", Some(&key), &chat(true)).await;
     assert_eq!(answer.status, 200);
