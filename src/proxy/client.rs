@@ -3,7 +3,7 @@
 //! connections (`pool`); HTTPS and Tor-routed ones go through reqwest (TLS, proxies). reqwest's
 //! own layer around each request (URL and URI conversions, default headers, redirect and proxy
 //! checks, boxed futures) was ≈ 8–10 % of the node's request work at the benchmark, and
-//! hyper-util's pool around hyper another ≈ 5 % (docs/benchmarks.md): most upstreams a node
+//! hyper-util's pool around hyper another ≈ 6 % (docs/benchmarks.md): most upstreams a node
 //! meters sit next to it, on plain HTTP.
 //!
 //! Both paths keep the same timeouts: a connect timeout, and an idle timeout that bounds the wait

@@ -1,6 +1,6 @@
 //! Kept-alive HTTP/1.1 connections to plain-HTTP upstreams, by authority.
 //!
-//! hyper-util's pooled client did this before. Its work around each request was ≈ 6 k of the
+//! hyper-util's pooled client did this before. Its work around each request was ≈ 7 k of the
 //! node's ≈ 113 k instructions per request at the benchmark (docs/benchmarks.md, *Round 16*):
 //! a SipHash of the pool's key when a connection is taken and again when it is returned, a task
 //! spawned per request to return the connection once it is idle, boxed futures. Here a
