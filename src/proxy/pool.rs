@@ -5,8 +5,8 @@
 //! a SipHash of the pool's key when a connection is taken and again when it is returned, a task
 //! spawned per request to return the connection once it is idle, boxed futures. Here a
 //! connection goes back when its answer is dropped (`Lease`), found by its authority's text; the
-//! next exchange that takes it waits until hyper has it idle (the rest of the answer read or
-//! drained) or finds it closed (an answer cut short).
+//! next exchange that takes it waits until hyper has it idle (the rest of the answer drained),
+//! finds it closed (an answer cut short), or after `READY_GRACE` takes another.
 //!
 //! What it keeps of hyper-util's behaviour: origin-form request targets and a `Host` header, a
 //! request that never left a connection closed under it is sent on another (a connection the
@@ -35,6 +35,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 const MAX_IDLE_PER_HOST: usize = 1024;
 /// How often idle connections past `IDLE_TIMEOUT` are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long a request waits for a pooled connection still finishing its last exchange before it
+/// tries another.
+const READY_GRACE: Duration = Duration::from_millis(100);
 /// TCP keep-alive probes start after this long without traffic.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 
@@ -123,8 +126,10 @@ impl Pool {
         parts.uri = Uri::from(parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")));
         let mut req = Request::from_parts(parts, Full::new(body));
         while let Some(mut sender) = self.take(authority.as_str()) {
-            // Returned as its answer ended: its connection may not be ready for the next one yet.
-            if sender.ready().await.is_err() {
+            // Returned with its answer: hyper may still be draining that answer, or writing the
+            // request's body to an upstream that answered early and stopped reading it. Such a
+            // connection is not waited on for long.
+            if !sender.is_ready() && !matches!(tokio::time::timeout(READY_GRACE, sender.ready()).await, Ok(Ok(()))) {
                 continue;
             }
             match sender.try_send_request(req).await {
@@ -366,6 +371,35 @@ mod tests {
         exchange(&pool, &authority, "/close").await;
         exchange(&pool, &authority, "/x").await;
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_writing_its_last_request_is_not_waited_on() {
+        // An upstream that answers at once, then neither reads the rest of the request's body
+        // nor closes.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        let pool = Pool::new(Duration::from_secs(1));
+        let mut large = get(&authority, "/upload");
+        *large.method_mut() = hyper::Method::POST;
+        *large.body_mut() = Bytes::from(vec![b'x'; 64 * 1024 * 1024]);
+        let (resp, lease) = pool.send(large).await.unwrap();
+        assert_eq!(&resp.into_body().collect().await.unwrap().to_bytes()[..], b"ok");
+        drop(lease);
+        // Its connection is still writing: the next request goes on another one.
+        let next = tokio::time::timeout(Duration::from_secs(2), pool.send(get(&authority, "/next"))).await;
+        assert!(next.expect("not held up by the busy connection").is_ok());
     }
 
     #[tokio::test]
