@@ -275,6 +275,25 @@ mod tests {
         (format!("127.0.0.1:{}", addr.port()), accepted)
     }
 
+    /// An upstream that reads the start of each request, writes `answer`, then neither reads nor
+    /// writes nor closes.
+    async fn silent_after(answer: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 4096];
+                    let _ = stream.read(&mut buf).await;
+                    let _ = stream.write_all(answer).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        authority
+    }
+
     fn get(authority: &str, path: &str) -> Request<Bytes> {
         let mut req = Request::new(Bytes::new());
         *req.uri_mut() = format!("http://{authority}{path}?q=1").parse().unwrap();
@@ -333,21 +352,10 @@ mod tests {
     #[tokio::test]
     async fn a_stream_cut_short_does_not_hold_its_connection() {
         // An upstream that sends a head and the start of a body, then nothing.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = [0u8; 4096];
-                    let _ = stream.read(&mut buf).await;
-                    let head =
-                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-                    let _ = stream.write_all(format!("{head}6\r\ndata: \r\n").as_bytes()).await;
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                });
-            }
-        });
+        let authority = silent_after(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n6\r\ndata: \r\n",
+        )
+        .await;
         let pool = Pool::new(Duration::from_secs(1));
         let (mut resp, lease) = pool.send(get(&authority, "/stream")).await.unwrap();
         resp.body_mut().frame().await.unwrap().unwrap();
@@ -377,19 +385,7 @@ mod tests {
     async fn a_connection_still_writing_its_last_request_is_not_waited_on() {
         // An upstream that answers at once, then neither reads the rest of the request's body
         // nor closes.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let authority = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = [0u8; 4096];
-                    let _ = stream.read(&mut buf).await;
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-                    tokio::time::sleep(Duration::from_secs(30)).await;
-                });
-            }
-        });
+        let authority = silent_after(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let pool = Pool::new(Duration::from_secs(1));
         let mut large = get(&authority, "/upload");
         *large.method_mut() = hyper::Method::POST;
