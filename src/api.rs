@@ -294,7 +294,8 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
         }
         ("topup", &Method::POST) => {
             let (key_hash, _) = key_credential(node, &parts.headers).await?;
-            node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
+            // Money put on a key that cannot spend it would only wait for a refund.
+            node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?.usable(crate::ledger::now_secs())?;
             let token = param(query, &json, &["cashu_token", "token"])
                 .ok_or_else(|| ApiError::BadRequest("cashu_token is required".into()))?;
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;

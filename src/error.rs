@@ -15,6 +15,8 @@ pub enum ApiError {
     InvalidKey,
     #[error("this API key was revoked")]
     KeyRevoked,
+    #[error("this API key expired at its Key-Expiry-Time: it pays for nothing more; its balance can still be read and refunded")]
+    KeyExpired,
     #[error("insufficient balance: this request may cost up to {required_msat} msat, {available_msat} msat available")]
     InsufficientBalance { required_msat: u64, available_msat: u64 },
     #[error("{0}")]
@@ -59,6 +61,7 @@ impl From<LedgerError> for ApiError {
         match e {
             LedgerError::KeyNotFound => ApiError::InvalidKey,
             LedgerError::KeyRevoked => ApiError::KeyRevoked,
+            LedgerError::KeyExpired => ApiError::KeyExpired,
             LedgerError::Insufficient { required, available } => {
                 ApiError::InsufficientBalance { required_msat: required, available_msat: available }
             }
@@ -73,7 +76,7 @@ impl ApiError {
             ApiError::ChangeReturned { inner, .. } => inner.status(),
             ApiError::PaymentMissing { .. } | ApiError::InsufficientBalance { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
-            ApiError::KeyRevoked => StatusCode::FORBIDDEN,
+            ApiError::KeyRevoked | ApiError::KeyExpired => StatusCode::FORBIDDEN,
             ApiError::Wallet(w) => match w {
                 WalletError::MintUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 WalletError::Pending | WalletError::OverBudget(_) => StatusCode::CONFLICT,
@@ -102,6 +105,7 @@ impl ApiError {
             ApiError::InsufficientBalance { .. } => ("insufficient_quota", "insufficient_balance"),
             ApiError::InvalidKey => ("invalid_request_error", "invalid_api_key"),
             ApiError::KeyRevoked => ("invalid_request_error", "key_revoked"),
+            ApiError::KeyExpired => ("invalid_request_error", "key_expired"),
             ApiError::Wallet(w) => match w {
                 WalletError::InvalidToken(_) => ("invalid_request_error", "invalid_token"),
                 WalletError::UntrustedMint { .. } => ("invalid_request_error", "untrusted_mint"),

@@ -192,9 +192,7 @@ impl Payments {
         let (purpose, key_hash) = match topup_key {
             Some(key_hash) => {
                 let key = self.ledger.key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
-                if key.revoked {
-                    return Err(ApiError::KeyRevoked);
-                }
+                key.usable(now_secs())?;
                 ("topup", key_hash)
             }
             None => ("create", hash_api_key(&self.api_key_for_invoice(&id))),

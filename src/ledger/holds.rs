@@ -40,6 +40,8 @@ pub(super) struct Account {
     /// (those are released at start, before anything is served).
     pub free_msat: u64,
     pub revoked: bool,
+    /// The key's `Key-Expiry-Time` (Unix seconds): from then on it pays for nothing.
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -105,14 +107,24 @@ impl Holds {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes `amount_msat` of the key's free balance for a request, if the copy can tell.
-    pub fn try_reserve(&self, key_hash: &str, request_id: &str, amount_msat: u64) -> Result<Admission, LedgerError> {
+    /// Takes `amount_msat` of the key's free balance for a request at `now` (Unix seconds), if
+    /// the copy can tell.
+    pub fn try_reserve(
+        &self,
+        key_hash: &str,
+        request_id: &str,
+        amount_msat: u64,
+        now: i64,
+    ) -> Result<Admission, LedgerError> {
         let mut state = self.lock();
         let State { keys, requests, reserved_msat, .. } = &mut *state;
         let Some(key) = keys.get_mut(key_hash) else { return Ok(Admission::Unknown) };
         let Some(account) = key.account else { return Ok(Admission::Unknown) };
         if account.revoked {
             return Err(LedgerError::KeyRevoked);
+        }
+        if account.expires_at.is_some_and(|at| at <= now) {
+            return Err(LedgerError::KeyExpired);
         }
         let available = account.free_msat.saturating_sub(key.reserved_msat);
         if available < amount_msat {
@@ -224,8 +236,10 @@ impl Holds {
 mod tests {
     use super::*;
 
+    const NOW: i64 = 1_800_000_000;
+
     fn account(free_msat: u64) -> Account {
-        Account { rowid: 7, free_msat, revoked: false }
+        Account { rowid: 7, free_msat, revoked: false, expires_at: None }
     }
 
     fn loaded(key: &str, free_msat: u64) -> Holds {
@@ -244,29 +258,40 @@ mod tests {
     #[test]
     fn reserves_only_what_is_free() {
         let holds = loaded("k", 10_000);
-        assert_eq!(holds.try_reserve("k", "r1", 6_000).unwrap(), Admission::Held);
-        match holds.try_reserve("k", "r2", 5_000) {
+        assert_eq!(holds.try_reserve("k", "r1", 6_000, NOW).unwrap(), Admission::Held);
+        match holds.try_reserve("k", "r2", 5_000, NOW) {
             Err(LedgerError::Insufficient { required: 5_000, available: 4_000 }) => {}
             other => panic!("{other:?}"),
         }
-        assert_eq!(holds.try_reserve("k", "r2", 4_000).unwrap(), Admission::Held);
+        assert_eq!(holds.try_reserve("k", "r2", 4_000, NOW).unwrap(), Admission::Held);
         assert_eq!(holds.totals(), (10_000, 2));
-        assert!(matches!(holds.try_reserve("k", "r1", 0), Err(LedgerError::Schema(_))), "one hold per request");
-        assert_eq!(holds.try_reserve("other", "r3", 1).unwrap(), Admission::Unknown);
+        assert!(matches!(holds.try_reserve("k", "r1", 0, NOW), Err(LedgerError::Schema(_))), "one hold per request");
+        assert_eq!(holds.try_reserve("other", "r3", 1, NOW).unwrap(), Admission::Unknown);
     }
 
     #[test]
     fn a_revoked_key_reserves_nothing() {
         let holds = Holds::default();
         holds.load("k", Account { revoked: true, ..account(10_000) });
-        assert!(matches!(holds.try_reserve("k", "r1", 1), Err(LedgerError::KeyRevoked)));
+        assert!(matches!(holds.try_reserve("k", "r1", 1, NOW), Err(LedgerError::KeyRevoked)));
+    }
+
+    #[test]
+    fn an_expired_key_reserves_nothing_from_its_expiry_on() {
+        let holds = Holds::default();
+        holds.load("k", Account { expires_at: Some(NOW + 1), ..account(10_000) });
+        assert_eq!(holds.try_reserve("k", "r1", 1, NOW).unwrap(), Admission::Held);
+        assert!(matches!(holds.try_reserve("k", "r2", 1, NOW + 1), Err(LedgerError::KeyExpired)));
+        assert_eq!(holds.totals(), (1, 1), "the refused request holds nothing");
+        // A running request still ends normally after the key expired.
+        assert_eq!(charged(holds.end("k", "r1", 1, None, Some(1))).charged_msat, 1);
     }
 
     #[test]
     fn ending_charges_the_hold_and_what_no_one_else_holds() {
         let holds = loaded("k", 10_000);
-        holds.try_reserve("k", "r1", 3_000).unwrap();
-        holds.try_reserve("k", "r2", 5_000).unwrap();
+        holds.try_reserve("k", "r1", 3_000, NOW).unwrap();
+        holds.try_reserve("k", "r2", 5_000, NOW).unwrap();
         // r1 costs more than it held: it may take the 2,000 nobody holds, not r2's 5,000.
         // Taken from the copy: the row as the writer left it.
         let charge = charged(holds.end("k", "r1", 3_000, None, Some(9_000)));
@@ -274,18 +299,18 @@ mod tests {
         assert_eq!(holds.end("k", "r1", 3_000, Some(account(5_000)), Some(1)), Ended::NotHeld, "ends once");
         assert_eq!((holds.reserved_of("k"), holds.totals()), (5_000, (5_000, 1)));
         // The copy was lowered by the charge: nothing is free beside r2's hold.
-        assert!(matches!(holds.try_reserve("k", "r3", 1), Err(LedgerError::Insufficient { available: 0, .. })));
+        assert!(matches!(holds.try_reserve("k", "r3", 1, NOW), Err(LedgerError::Insufficient { available: 0, .. })));
         let released = charged(holds.end("k", "r2", 5_000, None, None));
         assert_eq!(released, Charge { charged_msat: 0, uncollected_msat: 0, rowid: 7 });
         assert_eq!((holds.totals(), holds.is_held("k")), ((0, 0), false));
-        assert_eq!(holds.try_reserve("k", "r4", 5_000).unwrap(), Admission::Held);
+        assert_eq!(holds.try_reserve("k", "r4", 5_000, NOW).unwrap(), Admission::Held);
     }
 
     #[test]
     fn an_end_must_match_its_reservation() {
         let holds = loaded("k", 10_000);
         holds.load("other", account(10_000));
-        holds.try_reserve("k", "r1", 3_000).unwrap();
+        holds.try_reserve("k", "r1", 3_000, NOW).unwrap();
         assert_eq!(holds.end("k", "r1", 2_999, None, Some(1)), Ended::NotHeld);
         assert_eq!(holds.end("k", "nobody", 3_000, None, Some(1)), Ended::NotHeld);
         assert_eq!(holds.end("other", "r1", 3_000, None, Some(1)), Ended::NotHeld, "another key's hold");
@@ -295,40 +320,40 @@ mod tests {
     #[test]
     fn a_seized_key_is_decided_on_the_writer_until_refreshed() {
         let holds = loaded("k", 10_000);
-        holds.try_reserve("k", "r1", 4_000).unwrap();
+        holds.try_reserve("k", "r1", 4_000, NOW).unwrap();
         assert_eq!(holds.seize("k"), 4_000);
-        assert_eq!(holds.try_reserve("k", "r2", 1).unwrap(), Admission::Unknown);
+        assert_eq!(holds.try_reserve("k", "r2", 1, NOW).unwrap(), Admission::Unknown);
         assert_eq!(holds.take_seized(), vec!["k".to_owned()]);
         assert!(holds.take_seized().is_empty());
         // The job paid out the 6,000 nobody held.
         holds.refresh("k", Some(account(4_000)));
-        assert!(matches!(holds.try_reserve("k", "r2", 1), Err(LedgerError::Insufficient { available: 0, .. })));
+        assert!(matches!(holds.try_reserve("k", "r2", 1, NOW), Err(LedgerError::Insufficient { available: 0, .. })));
         // The hold survives the seizure and still ends normally.
         let charge = charged(holds.end("k", "r1", 4_000, None, Some(1_000)));
         assert_eq!(charge.charged_msat, 1_000);
         holds.forget_copies();
-        assert_eq!(holds.try_reserve("k", "r3", 1).unwrap(), Admission::Unknown);
+        assert_eq!(holds.try_reserve("k", "r3", 1, NOW).unwrap(), Admission::Unknown);
     }
 
     #[test]
     fn idle_copies_are_dropped_past_the_limit_but_not_running_ones() {
         let holds = loaded("busy", 10_000);
-        holds.try_reserve("busy", "r1", 1_000).unwrap();
+        holds.try_reserve("busy", "r1", 1_000, NOW).unwrap();
         for i in 0..MAX_KEYS {
             holds.load(&format!("idle{i}"), account(1));
         }
         assert_eq!(holds.reserved_of("busy"), 1_000);
         assert!(holds.lock().keys.len() <= MAX_KEYS);
         // The running key kept its copy; dropped ones are read again.
-        assert_eq!(holds.try_reserve("busy", "r2", 9_000).unwrap(), Admission::Held);
-        assert_eq!(holds.try_reserve("idle0", "r3", 1).unwrap(), Admission::Unknown);
+        assert_eq!(holds.try_reserve("busy", "r2", 9_000, NOW).unwrap(), Admission::Held);
+        assert_eq!(holds.try_reserve("idle0", "r3", 1, NOW).unwrap(), Admission::Unknown);
         assert_eq!(charged(holds.end("busy", "r1", 1_000, None, Some(10))).charged_msat, 10);
     }
 
     #[test]
     fn a_key_without_a_copy_is_ended_with_its_row_read() {
         let holds = loaded("k", 10_000);
-        holds.try_reserve("k", "r1", 4_000).unwrap();
+        holds.try_reserve("k", "r1", 4_000, NOW).unwrap();
         holds.seize("k");
         // Nothing changes until the row is given.
         assert_eq!(holds.end("k", "r1", 4_000, None, Some(1_000)), Ended::NeedsRow);
@@ -340,6 +365,6 @@ mod tests {
         );
         assert_eq!(holds.totals(), (0, 0));
         // The seized key is still without a copy: the writer's refresh sets it.
-        assert_eq!(holds.try_reserve("k", "r2", 1).unwrap(), Admission::Unknown);
+        assert_eq!(holds.try_reserve("k", "r2", 1, NOW).unwrap(), Admission::Unknown);
     }
 }

@@ -44,6 +44,8 @@ pub enum LedgerError {
     KeyNotFound,
     #[error("this API key was revoked")]
     KeyRevoked,
+    #[error("this API key has expired")]
+    KeyExpired,
     #[error("insufficient balance: {required} msat required, {available} msat available")]
     Insufficient { required: u64, available: u64 },
     #[error("ledger storage error: {0}")]
@@ -100,6 +102,18 @@ pub struct KeyInfo {
 impl KeyInfo {
     pub fn available_msat(&self) -> u64 {
         self.balance_msat.saturating_sub(self.reserved_msat)
+    }
+
+    /// Whether the key may still pay or be topped up at `now` (Unix seconds): not revoked, not
+    /// past its `Key-Expiry-Time`. Its balance can be read and refunded either way.
+    pub fn usable(&self, now: i64) -> Result<(), LedgerError> {
+        if self.revoked {
+            Err(LedgerError::KeyRevoked)
+        } else if self.expiry_time.is_some_and(|at| at <= now) {
+            Err(LedgerError::KeyExpired)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -309,7 +323,7 @@ impl Ledger {
             model: model.to_owned(),
             created_at: now_secs(),
         };
-        match self.holds.try_reserve(key_hash, request_id, amount_msat) {
+        match self.holds.try_reserve(key_hash, request_id, amount_msat, reservation.created_at) {
             Ok(Admission::Held) => return Ok(reservation),
             // Refused here, it may still fit once the ends queued before it ran (a client's
             // previous request, answered before its charge was taken): decided after them.
@@ -317,12 +331,13 @@ impl Ledger {
             Err(e) => return Err(e),
         }
         let (holds, key_hash, request_id) = (self.holds.clone(), key_hash.to_owned(), request_id.to_owned());
+        let now = reservation.created_at;
         // Visible: nothing is written, and nobody waits on the commit.
         self.store
             .submit(Answer::Visible, move |c| {
                 let account = read_account(c, &key_hash)?.ok_or(LedgerError::KeyNotFound)?;
                 holds.load(&key_hash, account);
-                match holds.try_reserve(&key_hash, &request_id, amount_msat)? {
+                match holds.try_reserve(&key_hash, &request_id, amount_msat, now)? {
                     Admission::Held => Ok(()),
                     Admission::Unknown => Err(LedgerError::Schema("a key read for a reservation has no copy".into())),
                 }
@@ -1130,7 +1145,7 @@ fn with_holds(mut info: KeyInfo, holds: &Holds, key_hash: &str) -> KeyInfo {
     info
 }
 
-/// `rowid, balance_msat, reserved_msat, revoked`, from column `first` on, as the writer sees
+/// `rowid, balance_msat, reserved_msat, revoked, expiry_time`, from column `first` on, as the writer sees
 /// the row: less the charges not yet written to it (see `UNWRITTEN`).
 fn account_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Account> {
     let (rowid, balance, reserved): (i64, i64, i64) = (r.get(first)?, r.get(first + 1)?, r.get(first + 2)?);
@@ -1139,14 +1154,17 @@ fn account_at(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Account> 
         rowid,
         free_msat: to_u64(balance).saturating_sub(to_u64(reserved)).saturating_sub(unwritten),
         revoked: r.get::<_, i64>(first + 3)? != 0,
+        expires_at: r.get(first + 4)?,
     })
 }
 
 /// What a reservation needs of a key's row.
 fn read_account(c: &Connection, key_hash: &str) -> Result<Option<Account>, LedgerError> {
-    Ok(c.prepare_cached("SELECT rowid, balance_msat, reserved_msat, revoked FROM keys WHERE key_hash = ?1")?
-        .query_row([key_hash], |r| account_at(r, 0))
-        .optional()?)
+    Ok(c.prepare_cached(
+        "SELECT rowid, balance_msat, reserved_msat, revoked, expiry_time FROM keys WHERE key_hash = ?1",
+    )?
+    .query_row([key_hash], |r| account_at(r, 0))
+    .optional()?)
 }
 
 /// Charges to one key's row not yet written to it.
@@ -1207,7 +1225,7 @@ fn refresh_copies(c: &Connection, holds: &Holds, changed: &[i64]) {
     }
     let refreshed = (|| -> Result<(), LedgerError> {
         let mut by_rowid = c.prepare_cached(
-            "SELECT key_hash, rowid, balance_msat, reserved_msat, revoked FROM keys WHERE rowid = ?1",
+            "SELECT key_hash, rowid, balance_msat, reserved_msat, revoked, expiry_time FROM keys WHERE rowid = ?1",
         )?;
         for rowid in changed {
             let row = by_rowid.query_row([rowid], |r| Ok((r.get::<_, String>(0)?, account_at(r, 1)?))).optional()?;

@@ -69,6 +69,29 @@ async fn reserve_settle_release_conserve() {
 }
 
 #[tokio::test]
+async fn an_expired_key_pays_for_nothing_but_keeps_its_balance() {
+    let temp = temp_ledger("expiry");
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
+    funded(&ledger, "t1", "k1", 10_000).await;
+    ledger.set_refund_options("k1", None, Some(now_secs() + 3600)).await.unwrap();
+    // Before its expiry it pays as any key, and its copy is now in memory.
+    let running = ledger.reserve("k1", "r1", 1_000, "m").await.unwrap();
+    // The expiry moves to the past while a request runs: the copy follows the row.
+    ledger.set_refund_options("k1", None, Some(now_secs() - 1)).await.unwrap();
+    assert!(matches!(ledger.reserve("k1", "r2", 1, "m").await, Err(LedgerError::KeyExpired)));
+    // The running request still ends and is charged; nothing else moves.
+    assert_eq!(ledger.settle(&running, 400, "ok").await.unwrap().charged_msat, 400);
+    let info = ledger.key_info("k1").await.unwrap().unwrap();
+    assert_eq!((info.balance_msat, info.reserved_msat), (9_600, 0));
+    assert!(matches!(info.usable(now_secs()), Err(LedgerError::KeyExpired)));
+    // Read from its row too (a ledger opened again has no copies).
+    drop(ledger);
+    let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
+    assert!(matches!(ledger.reserve("k1", "r3", 1, "m").await, Err(LedgerError::KeyExpired)));
+    assert!(ledger.totals().await.unwrap().conserved());
+}
+
+#[tokio::test]
 async fn reservation_is_conditional() {
     let temp = temp_ledger("cond");
     let ledger = Ledger::open(&temp.path, LedgerSync::Normal).unwrap();
@@ -753,7 +776,7 @@ async fn a_reservation_during_a_payout_waits_for_it() {
         .run(move |c| {
             let payout = debit_for_payout(c, &holds, "k1", None, None, false)?.expect("6,000 are free");
             // Mid-job, as a request on another thread would see it.
-            assert_eq!(holds.try_reserve("k1", "r2", 1)?, Admission::Unknown);
+            assert_eq!(holds.try_reserve("k1", "r2", 1, now_secs())?, Admission::Unknown);
             Ok(payout)
         })
         .await
@@ -761,7 +784,7 @@ async fn a_reservation_during_a_payout_waits_for_it() {
     assert_eq!(payout.debit_msat, 6_000);
     // After the job the copy is back, lowered by the payout: decided in memory again.
     assert!(matches!(
-        ledger.holds.try_reserve("k1", "r2", 1),
+        ledger.holds.try_reserve("k1", "r2", 1, now_secs()),
         Err(LedgerError::Insufficient { required: 1, available: 0 })
     ));
     let settled = ledger.settle(&running, 4_000, "ok").await.unwrap();
@@ -936,7 +959,7 @@ async fn a_refused_debit_gives_the_key_its_copy_back() {
     let running = ledger.reserve("k1", "r1", 4_000, "m").await.unwrap();
     let refused = ledger.admin_adjust("k1".into(), -6_001, "too much".into()).await.unwrap_err();
     assert!(matches!(refused, LedgerError::Insufficient { required: 6_001, available: 6_000 }));
-    assert_eq!(ledger.holds.try_reserve("k1", "r2", 6_000).unwrap(), Admission::Held);
+    assert_eq!(ledger.holds.try_reserve("k1", "r2", 6_000, now_secs()).unwrap(), Admission::Held);
     ledger.settle(&running, 4_000, "ok").await.unwrap();
 }
 

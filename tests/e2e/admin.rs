@@ -257,6 +257,10 @@ async fn admin_api_every_route_and_refusals() {
     let url = format!("/admin/api/keys/{hash}/revoke");
     assert_eq!(admin.post(&url, &json!({})).await.json["key"]["revoked"], true);
     assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 403);
+    let topup_token = h.token(3, false).await;
+    let topup = h.post("/v1/balance/topup", Some(&key), &json!({ "cashu_token": topup_token })).await;
+    assert_eq!((topup.status, topup.error_code()), (403, "key_revoked"), "{}", topup.json);
+    assert_eq!(h.redeem(&topup_token).await, 3, "the refused top-up's token was not taken");
     assert_eq!(admin.post(&url, &json!({ "revoked": false })).await.json["key"]["revoked"], false);
     assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
     h.wait_until_settled().await;

@@ -204,6 +204,21 @@ async fn refunds_go_over_lightning_when_asked_and_at_expiry() {
     assert_eq!(lnurl.invoices().len(), before + 1, "one refund, not several");
     assert_eq!(lnurl.invoices().last().map(|i| i.1), Some(47_000), "50 sat less the fee reserve and margin");
     h.assert_conserved().await;
+
+    // Past its expiry the key pays for nothing (403, PROTOCOL.md §4) and takes no more money,
+    // though what the refund left on it (less than a Lightning payment's minimum) still shows.
+    let (left, _) = h.balance(&key2).await;
+    assert!(left > 0, "the refund's unused fee reserve stays on the key");
+    let refused = h.post("/v1/chat/completions", Some(&key2), &chat(false)).await;
+    assert_eq!((refused.status, refused.error_code()), (403, "key_expired"), "{}", refused.json);
+    let topup_token = h.token(5, false).await;
+    let topup = h.post("/v1/balance/topup", Some(&key2), &json!({ "cashu_token": topup_token })).await;
+    assert_eq!((topup.status, topup.error_code()), (403, "key_expired"), "{}", topup.json);
+    assert_eq!(h.redeem(&topup_token).await, 5, "the refused top-up's token was not taken");
+    let invoice = invoice(&h, 100, Some(&key2)).await;
+    assert_eq!((invoice.status, invoice.error_code()), (403, "key_expired"), "{}", invoice.json);
+    assert_eq!(h.balance(&key2).await.0, left, "nothing was charged or credited");
+    h.assert_conserved().await;
 }
 
 /// A payment that stays in flight (a stuck HTLC) is never taken for failed: the balance stays
