@@ -273,16 +273,19 @@ pub async fn pay(node: &Node, request_id: &str, offer: &RemoteOffer) -> Result<S
     let id =
         ledger.begin_remote_spend(request_id, &offer.provider, &offer.base_url, &offer.mint, offer.token_msat).await?;
     match node.wallet().send_tagged(&offer.mint, offer.token_msat, &format!("remote:{id}")).await {
-        Ok(sent) => match ledger.remote_spend_sent(id, &sent.token, sent.amount_msat, sent.fee_msat).await {
-            Ok(()) => Ok(Spend { id, token: sent.token, amount_msat: sent.amount_msat }),
-            Err(e) => {
-                // Not on record: never sent. Take it back into the wallet.
-                if let Err(we) = node.wallet().receive(&sent.token).await {
-                    tracing::error!(error = %we, "a remote payment token could not be recorded nor taken back");
+        Ok(sent) => {
+            crate::failpoint::hit("remote:after-send");
+            match ledger.remote_spend_sent(id, &sent.token, sent.amount_msat, sent.fee_msat).await {
+                Ok(()) => Ok(Spend { id, token: sent.token, amount_msat: sent.amount_msat }),
+                Err(e) => {
+                    // Not on record: never sent. Take it back into the wallet.
+                    if let Err(we) = node.wallet().receive(&sent.token).await {
+                        tracing::error!(error = %we, "a remote payment token could not be recorded nor taken back");
+                    }
+                    Err(e.into())
                 }
-                Err(e.into())
             }
-        },
+        }
         Err(e) => {
             let _ = ledger.fail_remote_spend(id, &e.to_string()).await;
             Err(match e {

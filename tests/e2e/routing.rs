@@ -74,13 +74,15 @@ async fn start_pair(
         Options { env, unset: vec!["UPSTREAM_BASE_URL", "UPSTREAM_API_KEY"], ..Default::default() },
     )
     .await;
-    eventually("B discovers A selling gpt-test", 40, || async {
-        let list = b.get("/v1/providers?model=gpt-test", None).await.json;
-        let first = list["providers"].as_array()?.first()?.clone();
-        (first["name"] == "node-a" && first["health"] == "ok").then_some(())
-    })
-    .await;
+    eventually("B discovers A selling gpt-test", 40, || a_found_by(&b)).await;
     (relay, a, b)
+}
+
+/// Whether B's discovery lists A, healthy, for gpt-test.
+async fn a_found_by(b: &Harness) -> Option<()> {
+    let list = b.get("/v1/providers?model=gpt-test", None).await.json;
+    let first = list["providers"].as_array()?.first()?.clone();
+    (first["name"] == "node-a" && first["health"] == "ok").then_some(())
 }
 
 async fn fund(a: &Harness, b: &mut Harness, sats: u64) {
@@ -260,4 +262,42 @@ async fn a_node_without_upstream_buys_from_a_discovered_provider() {
     assert!(r.json["error"]["message"].as_str().unwrap().contains("no provider discovered on Nostr sells"));
     assert_eq!(b.balance(&key).await.1, 0);
     assert_conserved_between(&mut a, &b, 5_000).await;
+}
+
+/// B dies after making A's token and before keeping it: nobody has that token. After the
+/// restart the spend is failed, its proofs come back into B's wallet, B's client paid nothing,
+/// and A never saw the money.
+#[tokio::test]
+async fn a_remote_payment_killed_after_its_token_was_made_returns_to_the_wallet() {
+    let (_relay, mut a, mut b) = start_pair("route-crash", vec![]).await;
+    fund(&a, &mut b, 200).await;
+    let key = b.key(100).await;
+
+    b.node.set_env("ROUTSTR_TEST_FAILPOINT", Some("remote:after-send"));
+    b.node.restart().await;
+    eventually("B finds A again after its restart", 40, || a_found_by(&b)).await;
+    let died = b.http.post(b.url("/v1/chat/completions")).bearer_auth(&key).json(&chat(false)).send().await;
+    assert!(died.is_err(), "B died with A's token made: {died:?}");
+    b.node.set_env("ROUTSTR_TEST_FAILPOINT", None);
+    b.node.restart().await;
+
+    assert_eq!(b.balance(&key).await, (100_000, 0), "the client paid nothing");
+    let spends = remote_spends(&b);
+    assert_eq!(spends.len(), 1);
+    assert_eq!(spends[0].2, "failed", "never recorded as sent");
+    eventually("B takes the token's proofs back", 40, || async {
+        let log = std::fs::read_to_string(b.data_dir.join("node.log")).unwrap_or_default();
+        log.contains("took back the proofs of a token that never left the node").then_some(())
+    })
+    .await;
+    assert_eq!(a.totals().credited_msat, 0, "A was never paid");
+    // B's wallet holds its client's 100 sats and its operator's 200 again: conserved on both.
+    assert_conserved_between(&mut a, &b, 0).await;
+
+    // And B still buys from A afterwards.
+    eventually("B finds A again after its restart", 40, || a_found_by(&b)).await;
+    let answer = b.post("/v1/chat/completions", Some(&key), &chat(false)).await;
+    assert_eq!(answer.status, 200, "{}", answer.json);
+    b.wait_until_settled().await;
+    assert_conserved_between(&mut a, &b, 0).await;
 }
