@@ -101,7 +101,8 @@ pub async fn wallet_command(settings: &Settings, command: WalletCommand) -> Resu
                     .map(|b| b.mint_url.clone())
                     .ok_or_else(|| NodeError::Config("the wallet is empty".into()))?,
             };
-            let sent = wallet.send(&mint, amount_msat).await?;
+            // The mint's fees come out of the earnings too, never out of users' backing.
+            let sent = wallet.send_within(&mint, amount_msat, earnings).await?;
             eprintln!("sent {} sat from {} (fee {} sat):", amount, sent.mint_url, msat_to_sats(sent.fee_msat));
             println!("{}", sent.token);
         }
@@ -153,10 +154,12 @@ pub fn backup(settings: &Settings, dest: &std::path::Path) -> Result<(), NodeErr
             println!("{name}: copied");
         }
     }
-    let tor = settings.data_dir.join("tor");
+    // The onion service's keys (its address), wherever TOR_STATE_DIR put them: restored with
+    // DEST as DATA_DIR, they are found in DEST/tor.
+    let tor = crate::tor::state_dir(settings);
     if tor.is_dir() {
         copy_dir(&tor, &dest.join("tor"))?;
-        println!("tor/: copied");
+        println!("tor/: copied from {}", tor.display());
     }
     println!("backup complete: start a node with DATA_DIR={} to restore it", dest.display());
     Ok(())

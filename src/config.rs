@@ -42,8 +42,9 @@ pub enum Command {
     /// Operate the node's Cashu wallet (safe while the node runs).
     #[command(subcommand)]
     Wallet(WalletCommand),
-    /// Copy all state (ledger, wallet, secrets) to DEST while the node runs, using SQLite's
-    /// online backup (`VACUUM INTO`), not a file copy. Restore by using DEST as DATA_DIR.
+    /// Copy all state (ledger, wallet, secrets, the onion service's keys from TOR_STATE_DIR) to
+    /// DEST while the node runs, using SQLite's online backup (`VACUUM INTO`), not a file copy.
+    /// Restore by using DEST as DATA_DIR (without TOR_STATE_DIR, or pointing it at DEST/tor).
     Backup {
         /// A directory that does not exist yet (or is empty).
         dest: PathBuf,
@@ -76,11 +77,11 @@ pub enum WalletCommand {
         token: String,
     },
     /// Take AMOUNT sats out of the operator's earnings as a Cashu token. Refuses to touch what
-    /// backs users' balances.
+    /// backs users' balances (the mint's fees are paid out of the earnings too).
     Send {
         /// Amount in sats.
         amount: u64,
-        /// Mint to send from (default: the one with the most earnings).
+        /// Mint to send from (default: the one the wallet holds the most at).
         #[arg(long)]
         mint: Option<String>,
     },
@@ -184,6 +185,12 @@ pub struct Settings {
     /// Completion tokens reserved when a request gives no max_tokens and the model no limit.
     #[arg(long, env = "DEFAULT_MAX_COMPLETION_TOKENS", default_value_t = 4096)]
     pub default_max_completion_tokens: u64,
+    /// Write the completion limit the node reserved for into requests that give none
+    /// (`max_completion_tokens` on chat completions, `max_tokens` on completions and messages,
+    /// `max_output_tokens` on responses), so that no answer costs more than was reserved. Turn
+    /// off only for an upstream that refuses these fields.
+    #[arg(long, env = "CAP_COMPLETION_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cap_completion_tokens: bool,
 
     /// Largest request body accepted, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
@@ -257,8 +264,8 @@ pub struct Settings {
     /// Burst allowed above ONION_INTRO_RATE at the introduction points.
     #[arg(long, env = "ONION_INTRO_BURST", default_value_t = 200)]
     pub onion_intro_burst: u32,
-    /// Send the node's own outbound HTTP (upstreams, price feeds, model listings) through Tor;
-    /// `.onion` upstreams then work. Loopback destinations stay direct.
+    /// Send the node's own outbound traffic (upstreams, price feeds, model listings, mints,
+    /// Nostr relays) through Tor; `.onion` upstreams then work. Loopback destinations stay direct.
     #[arg(long, env = "TOR_OUTBOUND", default_value_t = false, action = clap::ArgAction::Set)]
     pub tor_outbound: bool,
 

@@ -257,12 +257,16 @@ pub async fn handle(
         return Err(ApiError::BadRequest(format!("at most {MAX_CHOICES} completions per request")));
     }
     let local = price_routes(&node, &model);
+    let first_local = local.as_ref().ok().and_then(|routes| routes.first()).map(|r| &r.route);
+    let (per_choice, choices) = completion_limit(fields.as_ref(), &path, first_local, &node);
+    let cap = fields.as_ref().and_then(|f| completion_cap(f, &path, per_choice, &node));
 
     // A body the node rewrites for some route is parsed whole, once, here: what the partial
     // parse skipped must be JSON too (invalid UTF-8 in a skipped string is already refused).
     let whole = match &fields {
         Some(f)
             if wants_usage(f, &path)
+                || cap.is_some()
                 || local.as_ref().is_ok_and(|routes| routes.iter().any(|r| renames(f, &r.route))) =>
         {
             Some(
@@ -280,6 +284,7 @@ pub async fn handle(
         headers: parts.headers,
         fields,
         whole,
+        cap,
         raw: body,
     };
     // Providers discovered on Nostr, when routing may use them (never for a request that
@@ -293,11 +298,7 @@ pub async fn handle(
     };
     let (routes, max_cost, max_output_tokens) = match local {
         Ok(mut routes) => {
-            let max_completion = if forward.path == "embeddings" {
-                0
-            } else {
-                max_completion_tokens(forward.fields.as_ref(), &forward.path, &routes[0].route, &node)
-            };
+            let max_completion = if forward.path == "embeddings" { 0 } else { per_choice.saturating_mul(choices) };
             let prompt_estimate = (forward.raw.len() as u64).div_ceil(3);
             let max_cost = routes
                 .iter()
@@ -323,8 +324,6 @@ pub async fn handle(
                 if routes.is_empty() {
                     return Err(e);
                 }
-                let (asked, choices) = forward.fields.as_ref().map_or((None, 1), |f| f.asked_completion(&forward.path));
-                let per_choice = asked.unwrap_or(node.settings.default_max_completion_tokens);
                 (routes, max_cost, per_choice.saturating_mul(choices))
             }
             Err(remote::NoOffer::Refused(err)) => return Err(err),
@@ -538,12 +537,19 @@ fn remote_priced(model: &str, offer: remote::RemoteOffer) -> Option<PricedRoute>
     })
 }
 
-/// The most completion tokens a request can produce: the limit it gives for its endpoint, else
-/// the model's, else the default; times the number of completions asked for.
-fn max_completion_tokens(fields: Option<&RequestFields>, path: &str, route: &ModelRoute, node: &Node) -> u64 {
+/// The most completion tokens one completion of a request can produce (the limit it gives for
+/// its endpoint, else the model's, else the default), and the number of completions asked for.
+fn completion_limit(fields: Option<&RequestFields>, path: &str, route: Option<&ModelRoute>, node: &Node) -> (u64, u64) {
     let (asked, choices) = fields.map_or((None, 1), |f| f.asked_completion(path));
-    let per_choice = asked.or(route.max_completion_tokens).unwrap_or(node.settings.default_max_completion_tokens);
-    per_choice.saturating_mul(choices)
+    let model_limit = route.and_then(|r| r.max_completion_tokens);
+    (asked.or(model_limit).unwrap_or(node.settings.default_max_completion_tokens), choices)
+}
+
+/// Where the request's body gets the limit reserved for (`CAP_COMPLETION_TOKENS`): at its
+/// endpoint's own field, when it gives none.
+fn completion_cap(fields: &RequestFields, path: &str, per_choice: u64, node: &Node) -> Option<(&'static str, u64)> {
+    let field = RequestFields::limit_field(path)?;
+    (node.settings.cap_completion_tokens && fields.asked_completion(path).0.is_none()).then_some((field, per_choice))
 }
 
 /// Whether a route's upstream knows the model under another name, so the body names it.
@@ -566,24 +572,30 @@ struct Forward {
     fields: Option<RequestFields>,
     /// The whole body, parsed only when some route rewrites it.
     whole: Option<Value>,
+    /// The completion limit written into the body, and its field (see `completion_cap`).
+    cap: Option<(&'static str, u64)>,
     raw: Bytes,
     /// Routers the request came through (`X-Routstr-Hops`).
     hops: u64,
 }
 
 impl Forward {
-    /// The body for one route: its upstream model name, and usage asked for on streams.
+    /// The body for one route: its upstream model name, usage asked for on streams, and the
+    /// completion limit reserved for when the request gives none.
     fn body_for(&self, route: &ModelRoute) -> Bytes {
         // `whole` is there whenever a route of this request rewrites its body (see `handle`).
         let (Some(fields), Some(whole)) = (&self.fields, &self.whole) else { return self.raw.clone() };
         let rename = renames(fields, route);
         let wants_usage = wants_usage(fields, &self.path);
-        if !rename && !wants_usage {
+        if !rename && !wants_usage && self.cap.is_none() {
             return self.raw.clone();
         }
         let mut json = whole.clone();
         if rename {
             json["model"] = json!(route.upstream_model);
+        }
+        if let Some((field, limit)) = self.cap {
+            json[field] = json!(limit);
         }
         if wants_usage {
             match json.get_mut("stream_options").and_then(Value::as_object_mut) {

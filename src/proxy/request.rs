@@ -63,6 +63,17 @@ impl RequestFields {
         self.n.max(self.best_of).unwrap_or(1)
     }
 
+    /// The field that limits completions at `path`, where the node writes the limit it reserved
+    /// for when the request gives none (`CAP_COMPLETION_TOKENS`).
+    pub fn limit_field(path: &str) -> Option<&'static str> {
+        match path {
+            "chat/completions" => Some("max_completion_tokens"),
+            "completions" | "messages" => Some("max_tokens"),
+            "responses" => Some("max_output_tokens"),
+            _ => None,
+        }
+    }
+
     /// The completion limit the request gives at `path`, if any, and the number of completions,
     /// within `1..=MAX_CHOICES`. Only the fields that endpoint defines count: an upstream ignores
     /// the others (`max_output_tokens: 1` on chat completions would otherwise shrink the hold
@@ -208,6 +219,13 @@ mod tests {
         assert_eq!(f.asked_completion("chat/completions"), (Some(30), 3));
         assert_eq!(RequestFields::parse(b"{}").unwrap().asked_completion("chat/completions"), (None, 1));
         // A limit the endpoint does not define is not one the upstream keeps to.
+        // Each endpoint's own field is the one a limit is written to.
+        for path in ["chat/completions", "completions", "messages", "responses"] {
+            let field = RequestFields::limit_field(path).unwrap();
+            let body = format!("{{\"{field}\":3}}");
+            assert_eq!(RequestFields::parse(body.as_bytes()).unwrap().asked_completion(path), (Some(3), 1), "{path}");
+        }
+        assert_eq!(RequestFields::limit_field("embeddings"), None);
         let foreign = RequestFields::parse(br#"{"max_output_tokens":1}"#).unwrap();
         assert_eq!(foreign.asked_completion("chat/completions"), (None, 1));
         assert_eq!(foreign.asked_completion("messages"), (None, 1));

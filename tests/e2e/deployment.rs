@@ -30,8 +30,15 @@ async fn online_backup_under_load_restores_the_same_balances() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let backup_root = ScratchDir::new("backup-dest");
     let dest = backup_root.join("state");
+    // Onion keys kept outside DATA_DIR (TOR_STATE_DIR) are part of the state too.
+    let tor_state = backup_root.join("tor-elsewhere");
+    std::fs::create_dir_all(tor_state.join("keystore")).unwrap();
+    std::fs::write(tor_state.join("keystore").join("hs.key"), b"onion keys").unwrap();
+    h.node.set_env("TOR_STATE_DIR", Some(&tor_state.display().to_string()));
     let out = h.node.cli(&["backup", &dest.display().to_string()]).await;
+    h.node.set_env("TOR_STATE_DIR", None);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(dest.join("tor").join("keystore").join("hs.key")).unwrap(), b"onion keys");
     stop.store(true, Ordering::Relaxed);
     let served = load.await.unwrap();
     assert!(served > 0);

@@ -229,3 +229,35 @@ async fn operator_wallet_commands_never_touch_users_money() {
     assert_eq!(h.balance(&key).await.0, 100_000 - CHAT_COST_MSAT);
     h.assert_conserved().await;
 }
+
+/// A request that sets no completion limit gets the one the node reserved for, so the upstream
+/// can never bill more than was held; a request's own limit is left as it is.
+#[tokio::test]
+async fn answers_are_capped_at_the_limit_reserved_for() {
+    let mut h = Harness::start("cap").await;
+    let key = h.key(200).await;
+    let mut unlimited = chat(false);
+    unlimited.as_object_mut().unwrap().remove("max_tokens");
+
+    let answer = h.post("/v1/chat/completions", Some(&key), &unlimited).await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    let seen = h.upstream.last_request().unwrap().body;
+    assert_eq!(seen["max_completion_tokens"], 16_384, "the model's own limit, as reserved: {seen}");
+    assert_eq!(seen["messages"], unlimited["messages"], "the rest of the body as sent");
+
+    assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
+    let seen = h.upstream.last_request().unwrap().body;
+    assert_eq!((seen["max_tokens"].as_u64(), seen.get("max_completion_tokens")), (Some(100), None));
+
+    // Each endpoint gets its own field.
+    let responses = json!({ "model": "gpt-test", "input": "hello there" });
+    assert_eq!(h.post("/v1/responses", Some(&key), &responses).await.status, 200);
+    assert_eq!(h.upstream.last_request().unwrap().body["max_output_tokens"], 16_384);
+
+    // An operator whose upstream refuses these fields turns it off.
+    h.node.set_env("CAP_COMPLETION_TOKENS", Some("false"));
+    h.node.restart().await;
+    assert_eq!(h.post("/v1/chat/completions", Some(&key), &unlimited).await.status, 200);
+    assert_eq!(h.upstream.last_request().unwrap().body.get("max_completion_tokens"), None);
+    h.assert_conserved().await;
+}
