@@ -689,9 +689,13 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 let body = resp.read_whole(ERROR_BODY_LIMIT).await.unwrap_or_default();
                 let change = remote::change_from_headers(&headers);
                 if !remote::refused(status, &body) {
-                    // The provider judged the request itself (a client error): passed on.
-                    Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
-                    node.router.record_success(&offer.provider);
+                    // The provider judged the request itself (a client error): passed on. One
+                    // that kept our token for it (nothing came back) is not asked again for a
+                    // while: refusing requests must not be a way to collect tokens.
+                    match Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await {
+                        Some(_) => node.router.record_success(&offer.provider),
+                        None => node.router.record_failure(&offer.provider),
+                    }
                     let (_, change) =
                         Box::pin(metering.settle(&priced.prices, None, "the provider refused the request")).await;
                     let mut out = passthrough_error(status, &headers, body, &metering.request_id);

@@ -365,17 +365,20 @@ pub fn change_due(sent_msat: u64, their_cost: Option<&Value>) -> Option<u64> {
 /// Ends a spend: takes the change back into the wallet. `change` is what the provider returned;
 /// `served` whether it answered the request (else, without change, the token itself may still
 /// be ours); `due` the change its cost report implies (only used to tell "no change due" from
-/// "change owed"). Returns the change that is in our wallet now (0 when none was due), for
-/// charging the client; `None` when it is not (owed, unreadable, spent, or its mint away): the
-/// client then pays the whole token, and change recovered later is the operator's. Counting
-/// change that is not in hand would let a provider keep tokens at our expense.
+/// "change owed"). Returns what of the token is back in our wallet now: the change (0 when none
+/// was due), for charging the client, or for a request not served the token itself when the
+/// provider never redeemed it; `None` when nothing is (owed, unreadable, spent, or its mint
+/// away): the client then pays the whole token, and change recovered later is the operator's.
+/// Counting change that is not in hand would let a provider keep tokens at our expense.
 pub async fn finish(node: &Node, spend: &Spend, change: Option<&str>, served: bool, due: Option<u64>) -> Option<u64> {
     let ledger = node.ledger();
     let (recorded, in_hand) = match change {
         Some(token) => match node.wallet().receive(token).await {
             Ok(r) => (
                 ledger.settle_remote_spend(spend.id, r.credited_msat, r.fee_msat, "change received").await,
-                Some(r.value_msat),
+                // What reached the wallet: the mint's fee for taking the change in is a cost of
+                // this request, not the operator's.
+                Some(r.credited_msat),
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "remote change not received now; it will be recovered");
@@ -383,7 +386,10 @@ pub async fn finish(node: &Node, spend: &Spend, change: Option<&str>, served: bo
                 (ledger.recovering_remote_spend(spend.id, Some(token), &note).await, None)
             }
         },
-        None if !served => (reclaim(node, spend.id, &spend.token).await, None),
+        None if !served => match reclaim(node, spend.id, &spend.token).await {
+            Ok(back) => (Ok(()), back),
+            Err(e) => (Err(e), None),
+        },
         // It kept the whole token (its cost, rounded to whole sats, took it all).
         None if due == Some(0) => (ledger.settle_remote_spend(spend.id, 0, 0, "no change due").await, Some(0)),
         None => (ledger.recovering_remote_spend(spend.id, None, "no change received with the answer").await, None),
@@ -391,28 +397,25 @@ pub async fn finish(node: &Node, spend: &Spend, change: Option<&str>, served: bo
     if let Err(e) = recorded {
         tracing::error!(error = %e, "remote spend could not be updated");
     }
-    in_hand.filter(|_| served)
+    in_hand
 }
 
-/// The provider did not serve: take the token back if it never redeemed it, else leave the
-/// change to recovery.
-async fn reclaim(node: &Node, id: i64, token: &str) -> Result<(), crate::ledger::LedgerError> {
+/// The provider did not serve: take the token back if it never redeemed it (returns what came
+/// back), else leave the change to recovery.
+async fn reclaim(node: &Node, id: i64, token: &str) -> Result<Option<u64>, crate::ledger::LedgerError> {
     let ledger = node.ledger();
     match node.wallet().receive(token).await {
         Ok(r) => {
-            ledger
-                .settle_remote_spend(
-                    id,
-                    r.credited_msat,
-                    r.fee_msat,
-                    "token taken back: the provider did not redeem it",
-                )
-                .await
+            let note = "token taken back: the provider did not redeem it";
+            ledger.settle_remote_spend(id, r.credited_msat, r.fee_msat, note).await.map(|()| Some(r.credited_msat))
         }
-        Err(WalletError::AlreadySpent) => {
-            ledger.recovering_remote_spend(id, None, "the provider redeemed the token; its change is asked back").await
+        Err(WalletError::AlreadySpent) => ledger
+            .recovering_remote_spend(id, None, "the provider redeemed the token; its change is asked back")
+            .await
+            .map(|()| None),
+        Err(e) => {
+            ledger.recovering_remote_spend(id, None, &format!("token not taken back yet: {e}")).await.map(|()| None)
         }
-        Err(e) => ledger.recovering_remote_spend(id, None, &format!("token not taken back yet: {e}")).await,
     }
 }
 
