@@ -299,7 +299,9 @@ pub async fn handle(
     let (routes, max_cost, max_output_tokens) = match local {
         Ok(mut routes) => {
             let max_completion = if forward.path == "embeddings" { 0 } else { per_choice.saturating_mul(choices) };
-            let prompt_estimate = (forward.raw.len() as u64).div_ceil(3);
+            let prompt_estimate = (forward.raw.len() as u64)
+                .div_ceil(3)
+                .saturating_add(request::attachments(&forward.raw).saturating_mul(request::ATTACHMENT_TOKENS));
             let max_cost = routes
                 .iter()
                 .map(|r| r.prices.max_cost(prompt_estimate, max_completion).total_msats)

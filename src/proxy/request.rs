@@ -13,6 +13,36 @@ use serde_json::Value;
 /// Most completions one request may ask for (`n`, `best_of`), so a reservation stays bounded.
 pub const MAX_CHOICES: u64 = 128;
 
+/// Input tokens reserved for each image, file or audio part a request has: a URL or file id is a
+/// few bytes of the body, but the upstream bills what it points to (a large image is ≈ 1,100–1,600
+/// tokens at the common providers; inline data is counted by its bytes as well).
+pub const ATTACHMENT_TOKENS: u64 = 1_600;
+
+/// The content-part types (`"type": …`) of the OpenAI and Anthropic APIs that stand for content
+/// billed by what it points to, not by its bytes in the body.
+const ATTACHMENT_TYPES: [&[u8]; 7] =
+    [b"image_url", b"input_image", b"image", b"input_file", b"file", b"document", b"input_audio"];
+
+/// How many image, file and audio parts a JSON body has: each `"type"` member whose value is one
+/// of `ATTACHMENT_TYPES`. A `"type"` inside a string is escaped there (`\"type\"`), so only
+/// members count.
+pub fn attachments(body: &[u8]) -> u64 {
+    let mut count = 0;
+    for at in memchr::memmem::find_iter(body, b"\"type\"") {
+        let rest = &body[at + 6..];
+        let Some(value) = skip_space(rest).strip_prefix(b":").map(skip_space) else { continue };
+        let Some(value) = value.strip_prefix(b"\"") else { continue };
+        if ATTACHMENT_TYPES.iter().any(|t| value.strip_prefix(*t).is_some_and(|end| end.first() == Some(&b'"'))) {
+            count += 1;
+        }
+    }
+    count
+}
+
+fn skip_space(s: &[u8]) -> &[u8] {
+    s.iter().position(|b| !b.is_ascii_whitespace()).map_or(&[][..], |i| &s[i..])
+}
+
 /// What the node reads from a JSON request body. A field of an unexpected type counts as absent
 /// (as the upstream would judge it, not us); a repeated field counts as its last value.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -236,6 +266,20 @@ mod tests {
         assert_eq!(chat.asked_completion("audio/speech"), (Some(9), 1));
         let many = RequestFields::parse(br#"{"n":100000}"#).unwrap();
         assert_eq!((many.choices_asked(), many.asked_completion("chat/completions").1), (100_000, MAX_CHOICES));
+    }
+
+    #[test]
+    fn counts_image_file_and_audio_parts() {
+        let openai = br#"{"messages":[{"role":"user","content":[{"type":"text","text":"what is this \"type\":\"image\""},
+            {"type": "image_url", "image_url": {"url": "https://x/y.png"}}, {"type" :"input_audio","input_audio":{}}]}]}"#;
+        assert_eq!(attachments(openai), 2, "the quoted text is not a part");
+        let anthropic = br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"u"}},
+            {"type":"document","source":{"type":"file","file_id":"f"}}]}]}"#;
+        assert_eq!(attachments(anthropic), 3, "image, document, and its file source");
+        let responses = br#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"u"},{"type":"input_file","file_id":"f"},{"type":"input_text","text":"t"}]}]}"#;
+        assert_eq!(attachments(responses), 2);
+        assert_eq!(attachments(br#"{"type":"imagery","type":"image"#), 0, "a prefix or an unfinished value is none");
+        assert_eq!(attachments(b"{}"), 0);
     }
 
     #[test]

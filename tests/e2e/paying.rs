@@ -261,3 +261,27 @@ async fn answers_are_capped_at_the_limit_reserved_for() {
     assert_eq!(h.upstream.last_request().unwrap().body.get("max_completion_tokens"), None);
     h.assert_conserved().await;
 }
+
+/// An image given by URL is a few bytes of the body but hundreds of tokens upstream: the
+/// reservation (here, the price a client without credential is quoted) counts it.
+#[tokio::test]
+async fn image_parts_are_reserved_for() {
+    let h = Harness::start("attachments").await;
+    let h = &h;
+    let quote = |content: serde_json::Value| {
+        let body =
+            json!({ "model": "gpt-test", "max_tokens": 1, "messages": [{ "role": "user", "content": content }] });
+        async move {
+            let answer = h.post("/v1/chat/completions", None, &body).await;
+            assert_eq!(answer.status, 402, "{}", answer.text);
+            answer.json["error"]["amount_required_msat"].as_u64().unwrap()
+        }
+    };
+    let text = quote(json!("describe the picture at https://example.com/cat.png please")).await;
+    let image = quote(json!([
+        { "type": "text", "text": "describe this" },
+        { "type": "image_url", "image_url": { "url": "https://example.com/cat.png" } }
+    ]))
+    .await;
+    assert!(image > 10 * text, "1,600 tokens for the image against ≈ 20 for the text: {image} vs {text}");
+}
