@@ -512,24 +512,51 @@ impl Payments {
         }
     }
 
-    /// Makes the token of a payout begun (debited) in the ledger, and keeps it there.
+    /// Makes the token of a payout begun (debited) in the ledger, and keeps it there. From the
+    /// key's own mint when it can; else from another trusted mint that can (a key topped up with
+    /// tokens of several mints); else, when no mint holds it all, the part the fullest one holds:
+    /// the rest goes back to the key, for the next refund (a token comes from one mint).
     async fn make_payout(&self, payout: crate::ledger::Payout) -> Result<PaidOut, ApiError> {
-        let mint = if payout.mint_url.is_empty() {
+        let own = if payout.mint_url.is_empty() {
             self.wallet.trusted_mints().into_iter().next().unwrap_or_default()
         } else {
             payout.mint_url.clone()
         };
+        let mut held = self.held_by_mint().await;
+        held.sort_by_key(|(mint, msat)| (*mint != own, std::cmp::Reverse(*msat)));
+        if !held.iter().any(|(mint, _)| *mint == own) {
+            held.insert(0, (own, 0));
+        }
         let up = payout.debit_msat.div_ceil(1000) * 1000;
         let down = payout.debit_msat / 1000 * 1000;
+        let mut tries: Vec<(&str, u64, u64)> = Vec::new();
+        for (mint, _) in &held {
+            tries.push((mint, up, payout.debit_msat));
+            if down > 0 && down < up {
+                tries.push((mint, down, down));
+            }
+        }
+        if let Some((fullest, msat)) = held.iter().max_by_key(|(_, msat)| *msat) {
+            let part = msat / 1000 * 1000;
+            if part > 0 && part < down {
+                tries.push((fullest, part, part));
+            }
+        }
         let tag = format!("payout:{}", payout.id);
-        let mut attempt = self.wallet.send_tagged(&mint, up, &tag).await.map(|s| (s, payout.debit_msat));
-        if matches!(attempt, Err(WalletError::InsufficientFunds)) && down > 0 && down < up {
-            attempt = self.wallet.send_tagged(&mint, down, &tag).await.map(|s| (s, down));
+        let mut attempt = Err(WalletError::InsufficientFunds);
+        for (mint, amount, debit) in tries {
+            attempt = self.wallet.send_tagged(mint, amount, &tag).await.map(|s| (s, debit));
+            if !matches!(attempt, Err(WalletError::InsufficientFunds)) {
+                break;
+            }
         }
         crate::failpoint::hit("payout:after-send");
         match attempt {
             Ok((sent, debit)) => {
-                self.ledger.complete_payout(payout.id, &sent.token, debit, sent.amount_msat, sent.fee_msat).await?;
+                let ledger = &self.ledger;
+                ledger
+                    .complete_payout(payout.id, &sent.mint_url, &sent.token, debit, sent.amount_msat, sent.fee_msat)
+                    .await?;
                 Ok(PaidOut { token: sent.token, amount_msat: sent.amount_msat })
             }
             Err(e) => {
@@ -537,6 +564,19 @@ impl Payments {
                 Err(e.into())
             }
         }
+    }
+
+    /// What the wallet can spend at each trusted mint (none when its database cannot be read:
+    /// the payout then tries the key's own mint only).
+    async fn held_by_mint(&self) -> Vec<(String, u64)> {
+        let mut held: Vec<(String, u64)> = Vec::new();
+        for b in self.wallet.balances().await.unwrap_or_default() {
+            match held.iter_mut().find(|(mint, _)| *mint == b.mint_url) {
+                Some((_, msat)) => *msat += b.balance_msat,
+                None => held.push((b.mint_url, b.balance_msat)),
+            }
+        }
+        held
     }
 
     /// `/v1/balance/refund` with a key: pays out the free balance, or hands out the last payout

@@ -597,12 +597,13 @@ impl Ledger {
     pub async fn complete_payout(
         &self,
         id: i64,
+        mint_url: &str,
         token: &str,
         debit_msat: u64,
         amount_msat: u64,
         fee_msat: u64,
     ) -> Result<(), LedgerError> {
-        let token = token.to_owned();
+        let (mint_url, token) = (mint_url.to_owned(), token.to_owned());
         self.store
             .run(move |c| {
                 let (key_hash, old_debit): (String, i64) = c.query_row(
@@ -612,9 +613,10 @@ impl Ledger {
                 )?;
                 let give_back = to_u64(old_debit).saturating_sub(debit_msat);
                 c.execute(
-                    "UPDATE payouts SET state = 'ready', token = ?2, debit_msat = ?3, amount_msat = ?4, fee_msat = ?5, updated_at = ?6
+                    "UPDATE payouts SET state = 'ready', token = ?2, debit_msat = ?3, amount_msat = ?4, fee_msat = ?5, updated_at = ?6,
+                         mint_url = ?7
                      WHERE id = ?1",
-                    params![id, token, to_i64(debit_msat), to_i64(amount_msat), to_i64(fee_msat), now_secs()],
+                    params![id, token, to_i64(debit_msat), to_i64(amount_msat), to_i64(fee_msat), now_secs(), mint_url],
                 )?;
                 if give_back > 0 {
                     c.execute(

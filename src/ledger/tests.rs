@@ -187,7 +187,7 @@ async fn payouts_debit_first_and_can_be_replayed() {
     assert_eq!(ledger.latest_payout(None, Some("src")).await.unwrap(), PayoutLookup::Pending);
     assert!(ledger.totals().await.unwrap().conserved());
     // Only 2 whole sats could be paid: 500 msat return to the key, visibly.
-    ledger.complete_payout(p.id, "cashuBxyz", 2_000, 2_000, 0).await.unwrap();
+    ledger.complete_payout(p.id, "http://mint", "cashuBxyz", 2_000, 2_000, 0).await.unwrap();
     assert_eq!(ledger.key_info("k1").await.unwrap().unwrap().balance_msat, 500);
     assert_eq!(
         ledger.latest_payout(Some("k1"), None).await.unwrap(),
@@ -639,7 +639,7 @@ async fn random_money_moves_match_a_reference_model() {
                     } else {
                         let give_back = dice.below(p.debit_msat + 1);
                         let debit = p.debit_msat - give_back;
-                        ledger.complete_payout(p.id, "cashuB-test", debit, debit, 0).await.unwrap();
+                        ledger.complete_payout(p.id, "http://mint", "cashuB-test", debit, debit, 0).await.unwrap();
                         k.balance += give_back;
                     }
                 }
@@ -712,7 +712,7 @@ async fn held_money_is_never_taken_by_anything_running_at_the_same_time() {
                                 ledger.fail_payout(p.id).await.unwrap();
                             } else {
                                 ledger
-                                    .complete_payout(p.id, "cashuB-test", p.debit_msat, p.debit_msat, 0)
+                                    .complete_payout(p.id, "http://mint", "cashuB-test", p.debit_msat, p.debit_msat, 0)
                                     .await
                                     .unwrap();
                             }

@@ -285,3 +285,49 @@ async fn image_parts_are_reserved_for() {
     .await;
     assert!(image > 10 * text, "1,600 tokens for the image against ≈ 20 for the text: {image} vs {text}");
 }
+
+/// A key paid with tokens of two trusted mints: a refund comes from one mint (a token has one),
+/// from the key's own when it can, else from one that can; when no mint holds the whole balance,
+/// the fullest pays its part and the rest stays on the key for the next refund.
+#[tokio::test]
+async fn refunds_of_keys_paid_at_several_mints() {
+    use routstr_node::demo::mint::{mint_token, redeem_token, start_test_mint, TestMintConfig};
+    let second = start_test_mint(TestMintConfig::default()).await.expect("second mint");
+    let options = crate::harness::Options {
+        env: vec![("CASHU_MINTS", format!("{{MINT}},{}", second.url))],
+        ..Default::default()
+    };
+    let mut h = Harness::start_with("two-mints", options).await;
+    let key = h.key(10).await;
+    let other_mint_token = mint_token(&second.url, 50, false).await.unwrap();
+    let topup = h.post("/v1/balance/topup", Some(&key), &json!({ "cashu_token": other_mint_token })).await;
+    assert_eq!(topup.status, 200, "{}", topup.json);
+    h.paid_in_msat += 50_000;
+    assert_eq!(h.balance(&key).await, (60_000, 0));
+
+    // Neither mint holds 60 sat: the second pays its 50, 10 stay on the key.
+    let first = h.post("/v1/balance/refund", Some(&key), &json!({})).await;
+    assert_eq!((first.status, first.json["msats"].as_u64()), (200, Some(50_000)), "{}", first.json);
+    assert_eq!(h.balance(&key).await, (10_000, 0));
+    assert_eq!(redeem_token(&second.url, first.json["token"].as_str().unwrap()).await.unwrap(), 50);
+    // The rest, from the key's own mint.
+    let rest = h.post("/v1/balance/refund", Some(&key), &json!({})).await;
+    assert_eq!((rest.status, rest.json["msats"].as_u64()), (200, Some(10_000)), "{}", rest.json);
+    assert_eq!(h.redeem(rest.json["token"].as_str().unwrap()).await, 10);
+    assert_eq!(h.balance(&key).await, (0, 0));
+
+    // A key whose own mint cannot pay is paid by another that can (here with the operator's
+    // own money beside the users').
+    let deposit = mint_token(&second.url, 100, false).await.unwrap();
+    let received = h.node.cli(&["wallet", "receive", &deposit]).await;
+    assert!(received.status.success(), "{}", String::from_utf8_lossy(&received.stderr));
+    h.operator_in_msat += 100_000;
+    let key = h.key(5).await;
+    let big = mint_token(&second.url, 30, false).await.unwrap();
+    assert_eq!(h.post("/v1/balance/topup", Some(&key), &json!({ "cashu_token": big })).await.status, 200);
+    h.paid_in_msat += 30_000;
+    let all = h.post("/v1/balance/refund", Some(&key), &json!({})).await;
+    assert_eq!((all.status, all.json["msats"].as_u64()), (200, Some(35_000)), "{}", all.json);
+    assert_eq!(redeem_token(&second.url, all.json["token"].as_str().unwrap()).await.unwrap(), 35);
+    h.assert_conserved().await;
+}
