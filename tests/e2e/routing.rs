@@ -2,7 +2,12 @@
 //! an in-process relay; node B has no upstream, discovers A, and serves its own paying clients
 //! by buying from A with eCash from its wallet. Money is conserved on each node and between them.
 
-use routstr_node::demo::mint::mint_token;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use nostr_relay_builder::prelude::NostrDatabase;
+use nostr_sdk::prelude::{EventBuilder, Keys, Kind, Tag};
+use routstr_node::demo::mint::{mint_token, redeem_token};
 use routstr_node::ledger::open_reader;
 use serde_json::{json, Value};
 
@@ -300,4 +305,120 @@ async fn a_remote_payment_killed_after_its_token_was_made_returns_to_the_wallet(
     assert_eq!(answer.status, 200, "{}", answer.json);
     b.wait_until_settled().await;
     assert_conserved_between(&mut a, &b, 0).await;
+}
+
+/// A "provider" that redeems the token of every request it is paid for and refuses the request
+/// (a 400 that is not about payment) without change: one out to collect tokens.
+struct TokenKeeper {
+    url: String,
+    chats: Arc<AtomicU64>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_token_keeper(listing: Value, mint_url: String) -> TokenKeeper {
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let chats = Arc::new(AtomicU64::new(0));
+    let shared = (chats.clone(), Arc::new(listing), Arc::new(mint_url));
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (chats, listing, mint) = shared.clone();
+                    async move {
+                        let (status, body) = match req.uri().path() {
+                            "/v1/info" => (200, json!({ "name": "keeper", "mints": [*mint] })),
+                            "/v1/models" => (200, (*listing).clone()),
+                            "/v1/chat/completions" => {
+                                chats.fetch_add(1, Ordering::SeqCst);
+                                if let Some(token) = req.headers().get("x-cashu").and_then(|v| v.to_str().ok()) {
+                                    redeem_token(&mint, token).await.expect("the keeper takes the token");
+                                }
+                                let error = json!({ "message": "too long", "type": "invalid_request_error", "code": "context_length_exceeded" });
+                                (400, json!({ "error": error }))
+                            }
+                            _ => (404, json!({ "error": { "message": "not here", "code": "not_found" } })),
+                        };
+                        let body = http_body_util::Full::new(bytes::Bytes::from(body.to_string()));
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder()
+                                .status(status)
+                                .header("content-type", "application/json")
+                                .body(body)
+                                .unwrap(),
+                        )
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    TokenKeeper { url, chats, _task: task }
+}
+
+/// A provider that keeps the token of a request it refuses: the client gets the error and pays
+/// nothing, the operator is out that one token, and the provider is not asked (nor paid) again
+/// for a while: refusals cannot empty the node's wallet.
+#[tokio::test]
+async fn a_provider_keeping_tokens_of_refused_requests_is_not_paid_again() {
+    let (relay, relay_url, db) = start_relay().await;
+    let listing = {
+        let template = Harness::start("keeper-template").await;
+        template.get("/v1/models", None).await.json
+    };
+    let mut b = Harness::start_with(
+        "keeper-b",
+        Options {
+            env: vec![
+                ("NOSTR_ENABLED", "true".into()),
+                ("RELAYS", relay_url.clone()),
+                ("NAME", "node-b".into()),
+                ("NOSTR_HEALTH_SECONDS", "3600".into()),
+                ("REMOTE_RECOVERY_SECONDS", "1".into()),
+            ],
+            unset: vec!["UPSTREAM_BASE_URL", "UPSTREAM_API_KEY"],
+            ..Default::default()
+        },
+    )
+    .await;
+    let keeper = start_token_keeper(listing, b.mint.url.clone()).await;
+    let keys = Keys::generate();
+    let tags = [["d", "keeper"], ["u", keeper.url.as_str()], ["mint", b.mint.url.as_str()], ["version", "9.9.9"]];
+    let event = EventBuilder::new(Kind::from(38421), json!({ "name": "keeper", "about": "" }).to_string())
+        .tags(tags.map(|t| Tag::parse(t).unwrap()))
+        .sign_with_keys(&keys)
+        .unwrap();
+    db.save_event(&event).await.unwrap();
+    relay.notify_event(event);
+    eventually("B discovers the keeper", 40, || async {
+        let list = b.get("/v1/providers?model=gpt-test", None).await.json;
+        (list["providers"].as_array()?.first()?["health"] == "ok").then_some(())
+    })
+    .await;
+    // The operator's own money beside the client's: what the keeper takes is the operator's loss.
+    let deposit = mint_token(&b.mint.url, 200, false).await.unwrap();
+    assert!(b.node.cli(&["wallet", "receive", &deposit]).await.status.success());
+    b.operator_in_msat += 200_000;
+    let key = b.key(100).await;
+
+    let refused = b.post("/v1/chat/completions", Some(&key), &chat(false)).await;
+    assert_eq!(refused.status, 400, "{}", refused.text);
+    assert_eq!(refused.error_code(), "context_length_exceeded");
+    assert_eq!(b.balance(&key).await, (100_000, 0), "the client pays nothing for a refusal");
+    assert_eq!(keeper.chats.load(Ordering::SeqCst), 1);
+    // Not chosen again meanwhile: nobody else sells the model, so the next request is refused here.
+    let next = b.post("/v1/chat/completions", Some(&key), &chat(false)).await;
+    assert_eq!(next.status, 503, "{}", next.text);
+    assert_eq!(keeper.chats.load(Ordering::SeqCst), 1, "the keeper was not paid again");
+    // B asked for change, was told there is none, and its books close: the token is its loss.
+    let spend = eventually("the kept token's spend is settled", 40, || async {
+        remote_spends(&b).pop().filter(|s| s.2 == "settled")
+    })
+    .await;
+    assert_eq!(spend.1, 0, "no change came back");
+    let t = b.assert_conserved().await;
+    assert_eq!(t.remote_net_msat(), spend.0);
 }
