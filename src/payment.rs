@@ -496,8 +496,11 @@ impl Payments {
         source_token_hash: Option<&str>,
         request_id: Option<&str>,
     ) -> Result<Option<PaidOut>, ApiError> {
+        // A key's refund may come from any trusted mint; a stateless request's change comes from
+        // the mint its token came from, the one its client's wallet knows.
+        let any_mint = source_token_hash.is_none();
         match self.ledger.begin_payout(key_hash, source_token_hash, request_id, false).await? {
-            Some(payout) => self.make_payout(payout).await.map(Some),
+            Some(payout) => self.make_payout(payout, any_mint).await.map(Some),
             None => Ok(None),
         }
     }
@@ -507,22 +510,23 @@ impl Payments {
     /// spending that balance, and gets what is left as its own change.
     pub async fn pay_stranded_change(&self, key_hash: &str) -> Result<Option<PaidOut>, ApiError> {
         match self.ledger.begin_payout(key_hash, None, None, true).await? {
-            Some(payout) => self.make_payout(payout).await.map(Some),
+            Some(payout) => self.make_payout(payout, false).await.map(Some),
             None => Ok(None),
         }
     }
 
     /// Makes the token of a payout begun (debited) in the ledger, and keeps it there. From the
-    /// key's own mint when it can; else from another trusted mint that can (a key topped up with
-    /// tokens of several mints); else, when no mint holds it all, the part the fullest one holds:
-    /// the rest goes back to the key, for the next refund (a token comes from one mint).
-    async fn make_payout(&self, payout: crate::ledger::Payout) -> Result<PaidOut, ApiError> {
+    /// key's own mint when it can; with `any_mint` (a key's refund) else from another trusted
+    /// mint that can (a key topped up with tokens of several mints), else, when no mint holds it
+    /// all, the part the fullest one holds: the rest goes back to the key, for the next refund
+    /// (a token comes from one mint).
+    async fn make_payout(&self, payout: crate::ledger::Payout, any_mint: bool) -> Result<PaidOut, ApiError> {
         let own = if payout.mint_url.is_empty() {
             self.wallet.trusted_mints().into_iter().next().unwrap_or_default()
         } else {
             payout.mint_url.clone()
         };
-        let mut held = self.held_by_mint().await;
+        let mut held = if any_mint { self.held_by_mint().await } else { Vec::new() };
         held.sort_by_key(|(mint, msat)| (*mint != own, std::cmp::Reverse(*msat)));
         if !held.iter().any(|(mint, _)| *mint == own) {
             held.insert(0, (own, 0));

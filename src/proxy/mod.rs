@@ -259,7 +259,10 @@ pub async fn handle(
     let local = price_routes(&node, &model);
     let first_local = local.as_ref().ok().and_then(|routes| routes.first()).map(|r| &r.route);
     let (per_choice, choices) = completion_limit(fields.as_ref(), &path, first_local, &node);
-    let cap = fields.as_ref().and_then(|f| completion_cap(f, &path, per_choice, &node));
+    // Only what the node reserves for itself is capped: a provider bought from is paid for its
+    // own maximum, whatever the answer's length.
+    let cap =
+        fields.as_ref().filter(|_| first_local.is_some()).and_then(|f| completion_cap(f, &path, per_choice, &node));
 
     // A body the node rewrites for some route is parsed whole, once, here: what the partial
     // parse skipped must be JSON too (invalid UTF-8 in a skipped string is already refused).
