@@ -308,8 +308,8 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             ))
         }
         ("refund", &Method::POST) => {
-            let paid = match credential(&parts.headers)? {
-                Some(Credential::XCashu(token)) => payments.recover_change(token).await?,
+            let (paid, earlier) = match credential(&parts.headers)? {
+                Some(Credential::XCashu(token)) => (payments.recover_change(token).await?, Vec::new()),
                 Some(_) => {
                     let (key_hash, _) = key_credential(node, &parts.headers).await?;
                     let refund = payments.refund_headers(&parts.headers)?;
@@ -317,16 +317,23 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
                     let info = node.ledger().key_info(&key_hash).await?.ok_or(ApiError::InvalidKey)?;
                     match info.refund_address.filter(|_| payments.lightning.enabled) {
                         Some(address) => return lightning_refund(payments, &key_hash, &address).await,
-                        None => payments.refund_key(&key_hash).await?,
+                        None => {
+                            let paid = payments.refund_key(&key_hash).await?;
+                            let earlier = payments.earlier_refunds(&key_hash, &paid).await?;
+                            (paid, earlier)
+                        }
                     }
                 }
                 None => return Err(ApiError::InvalidKey),
             };
             let sats = paid.amount_msat / 1000;
-            Ok(http::json_response(
-                StatusCode::OK,
-                &json!({ "token": paid.token, "sats": sats.to_string(), "msats": paid.amount_msat }),
-            ))
+            let mut answer = json!({ "token": paid.token, "sats": sats.to_string(), "msats": paid.amount_msat });
+            if !earlier.is_empty() {
+                let tokens: Vec<Value> =
+                    earlier.iter().map(|p| json!({ "token": p.token, "msats": p.amount_msat })).collect();
+                answer["earlier_tokens"] = Value::Array(tokens);
+            }
+            Ok(http::json_response(StatusCode::OK, &answer))
         }
         ("lightning/invoice", &Method::POST) => {
             let amount_sat = json

@@ -583,6 +583,18 @@ impl Payments {
         held
     }
 
+    /// The tokens of the key's other refunds of the last hour (besides `paid`): a balance refunded
+    /// in parts, one mint at a time, has several, and the answer carrying one may have been lost.
+    pub async fn earlier_refunds(&self, key_hash: &str, paid: &PaidOut) -> Result<Vec<PaidOut>, ApiError> {
+        const WINDOW_SECS: i64 = 3600;
+        let recent = self.ledger.recent_refund_tokens(key_hash, crate::ledger::now_secs() - WINDOW_SECS).await?;
+        Ok(recent
+            .into_iter()
+            .filter(|(token, _)| *token != paid.token)
+            .map(|(token, amount_msat)| PaidOut { token, amount_msat })
+            .collect())
+    }
+
     /// `/v1/balance/refund` with a key: pays out the free balance, or hands out the last payout
     /// again when there is nothing left (the first answer may have been lost).
     pub async fn refund_key(&self, key_hash: &str) -> Result<PaidOut, ApiError> {

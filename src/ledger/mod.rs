@@ -685,6 +685,24 @@ impl Ledger {
             .await
     }
 
+    /// The tokens of a key's Cashu refunds made since `since` (Unix seconds), oldest first, with
+    /// their value: a refund paid in parts hands each part out once, and an answer lost on the
+    /// way must not lose its token.
+    pub async fn recent_refund_tokens(&self, key_hash: &str, since: i64) -> Result<Vec<(String, u64)>, LedgerError> {
+        let key_hash = key_hash.to_owned();
+        self.store
+            .read(move |c| {
+                let mut stmt = c.prepare(
+                    "SELECT token, amount_msat FROM payouts
+                     WHERE key_hash = ?1 AND method = 'cashu' AND state = 'ready' AND token IS NOT NULL AND created_at >= ?2
+                     ORDER BY id",
+                )?;
+                let rows = stmt.query_map(params![key_hash, since], |r| Ok((r.get(0)?, to_u64(r.get(1)?))))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
     /// At start, before serving: holds a previous node recorded in the ledger are released (the
     /// request died with the process; what it used is unknowable, so the user is not charged).
     /// Returns how many requests were interrupted. (Holds live in memory now; only a ledger

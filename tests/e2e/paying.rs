@@ -313,6 +313,8 @@ async fn refunds_of_keys_paid_at_several_mints() {
     // The rest, from the key's own mint.
     let rest = h.post("/v1/balance/refund", Some(&key), &json!({})).await;
     assert_eq!((rest.status, rest.json["msats"].as_u64()), (200, Some(10_000)), "{}", rest.json);
+    // The first part comes again with it, in case its answer was lost.
+    assert_eq!(rest.json["earlier_tokens"], json!([{ "token": first.json["token"], "msats": 50_000 }]));
     assert_eq!(h.redeem(rest.json["token"].as_str().unwrap()).await, 10);
     assert_eq!(h.balance(&key).await, (0, 0));
 
