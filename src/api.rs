@@ -267,7 +267,7 @@ async fn balance(node: &Arc<Node>, req: Request<Incoming>, action: &str) -> Resu
             })?;
             let api_key = payments.api_key_for_token(&token);
             let key_hash = hash_api_key(&api_key);
-            let refund = payments.refund_headers(&parts.headers)?;
+            let refund = payments.refund_headers_for_new_key(&parts.headers)?;
             let redeemed = payments.redeem(&token, &key_hash, KeyKind::Key).await?;
             payments.apply_refund_headers(&key_hash, refund).await?;
             Ok(http::json_response(

@@ -185,10 +185,10 @@ pub struct Settings {
     /// Completion tokens reserved when a request gives no max_tokens and the model no limit.
     #[arg(long, env = "DEFAULT_MAX_COMPLETION_TOKENS", default_value_t = 4096)]
     pub default_max_completion_tokens: u64,
-    /// Write the completion limit the node reserved for into requests that give none
-    /// (`max_completion_tokens` on chat completions, `max_tokens` on completions and messages,
-    /// `max_output_tokens` on responses), so that no answer costs more than was reserved. Turn
-    /// off only for an upstream that refuses these fields.
+    /// Write the model's listed completion limit (the one the node reserved for) into requests
+    /// that give none (`max_completion_tokens` on chat completions, `max_tokens` on completions
+    /// and messages, `max_output_tokens` on responses), so that no answer costs more than was
+    /// reserved. Turn off only for an upstream that refuses these fields.
     #[arg(long, env = "CAP_COMPLETION_TOKENS", default_value_t = true, action = clap::ArgAction::Set)]
     pub cap_completion_tokens: bool,
 

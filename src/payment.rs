@@ -244,7 +244,7 @@ impl Payments {
                 let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
                 let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     Err(crate::ledger::LedgerError::KeyNotFound) => {
-                        let refund = self.refund_headers(headers)?;
+                        let refund = self.refund_headers_for_new_key(headers)?;
                         Box::pin(self.redeem(token, &key_hash, KeyKind::Key)).await?;
                         self.apply_refund_headers(&key_hash, refund).await?;
                         self.ledger.reserve(&key_hash, request_id, cost_msat, model).await?
@@ -308,6 +308,16 @@ impl Payments {
             self.lnurl.resolve_url(address).map_err(|e| ApiError::BadRequest(format!("Refund-LNURL: {e}")))?;
         }
         Ok(RefundHeaders { refund, expiry })
+    }
+
+    /// `refund_headers` for a key about to be paid into: an expiry already past would take the
+    /// money into a key that can spend none of it.
+    pub fn refund_headers_for_new_key(&self, headers: &HeaderMap) -> Result<RefundHeaders, ApiError> {
+        let checked = self.refund_headers(headers)?;
+        if checked.expiry.is_some_and(|at| at <= crate::ledger::now_secs()) {
+            return Err(ApiError::BadRequest("Key-Expiry-Time is in the past: the key could pay for nothing".into()));
+        }
+        Ok(checked)
     }
 
     /// Stores checked refund headers on a key, if the client sent any.
@@ -541,16 +551,25 @@ impl Payments {
             }
         }
         if let Some((fullest, msat)) = held.iter().max_by_key(|(_, msat)| *msat) {
-            let part = msat / 1000 * 1000;
-            if part > 0 && part < down {
-                tries.push((fullest, part, part));
+            // All it holds, or (at a mint that charges to redeem, which the token prepays) 1 % less.
+            for part in [msat / 1000 * 1000, msat * 99 / 100 / 1000 * 1000] {
+                if part > 0 && part < down && !tries.iter().any(|t| t.0 == fullest.as_str() && t.1 == part) {
+                    tries.push((fullest, part, part));
+                }
             }
         }
         let tag = format!("payout:{}", payout.id);
         let mut attempt = Err(WalletError::InsufficientFunds);
         for (mint, amount, debit) in tries {
             attempt = self.wallet.send_tagged(mint, amount, &tag).await.map(|s| (s, debit));
-            if !matches!(attempt, Err(WalletError::InsufficientFunds)) {
+            // A mint that cannot pay now (too little, away, no longer trusted) leaves it to the next.
+            let next = matches!(
+                attempt,
+                Err(WalletError::InsufficientFunds
+                    | WalletError::MintUnavailable(_)
+                    | WalletError::UntrustedMint { .. })
+            );
+            if !next {
                 break;
             }
         }

@@ -261,15 +261,16 @@ pub async fn handle(
     let (per_choice, choices) = completion_limit(fields.as_ref(), &path, first_local, &node);
     // Only what the node reserves for itself is capped: a provider bought from is paid for its
     // own maximum, whatever the answer's length.
-    let cap =
-        fields.as_ref().filter(|_| first_local.is_some()).and_then(|f| completion_cap(f, &path, per_choice, &node));
+    let cap = match (&fields, first_local) {
+        (Some(f), Some(route)) => completion_cap(f, &path, route, &node),
+        _ => None,
+    };
 
     // A body the node rewrites for some route is parsed whole, once, here: what the partial
     // parse skipped must be JSON too (invalid UTF-8 in a skipped string is already refused).
     let whole = match &fields {
         Some(f)
             if wants_usage(f, &path)
-                || cap.is_some()
                 || local.as_ref().is_ok_and(|routes| routes.iter().any(|r| renames(f, &r.route))) =>
         {
             Some(
@@ -551,10 +552,27 @@ fn completion_limit(fields: Option<&RequestFields>, path: &str, route: Option<&M
 }
 
 /// Where the request's body gets the limit reserved for (`CAP_COMPLETION_TOKENS`): at its
-/// endpoint's own field, when it gives none.
-fn completion_cap(fields: &RequestFields, path: &str, per_choice: u64, node: &Node) -> Option<(&'static str, u64)> {
+/// endpoint's own field, when it gives none and the model's listing gives one, below its context
+/// length (the reservation's default is no limit an upstream has stated it accepts: a model with
+/// a small context would refuse it).
+fn completion_cap(fields: &RequestFields, path: &str, route: &ModelRoute, node: &Node) -> Option<(&'static str, u64)> {
     let field = RequestFields::limit_field(path)?;
-    (node.settings.cap_completion_tokens && fields.asked_completion(path).0.is_none()).then_some((field, per_choice))
+    let listed = route.max_completion_tokens.filter(|&limit| route.context_length.is_none_or(|ctx| limit < ctx))?;
+    (node.settings.cap_completion_tokens && fields.asked_completion(path).0.is_none()).then_some((field, listed))
+}
+
+/// `body` (a JSON object) with `"field": value` as its first member: the rest stays as the client
+/// wrote it, byte for byte (key order matters to structured outputs).
+fn with_first_member(body: &[u8], field: &str, value: u64) -> Option<Bytes> {
+    let open = body.iter().position(|b| !b.is_ascii_whitespace()).filter(|&i| body[i] == b'{')?;
+    let rest = &body[open + 1..];
+    let empty = rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+    let member = format!("\"{field}\":{value}{}", if empty { "" } else { "," });
+    let mut out = Vec::with_capacity(body.len() + member.len());
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(rest);
+    Some(Bytes::from(out))
 }
 
 /// Whether a route's upstream knows the model under another name, so the body names it.
@@ -588,12 +606,18 @@ impl Forward {
     /// The body for one route: its upstream model name, usage asked for on streams, and the
     /// completion limit reserved for when the request gives none.
     fn body_for(&self, route: &ModelRoute) -> Bytes {
+        let cap_only = || {
+            let (field, limit) = self.cap?;
+            with_first_member(&self.raw, field, limit)
+        };
         // `whole` is there whenever a route of this request rewrites its body (see `handle`).
-        let (Some(fields), Some(whole)) = (&self.fields, &self.whole) else { return self.raw.clone() };
+        let (Some(fields), Some(whole)) = (&self.fields, &self.whole) else {
+            return cap_only().unwrap_or_else(|| self.raw.clone());
+        };
         let rename = renames(fields, route);
         let wants_usage = wants_usage(fields, &self.path);
-        if !rename && !wants_usage && self.cap.is_none() {
-            return self.raw.clone();
+        if !rename && !wants_usage {
+            return cap_only().unwrap_or_else(|| self.raw.clone());
         }
         let mut json = whole.clone();
         if rename {
@@ -697,9 +721,12 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                     // The provider judged the request itself (a client error): passed on. One
                     // that kept our token for it (nothing came back) is not asked again for a
                     // while: refusing requests must not be a way to collect tokens.
-                    match Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await {
-                        Some(_) => node.router.record_success(&offer.provider),
-                        None => node.router.record_failure(&offer.provider),
+                    let back = Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
+                    // What came back: the whole token, less a mint's fee at most.
+                    let margin = 1000 + spend.amount_msat / 100;
+                    match back.is_some_and(|b| b.saturating_add(margin) >= spend.amount_msat) {
+                        true => node.router.record_success(&offer.provider),
+                        false => node.router.record_failure(&offer.provider),
                     }
                     let (_, change) =
                         Box::pin(metering.settle(&priced.prices, None, "the provider refused the request")).await;
@@ -1143,6 +1170,21 @@ async fn send_or_gone(tx: &tokio::sync::mpsc::Sender<Bytes>, bytes: Bytes) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_member_goes_first_and_the_rest_stays_as_written() {
+        let add = |body: &str| {
+            with_first_member(body.as_bytes(), "max_tokens", 7).map(|b| String::from_utf8(b.to_vec()).unwrap())
+        };
+        assert_eq!(add(r#"{"z":1,"a":{"y":2,"b":3}}"#).as_deref(), Some(r#"{"max_tokens":7,"z":1,"a":{"y":2,"b":3}}"#));
+        assert_eq!(add("  { }").as_deref(), Some(r#"  {"max_tokens":7 }"#));
+        assert_eq!(add("\n{\n \"m\": 1}").as_deref(), Some("\n{\"max_tokens\":7,\n \"m\": 1}"));
+        assert_eq!(add("[1]"), None);
+        for body in [r#"{"z":1,"a":{"y":2,"b":3}}"#, "  { }", "{\"m\":\"}\"}"] {
+            let out: Value = serde_json::from_slice(&with_first_member(body.as_bytes(), "f", 1).unwrap()).unwrap();
+            assert_eq!(out["f"], 1, "{body}");
+        }
+    }
 
     #[tokio::test]
     async fn work_that_panics_ends_without_an_answer() {

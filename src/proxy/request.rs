@@ -25,8 +25,12 @@ const ATTACHMENT_TYPES: [&[u8]; 7] =
 
 /// How many image, file and audio parts a JSON body has: each `"type"` member whose value is one
 /// of `ATTACHMENT_TYPES`. A `"type"` inside a string is escaped there (`\"type\"`), so only
-/// members count.
+/// members count. A body with `\u` escapes (which could spell a key or value another way) is
+/// parsed and walked instead.
 pub fn attachments(body: &[u8]) -> u64 {
+    if memchr::memmem::find(body, b"\\u").is_some() {
+        return serde_json::from_slice::<Value>(body).map_or(0, |v| attachments_in(&v));
+    }
     let mut count = 0;
     for at in memchr::memmem::find_iter(body, b"\"type\"") {
         let rest = &body[at + 6..];
@@ -37,6 +41,18 @@ pub fn attachments(body: &[u8]) -> u64 {
         }
     }
     count
+}
+
+fn attachments_in(value: &Value) -> u64 {
+    match value {
+        Value::Object(members) => {
+            let own =
+                members.get("type").and_then(Value::as_str).is_some_and(|t| ATTACHMENT_TYPES.contains(&t.as_bytes()));
+            u64::from(own) + members.values().map(attachments_in).sum::<u64>()
+        }
+        Value::Array(items) => items.iter().map(attachments_in).sum(),
+        _ => 0,
+    }
 }
 
 fn skip_space(s: &[u8]) -> &[u8] {
@@ -275,7 +291,10 @@ mod tests {
         assert_eq!(attachments(openai), 2, "the quoted text is not a part");
         let anthropic = br#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"url","url":"u"}},
             {"type":"document","source":{"type":"file","file_id":"f"}}]}]}"#;
-        assert_eq!(attachments(anthropic), 3, "image, document, and its file source");
+        assert_eq!(attachments(anthropic), 3, "image, document, and its file source (an over-estimate)");
+        // Escapes spelling the key or the value another way are read as the upstream reads them.
+        let escaped = br#"{"messages":[{"content":[{"typ\u0065":"image\u005furl"},{"type":"te\u0078t","text":"\"type\":\"image\""}]}]}"#;
+        assert_eq!(attachments(escaped), 1);
         let responses = br#"{"input":[{"role":"user","content":[{"type":"input_image","image_url":"u"},{"type":"input_file","file_id":"f"},{"type":"input_text","text":"t"}]}]}"#;
         assert_eq!(attachments(responses), 2);
         assert_eq!(attachments(br#"{"type":"imagery","type":"image"#), 0, "a prefix or an unfinished value is none");

@@ -181,8 +181,18 @@ async fn refunds_go_over_lightning_when_asked_and_at_expiry() {
     let (left, _) = h.balance(&key).await;
     assert_eq!(left + sent_msat + fee_msat, 100_000);
 
-    // A key with an address and an expiry: refunded without being asked.
+    // An expiry already past would make a key that can pay for nothing: refused, token untouched.
     let token = h.token(50, false).await;
+    let past = h
+        .post_with(
+            "/v1/balance/create",
+            &[("refund-lnurl", &address), ("key-expiry-time", "1000")],
+            &json!({ "initial_balance_token": token }),
+        )
+        .await;
+    assert_eq!(past.status, 400, "{}", past.json);
+
+    // A key with an address and an expiry: refunded without being asked.
     let expiry =
         (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 2).to_string();
     let created = h

@@ -244,6 +244,12 @@ async fn answers_are_capped_at_the_limit_reserved_for() {
     let seen = h.upstream.last_request().unwrap().body;
     assert_eq!(seen["max_completion_tokens"], 16_384, "the model's own limit, as reserved: {seen}");
     assert_eq!(seen["messages"], unlimited["messages"], "the rest of the body as sent");
+    let keys: Vec<&String> = seen.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        ["max_completion_tokens", "model", "messages", "stream"],
+        "in the client's order, after the limit"
+    );
 
     assert_eq!(h.post("/v1/chat/completions", Some(&key), &chat(false)).await.status, 200);
     let seen = h.upstream.last_request().unwrap().body;
