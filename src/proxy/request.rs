@@ -6,6 +6,9 @@
 //! than 128): that is the upstream's to judge, and a refusal there charges nothing.
 
 use std::fmt;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::Value;
@@ -28,11 +31,14 @@ const ATTACHMENT_TYPES: [&[u8]; 7] =
 /// members count. A body with `\u` escapes (which could spell a key or value another way) is
 /// parsed and walked instead.
 pub fn attachments(body: &[u8]) -> u64 {
-    if memchr::memmem::find(body, b"\\u").is_some() {
+    // Built once: a searcher's set-up costs more than searching a short body.
+    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    static TYPE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"type\""));
+    if ESCAPE.find(body).is_some() {
         return serde_json::from_slice::<Value>(body).map_or(0, |v| attachments_in(&v));
     }
     let mut count = 0;
-    for at in memchr::memmem::find_iter(body, b"\"type\"") {
+    for at in TYPE_KEY.find_iter(body) {
         let rest = &body[at + 6..];
         let Some(value) = skip_space(rest).strip_prefix(b":").map(skip_space) else { continue };
         let Some(value) = value.strip_prefix(b"\"") else { continue };
