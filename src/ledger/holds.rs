@@ -120,12 +120,7 @@ impl Holds {
         let State { keys, requests, reserved_msat, .. } = &mut *state;
         let Some(key) = keys.get_mut(key_hash) else { return Ok(Admission::Unknown) };
         let Some(account) = key.account else { return Ok(Admission::Unknown) };
-        if account.revoked {
-            return Err(LedgerError::KeyRevoked);
-        }
-        if account.expires_at.is_some_and(|at| at <= now) {
-            return Err(LedgerError::KeyExpired);
-        }
+        super::key_usable(account.revoked, account.expires_at, now)?;
         let available = account.free_msat.saturating_sub(key.reserved_msat);
         if available < amount_msat {
             return Err(LedgerError::Insufficient { required: amount_msat, available });

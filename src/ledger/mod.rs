@@ -107,13 +107,19 @@ impl KeyInfo {
     /// Whether the key may still pay or be topped up at `now` (Unix seconds): not revoked, not
     /// past its `Key-Expiry-Time`. Its balance can be read and refunded either way.
     pub fn usable(&self, now: i64) -> Result<(), LedgerError> {
-        if self.revoked {
-            Err(LedgerError::KeyRevoked)
-        } else if self.expiry_time.is_some_and(|at| at <= now) {
-            Err(LedgerError::KeyExpired)
-        } else {
-            Ok(())
-        }
+        key_usable(self.revoked, self.expiry_time, now)
+    }
+}
+
+/// Whether a key revoked or not, expiring at `expires_at` (Unix seconds), may pay at `now`: the one
+/// rule for the keys' rows (`KeyInfo`) and their copies in memory (`holds`).
+fn key_usable(revoked: bool, expires_at: Option<i64>, now: i64) -> Result<(), LedgerError> {
+    if revoked {
+        Err(LedgerError::KeyRevoked)
+    } else if expires_at.is_some_and(|at| at <= now) {
+        Err(LedgerError::KeyExpired)
+    } else {
+        Ok(())
     }
 }
 

@@ -259,8 +259,9 @@ pub async fn handle(
     let local = price_routes(&node, &model);
     let first_local = local.as_ref().ok().and_then(|routes| routes.first()).map(|r| &r.route);
     let (per_choice, choices) = completion_limit(fields.as_ref(), &path, first_local, &node);
-    // Only what the node reserves for itself is capped: a provider bought from is paid for its
-    // own maximum, whatever the answer's length.
+    // Capped only when a local upstream serves the model (the reservation is then the node's own
+    // for it); a provider it falls back to gets the same body. One bought from alone is paid for
+    // its own maximum, whatever the answer's length.
     let cap = match (&fields, first_local) {
         (Some(f), Some(route)) => completion_cap(f, &path, route, &node),
         _ => None,
@@ -719,10 +720,9 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                 let change = remote::change_from_headers(&headers);
                 if !remote::refused(status, &body) {
                     // The provider judged the request itself (a client error): passed on. One
-                    // that kept our token for it (nothing came back) is not asked again for a
-                    // while: refusing requests must not be a way to collect tokens.
+                    // that did not give the token back for it (less a mint's fee at most) is not
+                    // asked again for a while: refusing requests must not collect tokens.
                     let back = Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
-                    // What came back: the whole token, less a mint's fee at most.
                     let margin = 1000 + spend.amount_msat / 100;
                     match back.is_some_and(|b| b.saturating_add(margin) >= spend.amount_msat) {
                         true => node.router.record_success(&offer.provider),
