@@ -198,6 +198,14 @@ impl BtcRate {
         msat as f64 * self.usd_per_btc() / MSAT_PER_BTC as f64
     }
 
+    /// msat → USD as text with 8 decimals (rounded half up), for display: exact, in integers
+    /// (formatting a float to a precision is slow, and this is on every paid answer).
+    pub fn msat_to_usd_text(self, msat: u64) -> String {
+        // USD × 1e8 = msat × (cents ÷ 100) ÷ 1e11 × 1e8 = msat × cents ÷ 1e5.
+        let e8 = (u128::from(msat) * u128::from(self.cents_per_btc) + 50_000) / 100_000;
+        format!("{}.{:08}", e8 / 100_000_000, e8 % 100_000_000)
+    }
+
     /// pico-USD → msat, rounded up: msat = pUSD × 1e11 / (1e12 × cents/100) = pUSD × 10 / cents.
     fn pico_usd_to_msat_ceil(self, pico: u128) -> u128 {
         ceil_div(pico.saturating_mul(10), self.cents_per_btc.max(1) as u128)
@@ -353,6 +361,27 @@ mod tests {
         }
         assert_eq!(parse_usd("2.5E-6"), Some(2_500_000));
         assert_eq!(parse_usd(".5"), Some(PICO_PER_USD / 2));
+    }
+
+    #[test]
+    fn usd_text_is_exact_with_eight_decimals() {
+        let rate = BtcRate::from_usd(100_000.0).unwrap();
+        assert_eq!(rate.msat_to_usd_text(0), "0.00000000");
+        // 1 sat = 1e-8 BTC = 0.001 USD at 100,000 USD per BTC.
+        assert_eq!(rate.msat_to_usd_text(1_000), "0.00100000");
+        assert_eq!(rate.msat_to_usd_text(1), "0.00000100");
+        assert_eq!(rate.msat_to_usd_text(300_000_000_000), "300000.00000000");
+        // Half a hundred-millionth rounds up, less rounds down.
+        let odd = BtcRate { cents_per_btc: 5 };
+        assert_eq!(odd.msat_to_usd_text(10_000), "0.00000001");
+        assert_eq!(odd.msat_to_usd_text(9_999), "0.00000000");
+        assert_eq!(odd.msat_to_usd_text(1_000_000), "0.00000050");
+        assert_eq!(BtcRate { cents_per_btc: u64::MAX }.msat_to_usd_text(u64::MAX).len(), 35);
+        // What the float it replaces shows, wherever that is exact enough to say.
+        for msat in [1, 7, 1_234, 98_765, 5_000_000, 123_456_789] {
+            let rate = BtcRate::from_usd(67_891.23).unwrap();
+            assert_eq!(rate.msat_to_usd_text(msat), format!("{:.8}", rate.msat_to_usd(msat)), "{msat}");
+        }
     }
 
     #[test]

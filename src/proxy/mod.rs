@@ -8,6 +8,7 @@
 //! reservation open: the work always settles or releases.
 
 pub mod client;
+mod json_scan;
 mod pool;
 pub mod remote;
 pub mod request;
@@ -32,7 +33,7 @@ use crate::error::ApiError;
 use crate::http::{self, Body, ChannelBody};
 use crate::node::Node;
 use crate::payment::{PaidOut, Payer};
-use crate::pricing::{Cost, MsatPrices, Usage};
+use crate::pricing::{BtcRate, Cost, MsatPrices, Usage};
 use crate::upstream::Upstream;
 use client::{ReadError, UpstreamError, UpstreamResponse};
 use request::{BodyError, RequestFields, MAX_CHOICES};
@@ -874,11 +875,11 @@ const INPUT_COST_MSATS: HeaderName = HeaderName::from_static("x-routstr-input-co
 const OUTPUT_COST_MSATS: HeaderName = HeaderName::from_static("x-routstr-output-cost-msats");
 const COST_USD: HeaderName = HeaderName::from_static("x-routstr-cost-usd");
 
-fn add_cost_headers(headers: &mut HeaderMap, cost: &Cost, usd: Option<f64>) {
+fn add_cost_headers(headers: &mut HeaderMap, cost: &Cost, rate: Option<BtcRate>) {
     headers.insert(COST_MSATS, HeaderValue::from(cost.total_msats));
     headers.insert(INPUT_COST_MSATS, HeaderValue::from(cost.input_msats));
     headers.insert(OUTPUT_COST_MSATS, HeaderValue::from(cost.output_msats));
-    if let Some(usd) = usd.and_then(|usd| HeaderValue::try_from(format!("{usd:.8}")).ok()) {
+    if let Some(usd) = rate.and_then(|r| HeaderValue::try_from(r.msat_to_usd_text(cost.total_msats)).ok()) {
         headers.insert(COST_USD, usd);
     }
 }
@@ -985,7 +986,7 @@ async fn whole_answer(
     };
     let mut out = head.body(http::full(body)).unwrap_or_else(|_| Response::new(http::empty()));
     if let Some(cost) = &cost {
-        add_cost_headers(out.headers_mut(), cost, metering.usd(cost));
+        add_cost_headers(out.headers_mut(), cost, metering.node.rates.get());
     }
     add_change_header(&mut out, change.as_ref());
     let _ = respond.send(Ok(out));

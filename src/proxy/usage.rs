@@ -204,29 +204,16 @@ impl TopUsage {
     /// range or nesting depth), so such an answer is charged by the usage it reports rather than
     /// estimated, and passed on as it came.
     pub fn read(body: &[u8]) -> Option<TopUsage> {
-        #[derive(serde::Deserialize)]
-        struct Top<'a> {
-            #[serde(borrow, default)]
-            usage: Option<&'a serde_json::value::RawValue>,
-        }
-        // A struct also deserializes from an array; only an object is an answer with fields.
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return None;
-        }
-        // Checks the whole answer is JSON, skipping everything but `usage` (a repeated `usage`
-        // is an error here, so the slow path decides).
-        let raw = serde_json::from_slice::<Top>(body).ok()?.usage?;
-        let members: RawMembers = serde_json::from_str(raw.get()).ok()?;
+        // Checks the whole answer's syntax, skipping everything but `usage` (a repeated `usage`,
+        // or a top-level name with an escape, leaves the answer to the slow path).
+        let span = super::json_scan::top_member(body, b"usage").ok()??;
+        let raw = std::str::from_utf8(&body[span.clone()]).ok()?;
+        let members: RawMembers = serde_json::from_str(raw).ok()?;
         let usage = usage_of(&members)?;
         // Read here, not when the cost is added: one that cannot be read is left to the slow path.
-        let rebuild = if members.repeats_a_name() || members.has("cost") {
-            Some(serde_json::from_str(raw.get()).ok()?)
-        } else {
-            None
-        };
-        let start = (raw.get().as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
-        let span = start..start + raw.get().len();
-        (span.end <= body.len()).then_some(TopUsage { usage, span, rebuild })
+        let rebuild =
+            if members.repeats_a_name() || members.has("cost") { Some(serde_json::from_str(raw).ok()?) } else { None };
+        Some(TopUsage { usage, span, rebuild })
     }
 
     /// The answer with `cost` in its usage object, the rest of its text unchanged. The cost is

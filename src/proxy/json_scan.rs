@@ -1,0 +1,383 @@
+//! Finding one top-level member of a JSON object without building it: the answer's `usage` on
+//! every request's path. Pure, no I/O, no allocation unless the text nests.
+//!
+//! The scan checks the whole text's syntax (what serde_json would refuse as JSON, it refuses)
+//! but not what only a parse into values would: valid UTF-8, unpaired surrogates, number range
+//! or nesting depth. Callers that need those read the member's text with serde_json.
+
+use std::ops::Range;
+
+/// Why a text was not scanned to an answer; the caller then reads it the slow way.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NotScanned {
+    /// Not one JSON object, or not valid JSON.
+    Syntax,
+    /// A top-level name is written with an escape (it may spell the member another way), or the
+    /// member is named twice (a parse keeps the last): only a whole parse can say what counts.
+    Ambiguous,
+}
+
+/// The text span of the value of the top-level member `name` of the JSON object `text`, or
+/// `None` when it has no such member.
+pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotScanned> {
+    let mut s = Scanner { text, at: 0 };
+    s.whitespace();
+    s.expect(b'{')?;
+    s.whitespace();
+    let mut found = None;
+    if s.peek() == Some(b'}') {
+        s.at += 1;
+    } else {
+        loop {
+            let key = s.string()?;
+            s.whitespace();
+            s.expect(b':')?;
+            s.whitespace();
+            let start = s.at;
+            s.value()?;
+            if key.escaped {
+                return Err(NotScanned::Ambiguous);
+            }
+            if &text[key.text] == name {
+                if found.is_some() {
+                    return Err(NotScanned::Ambiguous);
+                }
+                found = Some(start..s.at);
+            }
+            s.whitespace();
+            match s.next() {
+                Some(b',') => s.whitespace(),
+                Some(b'}') => break,
+                _ => return Err(NotScanned::Syntax),
+            }
+        }
+    }
+    s.whitespace();
+    if s.at != text.len() {
+        return Err(NotScanned::Syntax);
+    }
+    Ok(found)
+}
+
+struct Scanner<'a> {
+    text: &'a [u8],
+    at: usize,
+}
+
+/// A string's contents (between its quotes), and whether they hold an escape.
+struct Scanned {
+    text: Range<usize>,
+    escaped: bool,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Open {
+    Object,
+    Array,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek();
+        self.at += usize::from(byte.is_some());
+        byte
+    }
+
+    fn expect(&mut self, byte: u8) -> Result<(), NotScanned> {
+        if self.next() == Some(byte) {
+            Ok(())
+        } else {
+            Err(NotScanned::Syntax)
+        }
+    }
+
+    fn whitespace(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.at += 1;
+        }
+    }
+
+    /// One value (with whatever it nests), from its first byte to just past its last. Nesting
+    /// is tracked on a stack of its own, not by recursion, so no depth overflows the thread's.
+    fn value(&mut self) -> Result<(), NotScanned> {
+        let mut open: Vec<Open> = Vec::new();
+        loop {
+            // A value starts here.
+            match self.peek().ok_or(NotScanned::Syntax)? {
+                b'{' => {
+                    self.at += 1;
+                    self.whitespace();
+                    if self.peek() == Some(b'}') {
+                        self.at += 1;
+                    } else {
+                        open.push(Open::Object);
+                        self.member_name()?;
+                        continue;
+                    }
+                }
+                b'[' => {
+                    self.at += 1;
+                    self.whitespace();
+                    if self.peek() == Some(b']') {
+                        self.at += 1;
+                    } else {
+                        open.push(Open::Array);
+                        continue;
+                    }
+                }
+                b'"' => {
+                    self.string()?;
+                }
+                b'-' | b'0'..=b'9' => self.number()?,
+                b't' => self.literal(b"true")?,
+                b'f' => self.literal(b"false")?,
+                b'n' => self.literal(b"null")?,
+                _ => return Err(NotScanned::Syntax),
+            }
+            // A value ended: close what it ends, until another value is due.
+            loop {
+                let Some(&inner) = open.last() else { return Ok(()) };
+                self.whitespace();
+                match (self.next(), inner) {
+                    (Some(b','), Open::Object) => {
+                        self.whitespace();
+                        self.member_name()?;
+                        break;
+                    }
+                    (Some(b','), Open::Array) => {
+                        self.whitespace();
+                        break;
+                    }
+                    (Some(b'}'), Open::Object) | (Some(b']'), Open::Array) => {
+                        open.pop();
+                    }
+                    _ => return Err(NotScanned::Syntax),
+                }
+            }
+        }
+    }
+
+    /// A member's name and its colon, up to its value.
+    fn member_name(&mut self) -> Result<(), NotScanned> {
+        self.string()?;
+        self.whitespace();
+        self.expect(b':')?;
+        self.whitespace();
+        Ok(())
+    }
+
+    /// A string, from its opening quote to just past its closing one.
+    fn string(&mut self) -> Result<Scanned, NotScanned> {
+        self.expect(b'"')?;
+        let start = self.at;
+        let mut escaped = false;
+        loop {
+            self.plain_run();
+            match self.next().ok_or(NotScanned::Syntax)? {
+                b'"' => return Ok(Scanned { text: start..self.at - 1, escaped }),
+                b'\\' => {
+                    escaped = true;
+                    match self.next().ok_or(NotScanned::Syntax)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {}
+                        b'u' => {
+                            let digits = self.text.get(self.at..self.at + 4).ok_or(NotScanned::Syntax)?;
+                            if !digits.iter().all(u8::is_ascii_hexdigit) {
+                                return Err(NotScanned::Syntax);
+                            }
+                            self.at += 4;
+                        }
+                        _ => return Err(NotScanned::Syntax),
+                    }
+                }
+                // A control character, which JSON strings must escape.
+                _ => return Err(NotScanned::Syntax),
+            }
+        }
+    }
+
+    /// Skips string bytes that need no attention (not a quote, a backslash or a control
+    /// character), eight at a time while it can.
+    fn plain_run(&mut self) {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        // Whether any byte of `word` is below `n` (n ≤ 128; exact, no false alarms).
+        let any_below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH != 0;
+        while let Some(chunk) = self.text.get(self.at..self.at + 8) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            let word = u64::from_le_bytes(bytes);
+            if any_below(word, 0x20)
+                || any_below(word ^ (ONES * u64::from(b'"')), 1)
+                || any_below(word ^ (ONES * u64::from(b'\\')), 1)
+            {
+                break;
+            }
+            self.at += 8;
+        }
+        while matches!(self.peek(), Some(byte) if byte >= 0x20 && byte != b'"' && byte != b'\\') {
+            self.at += 1;
+        }
+    }
+
+    /// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`
+    fn number(&mut self) -> Result<(), NotScanned> {
+        if self.peek() == Some(b'-') {
+            self.at += 1;
+        }
+        match self.next() {
+            Some(b'0') => {}
+            Some(b'1'..=b'9') => self.digits(),
+            _ => return Err(NotScanned::Syntax),
+        }
+        if self.peek() == Some(b'.') {
+            self.at += 1;
+            self.some_digits()?;
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.at += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.at += 1;
+            }
+            self.some_digits()?;
+        }
+        Ok(())
+    }
+
+    fn digits(&mut self) {
+        while matches!(self.peek(), Some(b'0'..=b'9')) {
+            self.at += 1;
+        }
+    }
+
+    fn some_digits(&mut self) -> Result<(), NotScanned> {
+        let start = self.at;
+        self.digits();
+        if self.at == start {
+            return Err(NotScanned::Syntax);
+        }
+        Ok(())
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), NotScanned> {
+        if self.text.get(self.at..self.at + word.len()) != Some(word) {
+            return Err(NotScanned::Syntax);
+        }
+        self.at += word.len();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage_of(text: &str) -> Result<Option<&str>, NotScanned> {
+        top_member(text.as_bytes(), b"usage").map(|span| span.map(|s| &text[s]))
+    }
+
+    #[test]
+    fn finds_the_top_level_member_and_nothing_nested() {
+        let text = r#" {"id":"x","choices":[{"message":{"usage":1,"content":"\"usage\": 2"}}],
+            "usage" : {"prompt_tokens": 3, "d": [1, -2.5e+3, true, false, null, {}, []]} , "z":0} "#;
+        assert_eq!(usage_of(text), Ok(Some(r#"{"prompt_tokens": 3, "d": [1, -2.5e+3, true, false, null, {}, []]}"#)));
+        assert_eq!(usage_of(r#"{"message":{"usage":{"input_tokens":1}}}"#), Ok(None));
+        assert_eq!(usage_of("{}"), Ok(None));
+        assert_eq!(usage_of(r#"{"usage":null}"#), Ok(Some("null")));
+        assert_eq!(usage_of(r#"{"usage":"a\u00e9\n"}"#), Ok(Some(r#""a\u00e9\n""#)));
+    }
+
+    #[test]
+    fn leaves_what_only_a_parse_can_decide() {
+        assert_eq!(usage_of(r#"{"usage":1,"usage":2}"#), Err(NotScanned::Ambiguous));
+        assert_eq!(usage_of(r#"{"us\u0061ge":1}"#), Err(NotScanned::Ambiguous));
+        assert_eq!(usage_of(r#"{"a\n":1,"usage":2}"#), Err(NotScanned::Ambiguous));
+    }
+
+    /// Whatever serde_json refuses as JSON (for reasons of syntax), the scan refuses too, and
+    /// what it accepts, the scan accepts.
+    #[test]
+    fn agrees_with_serde_json_on_syntax() {
+        let texts = [
+            "",
+            " ",
+            "{",
+            "}",
+            "{}",
+            "[]",
+            "[{}]",
+            "1",
+            "\"a\"",
+            "null",
+            "{} {}",
+            "{}x",
+            "{},",
+            r#"{"a"}"#,
+            r#"{"a":}"#,
+            r#"{"a":1,}"#,
+            r#"{"a":1 "b":2}"#,
+            r#"{"a" 1}"#,
+            r#"{a:1}"#,
+            r#"{'a':1}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":[,1]}"#,
+            r#"{"a":[1 2]}"#,
+            r#"{"a":[1}"#,
+            r#"{"a":{"b":1]}"#,
+            r#"{"a":{"b"}}"#,
+            r#"{"a":{"b":1,}}"#,
+            r#"{"a":{,}}"#,
+            r#"{"a":01}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":.5}"#,
+            r#"{"a":1e}"#,
+            r#"{"a":1e+}"#,
+            r#"{"a":+1}"#,
+            r#"{"a":-0.0e-0}"#,
+            r#"{"a":1E5}"#,
+            r#"{"a":0x1}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":truex}"#,
+            r#"{"a":nul}"#,
+            r#"{"a":False}"#,
+            r#"{"a":true}"#,
+            r#"{"a":"\x"}"#,
+            r#"{"a":"\u12"}"#,
+            r#"{"a":"\u12g4"}"#,
+            r#"{"a":"\u12AF"}"#,
+            r#"{"a":"\/\b\f\n\r\t\"\\"}"#,
+            "{\"a\":\"tab\there\"}",
+            "{\"a\":\"nl\nhere\"}",
+            r#"{"a":"unterminated}"#,
+            r#"{"a":"ends in a backslash\"#,
+            r#"{"a":"long plain text, more than eight bytes at a time"}"#,
+            "{\"a\":\"long text with a control \u{1} character past eight bytes\"}",
+            r#"{"a":"quote after eight bytes \" here"}"#,
+            r#"{"a":[[[[[[[[[[]]]]]]]]]]}"#,
+            r#"{"a":[[[[[[[[[[]]]]]]]]]}"#,
+            r#"{"a":[{"b":[{"c":{}}]}]}"#,
+            " \t\r\n{ \t\r\n} \t\r\n",
+            "\u{c}{}",
+            "{\"a\":1}\u{0}",
+            r#"{"a":"é ü 😀"}"#,
+        ];
+        for text in texts {
+            let serde =
+                serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() && text.trim_start().starts_with('{');
+            let scanned = top_member(text.as_bytes(), b"usage");
+            assert_eq!(scanned.is_ok(), serde, "{text:?}: {scanned:?}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_does_not_overflow() {
+        let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200_000), "]".repeat(200_000));
+        assert_eq!(top_member(deep.as_bytes(), b"usage"), Ok(None));
+        let unclosed = format!(r#"{{"a":{}}}"#, "[".repeat(200_000));
+        assert_eq!(top_member(unclosed.as_bytes(), b"usage"), Err(NotScanned::Syntax));
+    }
+}
