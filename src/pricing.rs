@@ -203,7 +203,25 @@ impl BtcRate {
     pub fn msat_to_usd_text(self, msat: u64) -> String {
         // USD × 1e8 = msat × (cents ÷ 100) ÷ 1e11 × 1e8 = msat × cents ÷ 1e5.
         let e8 = (u128::from(msat) * u128::from(self.cents_per_btc) + 50_000) / 100_000;
-        format!("{}.{:08}", e8 / 100_000_000, e8 % 100_000_000)
+        let Ok(mut rest) = u64::try_from(e8) else {
+            return format!("{}.{:08}", e8 / 100_000_000, e8 % 100_000_000);
+        };
+        // From the last digit: eight decimals, the point, then the whole part's digits.
+        let mut text = [0u8; 32];
+        let mut at = text.len();
+        for i in 0.. {
+            if i == 8 {
+                at -= 1;
+                text[at] = b'.';
+            }
+            at -= 1;
+            text[at] = b'0' + (rest % 10) as u8;
+            rest /= 10;
+            if rest == 0 && i >= 8 {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&text[at..]).into_owned()
     }
 
     /// pico-USD → msat, rounded up: msat = pUSD × 1e11 / (1e12 × cents/100) = pUSD × 10 / cents.
@@ -377,6 +395,10 @@ mod tests {
         assert_eq!(odd.msat_to_usd_text(9_999), "0.00000000");
         assert_eq!(odd.msat_to_usd_text(1_000_000), "0.00000050");
         assert_eq!(BtcRate { cents_per_btc: u64::MAX }.msat_to_usd_text(u64::MAX).len(), 35);
+        // The largest written without 128-bit arithmetic, and the first beyond it.
+        let (whole, frac) = (u64::MAX / 100_000_000, u64::MAX % 100_000_000);
+        assert_eq!(BtcRate { cents_per_btc: 100_000 }.msat_to_usd_text(u64::MAX), format!("{whole}.{frac:08}"));
+        assert_eq!(BtcRate { cents_per_btc: 100_001 }.msat_to_usd_text(u64::MAX).len(), 21);
         // What the float it replaces shows, wherever that is exact enough to say.
         for msat in [1, 7, 1_234, 98_765, 5_000_000, 123_456_789] {
             let rate = BtcRate::from_usd(67_891.23).unwrap();

@@ -20,11 +20,28 @@ pub enum NotScanned {
 /// The text span of the value of the top-level member `name` of the JSON object `text`, or
 /// `None` when it has no such member.
 pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotScanned> {
+    let (mut found, mut ambiguous) = (None, false);
+    members(text, |key, value| {
+        if key.escaped {
+            ambiguous = true;
+        } else if &text[key.text] == name {
+            ambiguous |= found.is_some();
+            found = Some(value);
+        }
+    })?;
+    if ambiguous {
+        return Err(NotScanned::Ambiguous);
+    }
+    Ok(found)
+}
+
+/// Calls `each` with every member of the JSON object `text` in order: its name (between the
+/// quotes) and the span of its value. An error after some calls makes them void.
+pub fn members(text: &[u8], mut each: impl FnMut(Name, Range<usize>)) -> Result<(), NotScanned> {
     let mut s = Scanner { text, at: 0 };
     s.whitespace();
     s.expect(b'{')?;
     s.whitespace();
-    let mut found = None;
     if s.peek() == Some(b'}') {
         s.at += 1;
     } else {
@@ -35,15 +52,7 @@ pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotS
             s.whitespace();
             let start = s.at;
             s.value()?;
-            if key.escaped {
-                return Err(NotScanned::Ambiguous);
-            }
-            if &text[key.text] == name {
-                if found.is_some() {
-                    return Err(NotScanned::Ambiguous);
-                }
-                found = Some(start..s.at);
-            }
+            each(key, start..s.at);
             s.whitespace();
             match s.next() {
                 Some(b',') => s.whitespace(),
@@ -56,7 +65,7 @@ pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotS
     if s.at != text.len() {
         return Err(NotScanned::Syntax);
     }
-    Ok(found)
+    Ok(())
 }
 
 struct Scanner<'a> {
@@ -64,10 +73,11 @@ struct Scanner<'a> {
     at: usize,
 }
 
-/// A string's contents (between its quotes), and whether they hold an escape.
-struct Scanned {
-    text: Range<usize>,
-    escaped: bool,
+/// A member's name: its text between the quotes, and whether that holds an escape (then it is
+/// not the name as read).
+pub struct Name {
+    pub text: Range<usize>,
+    pub escaped: bool,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -171,14 +181,15 @@ impl Scanner<'_> {
     }
 
     /// A string, from its opening quote to just past its closing one.
-    fn string(&mut self) -> Result<Scanned, NotScanned> {
+    #[inline(always)] // most of a scan's work, in short strings: a call costs as much as one
+    fn string(&mut self) -> Result<Name, NotScanned> {
         self.expect(b'"')?;
         let start = self.at;
         let mut escaped = false;
         loop {
             self.plain_run();
             match self.next().ok_or(NotScanned::Syntax)? {
-                b'"' => return Ok(Scanned { text: start..self.at - 1, escaped }),
+                b'"' => return Ok(Name { text: start..self.at - 1, escaped }),
                 b'\\' => {
                     escaped = true;
                     match self.next().ok_or(NotScanned::Syntax)? {
@@ -200,21 +211,25 @@ impl Scanner<'_> {
     }
 
     /// Skips string bytes that need no attention (not a quote, a backslash or a control
-    /// character), eight at a time while it can.
+    /// character), eight at a time.
+    #[inline(always)]
     fn plain_run(&mut self) {
         const ONES: u64 = 0x0101_0101_0101_0101;
         const HIGH: u64 = 0x8080_8080_8080_8080;
-        // Whether any byte of `word` is below `n` (n ≤ 128; exact, no false alarms).
-        let any_below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH != 0;
+        // The high bit of each byte of `word` below `n` (n ≤ 128). Exact up to the first such
+        // byte: a borrow only carries out of a byte that is below `n`.
+        let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;
         while let Some(chunk) = self.text.get(self.at..self.at + 8) {
             let mut bytes = [0u8; 8];
             bytes.copy_from_slice(chunk);
             let word = u64::from_le_bytes(bytes);
-            if any_below(word, 0x20)
-                || any_below(word ^ (ONES * u64::from(b'"')), 1)
-                || any_below(word ^ (ONES * u64::from(b'\\')), 1)
-            {
-                break;
+            let stops = below(word, 0x20)
+                | below(word ^ (ONES * u64::from(b'"')), 1)
+                | below(word ^ (ONES * u64::from(b'\\')), 1);
+            if stops != 0 {
+                // Little-endian: the lowest flagged bit is the first byte to stop at.
+                self.at += (stops.trailing_zeros() / 8) as usize;
+                return;
             }
             self.at += 8;
         }
@@ -371,6 +386,30 @@ mod tests {
             let scanned = top_member(text.as_bytes(), b"usage");
             assert_eq!(scanned.is_ok(), serde, "{text:?}: {scanned:?}");
         }
+    }
+
+    #[test]
+    fn a_string_ends_wherever_its_stop_falls_in_a_word() {
+        for len in 0..24 {
+            let plain = "é".repeat(len / 2) + &"a".repeat(len % 2);
+            for (stop, ok) in [("\"", true), ("\\n\"", true), ("\\x\"", false), ("\n\"", false), ("\u{1f}\"", false)] {
+                let text = format!(r#"{{"{plain}":"{plain}{stop}}}"#);
+                let scanned = members(text.as_bytes(), |name, value| {
+                    assert_eq!(&text[name.text], plain);
+                    assert_eq!(&text[value.start + 1..value.start + 1 + plain.len()], plain);
+                });
+                assert_eq!(scanned.is_ok(), ok, "{text:?}");
+                assert_eq!(serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok(), ok, "{text:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn members_come_in_order_with_their_names_as_written() {
+        let text = br#"{"a":1, "b\n" : [2,{"c":3}] ,"a":"4"}"#;
+        let mut seen = Vec::new();
+        members(text, |name, value| seen.push((&text[name.text], name.escaped, &text[value]))).unwrap();
+        assert_eq!(seen, [(&b"a"[..], false, &b"1"[..]), (b"b\\n", true, br#"[2,{"c":3}]"#), (b"a", false, br#""4""#)]);
     }
 
     #[test]

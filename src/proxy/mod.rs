@@ -376,10 +376,7 @@ struct Detachable {
 
 impl Detachable {
     fn new(work: impl Future<Output = ()> + Send + 'static) -> Detachable {
-        use futures_util::FutureExt as _;
-        // A panic ends the work alone (its answer then is an internal error), as it did when the
-        // work was a task of its own, not the client's connection.
-        let work = std::panic::AssertUnwindSafe(work).catch_unwind().map(|_| ());
+        // Boxed as it comes: its state is large, and each wrapper around it would move it again.
         Detachable { work: Some(Box::pin(work)) }
     }
 
@@ -390,7 +387,11 @@ impl Detachable {
         std::future::poll_fn(|cx| {
             inline.follow(cx.waker());
             if let Some(work) = self.work.as_mut() {
-                if inline.while_polling(|| work.as_mut().poll(cx).is_ready()) {
+                // A panic ends the work alone (its answer then is an internal error), as it did
+                // when the work was a task of its own, not the client's connection. (Once
+                // detached, it is a task of its own again.)
+                let poll = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(cx)));
+                if inline.while_polling(poll).map_or(true, |p| p.is_ready()) {
                     self.work = None;
                 }
             }

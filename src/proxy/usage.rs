@@ -102,12 +102,30 @@ pub fn estimate(request_body_len: usize, output_tokens: u64) -> Usage {
 /// The `usage.cost` object clients see: the cost's parts, and the total in USD when a rate is
 /// known. One shape for every path (`cost_json` builds it as a `Value`, `TopUsage::with_cost`
 /// writes it as text).
-#[derive(serde::Serialize)]
 pub struct CostView<'a> {
-    #[serde(flatten)]
     cost: &'a Cost,
-    #[serde(skip_serializing_if = "Option::is_none")]
     total_usd: Option<f64>,
+}
+
+/// `Cost`'s members, then `total_usd`: written out rather than `#[serde(flatten)]`, which goes
+/// through a map and costs more than the rest of writing it, on every paid answer.
+impl serde::Serialize for CostView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let Cost { base_msats, input_msats, output_msats, rounding_msats, total_msats } = *self.cost;
+        let mut out = serializer.serialize_struct("CostView", 6)?;
+        out.serialize_field("base_msats", &base_msats)?;
+        out.serialize_field("input_msats", &input_msats)?;
+        out.serialize_field("output_msats", &output_msats)?;
+        if rounding_msats != 0 {
+            out.serialize_field("rounding_msats", &rounding_msats)?;
+        }
+        out.serialize_field("total_msats", &total_msats)?;
+        if let Some(usd) = self.total_usd {
+            out.serialize_field("total_usd", &usd)?;
+        }
+        out.end()
+    }
 }
 
 impl<'a> CostView<'a> {
@@ -141,33 +159,28 @@ pub struct TopUsage {
     rebuild: Option<Value>,
 }
 
-/// A JSON object's members as they are in its text (names borrowed: one with an escape is
-/// refused, leaving the answer to the slow path), in order.
-struct RawMembers<'a>(Vec<(&'a str, &'a serde_json::value::RawValue)>);
+/// A JSON object's members as they are in its text, in order (a name with an escape is
+/// refused, leaving the answer to the slow path).
+struct RawMembers<'a>(Vec<(&'a str, &'a str)>);
 
-impl<'de> serde::Deserialize<'de> for RawMembers<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = RawMembers<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+impl<'a> RawMembers<'a> {
+    fn read(object: &'a str) -> Option<RawMembers<'a>> {
+        let (mut members, mut refused) = (Vec::with_capacity(8), false);
+        super::json_scan::members(object.as_bytes(), |name, value| {
+            // The scan's spans start and end at ASCII bytes (quotes, structure, literals).
+            match (name.escaped, object.get(name.text), object.get(value)) {
+                (false, Some(name), Some(value)) => members.push((name, value)),
+                _ => refused = true,
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<RawMembers<'de>, A::Error> {
-                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
-                while let Some(member) = map.next_entry()? {
-                    members.push(member);
-                }
-                Ok(RawMembers(members))
-            }
-        }
-        d.deserialize_map(Visitor)
+        })
+        .ok()?;
+        (!refused).then_some(RawMembers(members))
     }
 }
 
 impl RawMembers<'_> {
     /// The member `name` counts as (the last, as in a parsed object).
-    fn get(&self, name: &str) -> Option<&serde_json::value::RawValue> {
+    fn get(&self, name: &str) -> Option<&str> {
         self.0.iter().rev().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 
@@ -188,10 +201,10 @@ impl UsageObject for RawMembers<'_> {
     fn count(&self, name: &str) -> u64 {
         // JSON's text of a whole number is what `u64` parses (a fraction, exponent, sign or
         // overflow is not a count, as for `Value::as_u64`).
-        self.get(name).and_then(|v| v.get().parse().ok()).unwrap_or(0)
+        self.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
     }
     fn nested_count(&self, outer: &str, name: &str) -> u64 {
-        let outer = self.get(outer).and_then(|v| serde_json::from_str::<Value>(v.get()).ok());
+        let outer = self.get(outer).and_then(|v| serde_json::from_str::<Value>(v).ok());
         outer.and_then(|o| o.get(name).and_then(Value::as_u64)).unwrap_or(0)
     }
 }
@@ -208,7 +221,7 @@ impl TopUsage {
         // or a top-level name with an escape, leaves the answer to the slow path).
         let span = super::json_scan::top_member(body, b"usage").ok()??;
         let raw = std::str::from_utf8(&body[span.clone()]).ok()?;
-        let members: RawMembers = serde_json::from_str(raw).ok()?;
+        let members = RawMembers::read(raw)?;
         let usage = usage_of(&members)?;
         // Read here, not when the cost is added: one that cannot be read is left to the slow path.
         let rebuild =
@@ -456,10 +469,10 @@ mod tests {
         for size in [3, 40] {
             let mut names: Vec<String> = (0..size).map(|i| format!("m{i}")).collect();
             let text = object(&names);
-            assert!(!serde_json::from_str::<RawMembers>(&text).unwrap().repeats_a_name(), "{size}");
+            assert!(!RawMembers::read(&text).unwrap().repeats_a_name(), "{size}");
             names.push("m1".into());
             let text = object(&names);
-            assert!(serde_json::from_str::<RawMembers>(&text).unwrap().repeats_a_name(), "{size}");
+            assert!(RawMembers::read(&text).unwrap().repeats_a_name(), "{size}");
         }
     }
 
@@ -570,6 +583,19 @@ mod tests {
         ] {
             assert!(TopUsage::read(answer.as_bytes()).is_none(), "{answer}");
         }
+    }
+
+    #[test]
+    fn the_cost_view_is_the_cost_and_its_usd() {
+        for cost in [Cost::new(34, 0, 1200), Cost { rounding_msats: 7, ..Cost::new(1, 2, 3) }] {
+            let mut expected = serde_json::to_value(cost).unwrap();
+            assert_eq!(serde_json::to_value(CostView::new(&cost, None)).unwrap(), expected);
+            expected["total_usd"] = json!(0.25);
+            assert_eq!(serde_json::to_value(CostView::new(&cost, Some(0.25))).unwrap(), expected);
+        }
+        // In `Cost`'s order, as before.
+        let text = serde_json::to_string(&CostView::new(&Cost::new(1, 2, 3), Some(0.5))).unwrap();
+        assert_eq!(text, r#"{"base_msats":1,"input_msats":2,"output_msats":3,"total_msats":6,"total_usd":0.5}"#);
     }
 
     #[test]
