@@ -691,6 +691,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
         };
         // A discovered provider is paid up front with a token from our wallet.
         let mut spend = None;
+        let asked_at = std::time::Instant::now();
         if let Some(offer) = &priced.remote {
             match Box::pin(remote::pay(&node, &metering.request_id, offer)).await {
                 Ok(s) => {
@@ -727,7 +728,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
                     let back = Box::pin(remote::finish(&node, spend, change.as_deref(), false, None)).await;
                     let margin = 1000 + spend.amount_msat / 100;
                     match back.is_some_and(|b| b.saturating_add(margin) >= spend.amount_msat) {
-                        true => node.router.record_success(&offer.provider),
+                        true => node.router.record_success(&offer.provider, asked_at),
                         false => node.router.record_failure(&offer.provider),
                     }
                     let (_, change) =
@@ -748,7 +749,7 @@ async fn run_request(metering: Metering, forward: Forward, routes: Vec<PricedRou
             }
             (Ok(resp), _, _) => {
                 match &priced.remote {
-                    Some(offer) => node.router.record_success(&offer.provider),
+                    Some(offer) => node.router.record_success(&offer.provider, asked_at),
                     None => priced.upstream.record_success(),
                 }
                 deliver(metering, priced, resp, respond, spend).await;

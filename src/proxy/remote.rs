@@ -83,26 +83,33 @@ fn mark_up(msat: u64, markup: Markup) -> u64 {
 /// Providers that failed recently, skipped for a while.
 #[derive(Default)]
 pub struct Router {
-    cooling: Mutex<HashMap<String, Instant>>,
+    /// When each cooling provider failed last, and until when it is skipped.
+    cooling: Mutex<HashMap<String, (Instant, Instant)>>,
 }
 
 impl Router {
     pub fn record_failure(&self, provider: &str) {
         if let Ok(mut map) = self.cooling.lock() {
-            map.insert(provider.to_owned(), Instant::now() + COOLDOWN);
+            let now = Instant::now();
+            map.insert(provider.to_owned(), (now, now + COOLDOWN));
         }
     }
 
-    pub fn record_success(&self, provider: &str) {
+    /// A request to `provider` sent at `asked_at` was served. It ends the provider's cooldown only
+    /// if the failure came before it was sent: a request that was already on its way when the
+    /// provider failed another says nothing about the failure.
+    pub fn record_success(&self, provider: &str, asked_at: Instant) {
         if let Ok(mut map) = self.cooling.lock() {
-            map.remove(provider);
+            if map.get(provider).is_some_and(|(failed_at, _)| *failed_at < asked_at) {
+                map.remove(provider);
+            }
         }
     }
 
     fn is_cooling(&self, provider: &str) -> bool {
         let Ok(mut map) = self.cooling.lock() else { return false };
         let now = Instant::now();
-        map.retain(|_, until| *until > now);
+        map.retain(|_, (_, until)| *until > now);
         map.contains_key(provider)
     }
 }
@@ -535,6 +542,23 @@ async fn recover(node: &Node, spend: &RemoteSpend) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_success_ends_a_cooldown_only_if_asked_after_the_failure() {
+        let router = Router::default();
+        let asked_before = Instant::now();
+        std::thread::sleep(Duration::from_millis(2));
+        router.record_failure("p");
+        assert!(router.is_cooling("p"));
+        // Sent before the failure, answered after it: the provider keeps cooling.
+        router.record_success("p", asked_before);
+        assert!(router.is_cooling("p"));
+        std::thread::sleep(Duration::from_millis(2));
+        router.record_success("p", Instant::now());
+        assert!(!router.is_cooling("p"));
+        router.record_success("never failed", Instant::now());
+        assert!(!router.is_cooling("never failed"));
+    }
 
     #[test]
     fn sats_pricing_round_trips_to_msat_prices() {
