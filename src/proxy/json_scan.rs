@@ -18,13 +18,25 @@ pub enum NotScanned {
 }
 
 /// The text span of the value of the top-level member `name` of the JSON object `text`, or
-/// `None` when it has no such member.
-pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotScanned> {
+/// `None` when it has no such member. A name written with escapes is read as it spells.
+pub fn top_member(text: &[u8], name: &str) -> Result<Option<Range<usize>>, NotScanned> {
     let (mut found, mut ambiguous) = (None, false);
     members(text, |key, value| {
-        if key.escaped {
-            ambiguous = true;
-        } else if &text[key.text] == name {
+        let named = if key.escaped {
+            // With its quotes: a JSON string. One the parse refuses (a lone surrogate) cannot
+            // be told from `name`.
+            let quoted = text.get(key.text.start - 1..key.text.end + 1).unwrap_or_default();
+            match serde_json::from_slice::<String>(quoted) {
+                Ok(spelled) => spelled == name,
+                Err(_) => {
+                    ambiguous = true;
+                    false
+                }
+            }
+        } else {
+            &text[key.text] == name.as_bytes()
+        };
+        if named {
             ambiguous |= found.is_some();
             found = Some(value);
         }
@@ -33,6 +45,25 @@ pub fn top_member(text: &[u8], name: &[u8]) -> Result<Option<Range<usize>>, NotS
         return Err(NotScanned::Ambiguous);
     }
     Ok(found)
+}
+
+/// How deeply `value` (one JSON value, its syntax already checked) nests arrays and objects.
+pub fn depth(value: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0, false, false);
+    for &byte in value {
+        match (in_string, byte) {
+            (true, _) if escaped => escaped = false,
+            (true, b'\\') => escaped = true,
+            (true, b'"') | (false, b'"') => in_string = !in_string,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// Calls `each` with every member of the JSON object `text` in order: its name (between the
@@ -291,7 +322,7 @@ mod tests {
     use super::*;
 
     fn usage_of(text: &str) -> Result<Option<&str>, NotScanned> {
-        top_member(text.as_bytes(), b"usage").map(|span| span.map(|s| &text[s]))
+        top_member(text.as_bytes(), "usage").map(|span| span.map(|s| &text[s]))
     }
 
     #[test]
@@ -306,10 +337,20 @@ mod tests {
     }
 
     #[test]
-    fn leaves_what_only_a_parse_can_decide() {
+    fn names_are_read_as_they_spell() {
         assert_eq!(usage_of(r#"{"usage":1,"usage":2}"#), Err(NotScanned::Ambiguous));
-        assert_eq!(usage_of(r#"{"us\u0061ge":1}"#), Err(NotScanned::Ambiguous));
-        assert_eq!(usage_of(r#"{"a\n":1,"usage":2}"#), Err(NotScanned::Ambiguous));
+        assert_eq!(usage_of(r#"{"us\u0061ge":1}"#), Ok(Some("1")));
+        assert_eq!(usage_of(r#"{"us\u0061ge":1,"usage":2}"#), Err(NotScanned::Ambiguous));
+        assert_eq!(usage_of(r#"{"a\n":1,"usage":2}"#), Ok(Some("2")));
+        assert_eq!(usage_of(r#"{"a\ud800":1,"usage":2}"#), Err(NotScanned::Ambiguous));
+    }
+
+    #[test]
+    fn measures_nesting() {
+        assert_eq!(depth(b"1"), 0);
+        assert_eq!(depth(br#""[{""#), 0);
+        assert_eq!(depth(br#"{"a":[1,{"b":"]\"}"}],"c":[]}"#), 3);
+        assert_eq!(depth(br#"[[],[[]]]"#), 3);
     }
 
     /// Whatever serde_json refuses as JSON (for reasons of syntax), the scan refuses too, and
@@ -383,7 +424,7 @@ mod tests {
         for text in texts {
             let serde =
                 serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() && text.trim_start().starts_with('{');
-            let scanned = top_member(text.as_bytes(), b"usage");
+            let scanned = top_member(text.as_bytes(), "usage");
             assert_eq!(scanned.is_ok(), serde, "{text:?}: {scanned:?}");
         }
     }
@@ -415,8 +456,8 @@ mod tests {
     #[test]
     fn deep_nesting_does_not_overflow() {
         let deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(200_000), "]".repeat(200_000));
-        assert_eq!(top_member(deep.as_bytes(), b"usage"), Ok(None));
+        assert_eq!(top_member(deep.as_bytes(), "usage"), Ok(None));
         let unclosed = format!(r#"{{"a":{}}}"#, "[".repeat(200_000));
-        assert_eq!(top_member(unclosed.as_bytes(), b"usage"), Err(NotScanned::Syntax));
+        assert_eq!(top_member(unclosed.as_bytes(), "usage"), Err(NotScanned::Syntax));
     }
 }

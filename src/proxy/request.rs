@@ -122,6 +122,8 @@ impl RequestFields {
     }
 
     /// One member, as `visit_map` reads it; `None` if its value is not JSON the parse accepts.
+    /// (A value nested deeply is left to the parse: alone it may parse where, one level down
+    /// in the body, it would meet serde_json's recursion limit.)
     fn read(&mut self, name: &[u8], value: &[u8]) -> Option<()> {
         let field = match name {
             b"model" => Field::Model,
@@ -134,6 +136,9 @@ impl RequestFields {
             b"max_output_tokens" => Field::MaxOutputTokens,
             _ => return Some(()),
         };
+        if matches!(value.first(), Some(b'[' | b'{')) && super::json_scan::depth(value) > 32 {
+            return None;
+        }
         self.set(field, serde_json::from_slice(value).ok()?);
         Some(())
     }
@@ -300,34 +305,40 @@ mod tests {
         ] {
             let value: Value = serde_json::from_str(body).unwrap();
             assert_eq!(RequestFields::parse(body.as_bytes()).unwrap(), from_value(&value), "{body}");
-            // The scan, where it reads a body, reads what the parse reads.
+            // The scan reads what the parse reads; a name with an escape is left to the parse.
             let parsed: RequestFields = serde_json::from_str(body).unwrap();
-            if let Some(scanned) = RequestFields::scan(body.as_bytes()) {
-                assert_eq!(scanned, parsed, "{body}");
-            }
+            let scanned = RequestFields::scan(body.as_bytes());
+            assert_eq!(scanned.is_none(), body.contains(r#""mod\u0065l""#), "{body}");
+            assert!(scanned.is_none_or(|scanned| scanned == parsed), "{body}");
         }
     }
 
     #[test]
     fn the_scan_reads_a_body_only_as_the_parse_does() {
-        let deep = format!(r#"{{"tools":{}{},"n":2}}"#, "[".repeat(300), "]".repeat(300));
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
         let bodies = [
-            // What the parse refuses in a member it reads, and accepts in one it skips.
-            r#"{"model":"\ud800"}"#,
-            r#"{"messages":"\ud800","model":"m"}"#,
-            r#"{"max_tokens":1e400}"#,
-            r#"{"tools":1e400,"max_tokens":3}"#,
-            r#"{"stream_options":{"include_usage":true,"x":"\udfff"}}"#,
-            r#"{"model":"a\u00e9\n","stream":true}"#,
-            &deep,
+            // What the parse refuses in a member it reads, and accepts in one it skips: the
+            // scan reads only the second kind (`true`), leaving the first to the parse.
+            (r#"{"model":"\ud800"}"#.to_owned(), false),
+            (r#"{"messages":"\ud800","model":"m"}"#.to_owned(), true),
+            (r#"{"max_tokens":1e400}"#.to_owned(), false),
+            (r#"{"tools":1e400,"max_tokens":3}"#.to_owned(), true),
+            (r#"{"stream_options":{"include_usage":true,"x":"\udfff"}}"#.to_owned(), false),
+            (r#"{"model":"a\u00e9\n","stream":true}"#.to_owned(), true),
+            // Nesting: unlimited where skipped; where read, the parse's limit counts the body's
+            // own level (127 levels fail in the body, though alone they would parse).
+            (format!(r#"{{"tools":{},"n":2}}"#, nested(300)), true),
+            (format!(r#"{{"n":{}}}"#, nested(127)), false),
+            (format!(r#"{{"stream_options":{}}}"#, nested(20)), true),
         ];
-        for body in bodies {
-            let parsed = serde_json::from_str::<RequestFields>(body).ok();
-            if let Some(scanned) = RequestFields::scan(body.as_bytes()) {
-                assert_eq!(Some(scanned), parsed, "{body}");
-            }
+        for (body, scans) in bodies {
+            let parsed = serde_json::from_str::<RequestFields>(&body).ok();
+            let scanned = RequestFields::scan(body.as_bytes());
+            assert_eq!(scanned.is_some(), scans, "{body}");
+            assert!(scanned.is_none_or(|scanned| Some(scanned) == parsed), "{body}");
             assert_eq!(RequestFields::parse(body.as_bytes()).ok(), parsed, "{body}");
         }
+        assert!(serde_json::from_str::<RequestFields>(&format!(r#"{{"n":{}}}"#, nested(127))).is_err());
         assert!(RequestFields::scan(br#"{"mod\u0065l":"m"}"#).is_none(), "a name with an escape is the parse's");
         assert_eq!(RequestFields::scan(br#"{"model":"m","stream":true}"#).and_then(|f| f.model), Some("m".into()));
     }

@@ -217,9 +217,9 @@ impl TopUsage {
     /// range or nesting depth), so such an answer is charged by the usage it reports rather than
     /// estimated, and passed on as it came.
     pub fn read(body: &[u8]) -> Option<TopUsage> {
-        // Checks the whole answer's syntax, skipping everything but `usage` (a repeated `usage`,
-        // or a top-level name with an escape, leaves the answer to the slow path).
-        let span = super::json_scan::top_member(body, b"usage").ok()??;
+        // Checks the whole answer's syntax, skipping everything but `usage` (a repeated `usage`
+        // leaves the answer to the slow path).
+        let span = super::json_scan::top_member(body, "usage").ok()??;
         let raw = std::str::from_utf8(&body[span.clone()]).ok()?;
         let members = RawMembers::read(raw)?;
         let usage = usage_of(&members)?;
