@@ -232,8 +232,8 @@ impl Payments {
             return Err(ApiError::PaymentMissing { required_msat: cost_msat });
         };
         match cred {
-            Credential::ApiKey(_) => {
-                let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
+            Credential::ApiKey(api_key) => {
+                let key_hash = hash_api_key(api_key);
                 // Before the reservation: a refused header must not leave it open.
                 let refund = self.refund_headers(headers)?;
                 self.apply_refund_headers(&key_hash, refund).await?;
@@ -241,7 +241,7 @@ impl Payments {
                 Ok(Payer { reservation, xcashu: None })
             }
             Credential::BearerToken(token) => {
-                let (key_hash, _) = self.key_of(cred).ok_or(ApiError::InvalidKey)?;
+                let key_hash = hash_api_key(&self.api_key_for_token(token));
                 let reservation = match self.ledger.reserve(&key_hash, request_id, cost_msat, model).await {
                     Err(crate::ledger::LedgerError::KeyNotFound) => {
                         let refund = self.refund_headers_for_new_key(headers)?;
