@@ -49,6 +49,20 @@ pub fn error_response(err: &ApiError, request_id: &str) -> Response<Body> {
     resp
 }
 
+/// `tokio::time::timeout`, without setting a timer for a future that is ready when first polled
+/// (a body already read with its head, the usual case): the timer costs more than such a read.
+pub async fn timeout_unless_ready<F: std::future::Future>(
+    limit: std::time::Duration,
+    work: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut work = std::pin::pin!(work);
+    let at_once = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+    match at_once {
+        Poll::Ready(output) => Ok(output),
+        Poll::Pending => tokio::time::timeout(limit, work).await,
+    }
+}
+
 /// Longest a client may take to send its request body.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -64,7 +78,7 @@ where
     }
     let limited = http_body_util::Limited::new(body, limit);
     let collected =
-        tokio::time::timeout(BODY_READ_TIMEOUT, limited.collect()).await.map_err(|_| ApiError::RequestTimeout)?;
+        timeout_unless_ready(BODY_READ_TIMEOUT, limited.collect()).await.map_err(|_| ApiError::RequestTimeout)?;
     match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
@@ -99,6 +113,19 @@ impl hyper::body::Body for ChannelBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_timeout_unless_ready_bounds_only_what_waits() {
+        use std::time::Duration;
+        assert_eq!(timeout_unless_ready(Duration::ZERO, async { 7 }).await.ok(), Some(7));
+        let never = std::future::pending::<()>();
+        assert!(timeout_unless_ready(Duration::from_millis(10), never).await.is_err());
+        let later = async {
+            tokio::task::yield_now().await;
+            8
+        };
+        assert_eq!(timeout_unless_ready(Duration::from_secs(5), later).await.ok(), Some(8));
+    }
 
     #[tokio::test]
     async fn limits_bodies() {

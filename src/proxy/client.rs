@@ -186,7 +186,7 @@ impl UpstreamResponse {
     pub async fn chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         match &mut self.inner {
             Inner::Direct { resp: r, .. } => loop {
-                let frame = match tokio::time::timeout(self.idle, r.body_mut().frame()).await {
+                let frame = match crate::http::timeout_unless_ready(self.idle, r.body_mut().frame()).await {
                     Err(_) => return Err(UpstreamError::Timeout),
                     Ok(None) => return Ok(None),
                     Ok(Some(Err(e))) => return Err(UpstreamError::Broken(cause(&e))),
