@@ -1,5 +1,6 @@
-//! Finding one top-level member of a JSON object without building it: the answer's `usage` on
-//! every request's path. Pure, no I/O, no allocation unless the text nests.
+//! The top-level members of a JSON object, found without building it: the request's fields
+//! and the answer's `usage`, on every request's path. Pure, no I/O, no allocation unless the
+//! text nests.
 //!
 //! The scan checks the whole text's syntax (what serde_json would refuse as JSON, it refuses)
 //! but not what only a parse into values would: valid UTF-8, unpaired surrogates, number range
@@ -12,8 +13,8 @@ use std::ops::Range;
 pub enum NotScanned {
     /// Not one JSON object, or not valid JSON.
     Syntax,
-    /// A top-level name is written with an escape (it may spell the member another way), or the
-    /// member is named twice (a parse keeps the last): only a whole parse can say what counts.
+    /// The member is named twice (a parse keeps the last), or a name cannot be read (an escape
+    /// the parse refuses): only a whole parse can say what counts.
     Ambiguous,
 }
 
