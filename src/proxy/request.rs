@@ -125,17 +125,10 @@ impl RequestFields {
     /// (A value nested deeply is left to the parse: alone it may parse where, one level down
     /// in the body, it would meet serde_json's recursion limit.)
     fn read(&mut self, name: &[u8], value: &[u8]) -> Option<()> {
-        let field = match name {
-            b"model" => Field::Model,
-            b"stream" => Field::Stream,
-            b"stream_options" => Field::StreamOptions,
-            b"n" => Field::N,
-            b"best_of" => Field::BestOf,
-            b"max_tokens" => Field::MaxTokens,
-            b"max_completion_tokens" => Field::MaxCompletionTokens,
-            b"max_output_tokens" => Field::MaxOutputTokens,
-            _ => return Some(()),
-        };
+        let field = Field::named(name);
+        if matches!(field, Field::Other) {
+            return Some(());
+        }
         if matches!(value.first(), Some(b'[' | b'{')) && super::json_scan::depth(value) > 32 {
             return None;
         }
@@ -219,6 +212,22 @@ enum Field {
     Other,
 }
 
+impl Field {
+    fn named(name: &[u8]) -> Field {
+        match name {
+            b"model" => Field::Model,
+            b"stream" => Field::Stream,
+            b"stream_options" => Field::StreamOptions,
+            b"n" => Field::N,
+            b"best_of" => Field::BestOf,
+            b"max_tokens" => Field::MaxTokens,
+            b"max_completion_tokens" => Field::MaxCompletionTokens,
+            b"max_output_tokens" => Field::MaxOutputTokens,
+            _ => Field::Other,
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Field {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Field, D::Error> {
         struct FieldVisitor;
@@ -228,17 +237,7 @@ impl<'de> Deserialize<'de> for Field {
                 f.write_str("a field name")
             }
             fn visit_str<E>(self, name: &str) -> Result<Field, E> {
-                Ok(match name {
-                    "model" => Field::Model,
-                    "stream" => Field::Stream,
-                    "stream_options" => Field::StreamOptions,
-                    "n" => Field::N,
-                    "best_of" => Field::BestOf,
-                    "max_tokens" => Field::MaxTokens,
-                    "max_completion_tokens" => Field::MaxCompletionTokens,
-                    "max_output_tokens" => Field::MaxOutputTokens,
-                    _ => Field::Other,
-                })
+                Ok(Field::named(name.as_bytes()))
             }
         }
         deserializer.deserialize_identifier(FieldVisitor)
